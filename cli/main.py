@@ -1,0 +1,281 @@
+"""The `mgr` command: argparse, one handler per subcommand, and the mapping of failures to exit codes.
+
+Start-up time matters (every `mgr ps` pays it), so this module imports only the stdlib, the CLI's own
+stdlib-only modules and mgr.daemon.config; the daemon's server stack is imported by `mgr serve` alone.
+Expected failures (daemon down, HTTP errors, bad input) print one `Error: ...` line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mgr.daemon.config import ConfigError, load_settings, parse_duration
+
+from .chat import Session, interactive, parse_option, run_once
+from .client import APIError, Client, DaemonUnreachable
+from .create import CreateError, create_model
+from .format import LIST_HEADERS, PS_HEADERS, list_row, ps_row, table
+
+EXIT_INTERRUPTED = 130
+
+
+def version() -> str:
+    """The installed package's version ("0.0.0" when running from a source tree that is not installed)."""
+    from importlib import metadata  # only `--version` pays for importlib.metadata
+
+    try:
+        return metadata.version("mgr")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class _VersionAction(argparse.Action):
+    """Like action="version", but looks the version up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"mgr version {version()}")
+        parser.exit()
+
+
+def is_tty(stream: Any) -> bool:
+    """isatty() that tolerates replaced or closed streams (pytest's capture, a closed pipe)."""
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+# -- handlers ----------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Flags stay strings: load_settings parses and validates them exactly like the environment variables.
+    overrides = {
+        "host": args.host,
+        "models_dir": args.models,
+        "keep_alive": args.keep_alive,
+        "num_parallel": args.num_parallel,
+        "max_loaded_models": args.max_loaded_models,
+        "max_queue": args.max_queue,
+        "num_ctx": args.context_length,
+    }
+    # The heavy import (starlette, uvicorn), paid by this command only.
+    from mgr.daemon.server import serve  # type: ignore[import-not-found,unused-ignore]
+
+    return int(serve(overrides) or 0)
+
+
+def cmd_create(args: argparse.Namespace, client: Client) -> int:
+    return create_model(client, args.name, args.source)
+
+
+def cmd_list(args: argparse.Namespace, client: Client) -> int:
+    models = client.request_json("GET", "/api/tags").get("models") or []
+    print(table(LIST_HEADERS, [list_row(m) for m in models]))
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace, client: Client) -> int:
+    models = client.request_json("GET", "/api/ps").get("models") or []
+    print(table(PS_HEADERS, [ps_row(m) for m in models]))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, client: Client) -> int:
+    # One missing name does not stop the others; the exit code still reports it.
+    status = 0
+    for name in args.names:
+        try:
+            client.request_json("DELETE", "/api/delete", {"model": name})
+        except APIError as e:
+            print(f"Error: {e.message}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"deleted '{name}'")
+    return status
+
+
+def cmd_stop(args: argparse.Namespace, client: Client) -> int:
+    client.request_json("POST", "/api/generate", {"model": args.name, "prompt": "", "keep_alive": 0, "stream": False})
+    return 0
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's `options`: `-o key=value` pairs first, then the named flags, which win."""
+    options: dict[str, Any] = dict(args.option or [])
+    named = {
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "num_predict": args.num_predict,
+        "num_ctx": args.num_ctx,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
+    options.update({key: value for key, value in named.items() if value is not None})
+    return options
+
+
+def keep_alive_seconds(value: str | None) -> int | float | None:
+    """--keep-alive as seconds (5m -> 300, -1 -> -1): a number means the same to every Ollama-style server."""
+    if value is None:
+        return None
+    seconds = parse_duration(value, "--keep-alive")
+    return int(seconds) if seconds == int(seconds) else seconds
+
+
+def cmd_run(args: argparse.Namespace, client: Client) -> int:
+    session = Session(
+        model=args.name,
+        options=run_options(args),
+        system=args.system,
+        keep_alive=keep_alive_seconds(args.keep_alive),
+        format=args.format,
+        verbose=args.verbose,
+    )
+    prompt = " ".join(args.prompt)
+    if args.prompt or not is_tty(sys.stdin):
+        if not is_tty(sys.stdin):
+            piped = sys.stdin.read()
+            prompt = f"{prompt}\n\n{piped}" if prompt and piped else (prompt or piped)
+        return run_once(client, session, prompt)
+    return interactive(client, session)
+
+
+# -- parser ------------------------------------------------------------------------------------------------
+
+
+def _option(text: str) -> tuple[str, Any]:
+    try:
+        return parse_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgr", description="A local model manager: serve, create, list and run models."
+    )
+    parser.add_argument("-v", "--version", action=_VersionAction, help="show the version and exit")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+
+    def command(name: str, summary: str, aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, aliases=list(aliases))
+
+    serve = command("serve", "Start the daemon (in the foreground)")
+    serve.add_argument("--host", help="address to listen on, e.g. 127.0.0.1:11434 (MGR_HOST)")
+    serve.add_argument("--models", metavar="DIR", help="folder of the model store (MGR_MODELS)")
+    serve.add_argument(
+        "--keep-alive", metavar="DURATION", help="how long an idle model stays loaded, e.g. 5m, -1 (MGR_KEEP_ALIVE)"
+    )
+    serve.add_argument("--num-parallel", metavar="N", help="requests a model serves at once (MGR_NUM_PARALLEL)")
+    serve.add_argument("--max-loaded-models", metavar="N", help="models kept loaded at once (MGR_MAX_LOADED_MODELS)")
+    serve.add_argument("--max-queue", metavar="N", help="requests waiting before new ones are refused (MGR_MAX_QUEUE)")
+    serve.add_argument("--context-length", metavar="N", help="default context length (MGR_CONTEXT_LENGTH)")
+    serve.set_defaults(handler=cmd_serve, needs_client=False)
+
+    create = command("create", "Create a model from a .gguf file or a safetensors folder")
+    create.add_argument("name", help="name of the new model, e.g. smollm2:latest")
+    create.add_argument(
+        "-f",
+        "--from",
+        dest="source",
+        required=True,
+        metavar="PATH",
+        help="a .gguf file, or a folder with config.json and *.safetensors",
+    )
+    create.set_defaults(handler=cmd_create)
+
+    listing = command("list", "List the models in the store", aliases=["ls"])
+    listing.set_defaults(handler=cmd_list)
+
+    rm = command("rm", "Remove models from the store")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.set_defaults(handler=cmd_rm)
+
+    run = command("run", "Chat with a model, or answer one prompt")
+    run.add_argument("name", metavar="NAME")
+    run.add_argument(
+        "prompt", nargs="*", metavar="PROMPT", help="answer this and exit (stdin, when piped, is appended)"
+    )
+    run.add_argument("--temperature", type=float, metavar="F")
+    run.add_argument("--seed", type=int, metavar="N")
+    run.add_argument("--num-predict", type=int, metavar="N", help="the most tokens to generate")
+    run.add_argument("--num-ctx", type=int, metavar="N", help="context length")
+    run.add_argument("--top-k", type=int, metavar="N")
+    run.add_argument("--top-p", type=float, metavar="F")
+    run.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        type=_option,
+        metavar="KEY=VALUE",
+        help="any model option; VALUE is JSON when it parses (repeatable)",
+    )
+    run.add_argument(
+        "--keep-alive", metavar="DURATION", help="how long the model stays loaded after this, e.g. 5m, 0, -1"
+    )
+    run.add_argument("--format", choices=["json"], help="answer in JSON")
+    run.add_argument("--system", metavar="TEXT", help="system message")
+    run.add_argument("--verbose", action="store_true", help="print timing statistics after each answer")
+    run.add_argument(
+        "--nowordwrap", action="store_true", help="accepted for Ollama compatibility (no wrapping is done)"
+    )
+    run.set_defaults(handler=cmd_run)
+
+    ps = command("ps", "List the loaded models")
+    ps.set_defaults(handler=cmd_ps)
+
+    stop = command("stop", "Unload a model now")
+    stop.add_argument("name", metavar="NAME")
+    stop.set_defaults(handler=cmd_stop)
+    return parser
+
+
+# -- entry point -------------------------------------------------------------------------------------------
+
+
+def _error(message: str) -> int:
+    print(f"Error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors: return the code instead of exiting
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if not getattr(args, "needs_client", True):
+            return int(args.handler(args))
+        settings = load_settings()  # once per invocation
+        return int(args.handler(args, Client(settings.base_url)))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except DaemonUnreachable as e:
+        return _error(
+            f"could not connect to mgr at {e.base_url}. Start it with `mgr serve` "
+            "(or `sudo systemctl start mgr` for the service)."
+        )
+    except (APIError, CreateError, ConfigError) as e:
+        return _error(str(e))
+    except BrokenPipeError:
+        # `mgr list | head`: the reader left. Point stdout at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # the CLI's own files (client.py turns socket errors into ConnectionLost)
+        return _error(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""What both API adapters need: reading JSON bodies, holding a scheduler lease for exactly as long as a
+response lives, noticing a client that leaves while it waits, and talking to a runner."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ..errors import ApiError, BadRequest, ClientGone
+
+T = TypeVar("T")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        raise BadRequest("missing request body: send a JSON object")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"invalid JSON in request body: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def require_str(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"missing or empty field {key!r}")
+    return value
+
+
+async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` (a queue wait, a load) but give up with ClientGone if the client goes away first;
+    the body has been read, so the next ASGI message can only be the disconnect."""
+    task = asyncio.ensure_future(awaitable)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, ApiError):
+        pass
+    raise ClientGone("client closed the connection while waiting")
+
+
+class CleanupStreamingResponse(StreamingResponse):
+    """A StreamingResponse that runs its cleanups (release the lease, close the upstream stream) whatever
+    happens, also when the client leaves before the body generator ever starts."""
+
+    def __init__(self, content: AsyncIterator[bytes], media_type: str,
+                 cleanups: list[Callable[[], Awaitable[None] | None]]) -> None:
+        super().__init__(content, media_type=media_type)
+        self.cleanups = cleanups
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for cleanup in self.cleanups:
+                result = cleanup()
+                if result is not None:
+                    await result
+
+
+async def open_runner_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> httpx.Response:
+    """POST to a runner and return the streaming response once its status is known; a runner error status
+    becomes an ApiError with the runner's message."""
+    request = client.build_request("POST", url, json=body)
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.TransportError as e:
+        raise ApiError(f"the model runner did not answer: {e}", 502) from None
+    if response.status_code != 200:
+        raw = await response.aread()
+        await response.aclose()
+        raise ApiError(runner_error_message(raw), response.status_code)
+    return response
+
+
+def runner_error_message(raw: bytes) -> str:
+    try:
+        error = json.loads(raw).get("error")
+        return str(error.get("message") if isinstance(error, dict) else error)
+    except (ValueError, AttributeError):
+        return raw.decode("utf-8", errors="replace")[:500] or "the model runner failed"
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an OpenAI SSE stream; raises ApiError for an error event or a broken stream."""
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise ApiError(runner_error_message(data.encode()))
+            yield event
+    except httpx.TransportError as e:
+        raise ApiError(f"the model runner stopped unexpectedly ({type(e).__name__}); "
+                       "the next request starts a new one") from None

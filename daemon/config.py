@@ -1,0 +1,205 @@
+"""Configuration: one typed object, read once.
+
+Precedence: explicit overrides (CLI flags) > environment (MGR_*) > config file > defaults. The config file is
+`config.toml` in the user config dir, or `/etc/mgr/config.toml` when running as the system service
+(MGR_CONFIG names another). Every path comes from platformdirs so that the daemon, the CLI and the tests agree.
+
+This module is imported by the CLI on every start, so it stays light: stdlib + platformdirs only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+DEFAULT_PORT = 11434
+SYSTEM_CONFIG = Path("/etc/mgr/config.toml")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the setting and what is accepted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOverrides:
+    """Per-model settings from the config file's `[models."name"]` tables."""
+
+    num_parallel: int | None = None
+    num_ctx: int | None = None
+    keep_alive: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = f"127.0.0.1:{DEFAULT_PORT}"
+    models_dir: Path = Path()
+    state_dir: Path = Path()
+    # Seconds; 0 = unload after each request; negative = never unload.
+    keep_alive: float = 300.0
+    # None = the engine's own default (4 for llama.cpp, 256 for vLLM).
+    num_parallel: int | None = None
+    max_loaded_models: int | None = None  # None = 3 x GPUs (3 on CPU)
+    max_queue: int = 512
+    load_timeout: float = 600.0
+    num_ctx: int = 4096
+    # Threads for the llama.cpp engine; None = physical cores.
+    num_thread: int | None = None
+    models: Mapping[str, ModelOverrides] = dataclasses.field(default_factory=dict)
+
+    @property
+    def bind_host(self) -> str:
+        return split_host(self.host)[0]
+
+    @property
+    def bind_port(self) -> int:
+        return split_host(self.host)[1]
+
+    @property
+    def base_url(self) -> str:
+        host, port = split_host(self.host)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+    @property
+    def runner_log_dir(self) -> Path:
+        return self.state_dir / "runners"
+
+    def for_model(self, name: str) -> ModelOverrides:
+        return self.models.get(name.lower(), ModelOverrides())
+
+
+def split_host(value: str) -> tuple[str, int]:
+    """Split MGR_HOST ("127.0.0.1:11434", "0.0.0.0", ":8080", "[::1]:11434", "http://host:port")."""
+    value = value.strip()
+    value = re.sub(r"^https?://", "", value).rstrip("/")
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, ""
+    try:
+        port_number = int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ConfigError(f"MGR_HOST={value!r}: the port must be a number, as in 127.0.0.1:11434") from None
+    return host or "127.0.0.1", port_number
+
+
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION_PARTS = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: str | int | float, setting: str = "keep_alive") -> float:
+    """Seconds from Ollama's duration forms: 300, "300", "5m", "1h30m", "-1", "-1m", "0"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{setting}: expected a duration such as 5m, 1h or 300, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    match = _DURATION.match(text)
+    if match:
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    parts = _DURATION_PARTS.findall(text)
+    if parts and "".join(n + u for n, u in parts) == text:
+        return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    raise ConfigError(f"{setting}: expected a duration such as 5m, 1h or 300, got {value!r}")
+
+
+def _positive_int(value: Any, setting: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{setting}: expected a positive whole number, got {value!r}") from None
+    if number < 1:
+        raise ConfigError(f"{setting}: expected a positive whole number, got {value!r}")
+    return number
+
+
+# setting name -> (environment variable, parser)
+_FIELDS: dict[str, tuple[str, Any]] = {
+    "host": ("MGR_HOST", str),
+    "models_dir": ("MGR_MODELS", lambda v, s: Path(v).expanduser()),
+    "state_dir": ("MGR_STATE_DIR", lambda v, s: Path(v).expanduser()),
+    "keep_alive": ("MGR_KEEP_ALIVE", parse_duration),
+    "num_parallel": ("MGR_NUM_PARALLEL", _positive_int),
+    "max_loaded_models": ("MGR_MAX_LOADED_MODELS", _positive_int),
+    "max_queue": ("MGR_MAX_QUEUE", _positive_int),
+    "load_timeout": ("MGR_LOAD_TIMEOUT", parse_duration),
+    "num_ctx": ("MGR_CONTEXT_LENGTH", _positive_int),
+    "num_thread": ("MGR_NUM_THREAD", _positive_int),
+}
+
+
+def _parse(name: str, value: Any) -> Any:
+    parser = _FIELDS[name][1]
+    return parser(value) if parser is str else parser(value, name)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def _model_overrides(table: Any, path: Path) -> dict[str, ModelOverrides]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [models] must be a table of tables, as in [models.\"smollm2:latest\"]")
+    result = {}
+    for name, values in table.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [models.{name!r}] must be a table")
+        unknown = set(values) - {"num_parallel", "num_ctx", "keep_alive"}
+        if unknown:
+            raise ConfigError(f"{path}: [models.{name!r}] has unknown keys {sorted(unknown)}")
+        result[name.lower()] = ModelOverrides(
+            num_parallel=_positive_int(values["num_parallel"], "num_parallel") if "num_parallel" in values else None,
+            num_ctx=_positive_int(values["num_ctx"], "num_ctx") if "num_ctx" in values else None,
+            keep_alive=parse_duration(values["keep_alive"]) if "keep_alive" in values else None,
+        )
+    return result
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    if env.get("MGR_CONFIG"):
+        return Path(env["MGR_CONFIG"]).expanduser()
+    user = Path(platformdirs.user_config_dir("mgr")) / "config.toml"
+    return user if user.exists() or not SYSTEM_CONFIG.exists() else SYSTEM_CONFIG
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings once. `overrides` holds CLI flags by setting name (None values are ignored)."""
+    env = os.environ if env is None else env
+    path = default_config_path(env)
+    file_values = _read_file(path)
+    values: dict[str, Any] = {}
+    models = _model_overrides(file_values.pop("models", {}), path)
+    for key, raw in file_values.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}")
+        values[key] = _parse(key, raw)
+    for key, (variable, _) in _FIELDS.items():
+        if env.get(variable):
+            values[key] = _parse(key, env[variable])
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            values[key] = _parse(key, raw)
+    values.setdefault("models_dir", Path(platformdirs.user_data_dir("mgr")) / "models")
+    values.setdefault("state_dir", Path(platformdirs.user_state_dir("mgr")))
+    split_host(values.get("host", Settings.host))  # fail early on a bad MGR_HOST
+    return Settings(models=models, **values)

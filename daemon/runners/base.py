@@ -1,0 +1,72 @@
+"""The one small interface every engine's runner shares, and what the scheduler tells a runner to load.
+
+A runner is a subprocess serving the internal protocol (OpenAI /v1/chat/completions, /v1/completions,
+/v1/embeddings, GET /health) on 127.0.0.1:<port>. The scheduler only starts, watches and stops runners; the
+API adapters only send requests to `base_url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from .process import RunnerProcess
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+    """Everything that decides how a model is loaded. A request that needs a different spec (another
+    num_ctx, say) means a reload, as in Ollama."""
+
+    name: str
+    digest: str
+    format: str  # "gguf" | "safetensors"
+    model_path: Path
+    num_ctx: int
+    num_parallel: int
+    size: int  # bytes of weights
+
+
+class Runner(Protocol):
+    backend: str  # "llama.cpp" | "vllm"
+    spec: LoadSpec
+    base_url: str
+    process: RunnerProcess
+
+    async def start(self, client: httpx.AsyncClient, timeout: float) -> None:
+        """Start the process and return once it is ready; raise LoadFailed otherwise."""
+
+    async def stop(self) -> None:
+        """Stop the process group and wait for it to be gone."""
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        """Resolves with the exit code when the process ends, whoever ended it."""
+
+
+class ProcessRunner:
+    """A runner that is one command line; subclasses say which command."""
+
+    backend = "process"
+
+    def __init__(self, spec: LoadSpec, port: int, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.spec = spec
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.process = RunnerProcess(argv, env, log_path)
+
+    async def start(self, client: httpx.AsyncClient, timeout: float) -> None:
+        await self.process.start()
+        await self.process.wait_ready(client, f"{self.base_url}/health", timeout)
+
+    async def stop(self) -> None:
+        await self.process.stop()
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        assert self.process.exited is not None, "runner not started"
+        return self.process.exited

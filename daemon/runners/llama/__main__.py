@@ -1,0 +1,69 @@
+"""The llama.cpp runner process: `python -m mgr.daemon.runners.llama --model FILE --port N ...`.
+
+Started by the daemon, one per loaded GGUF model, on 127.0.0.1 only. It listens at once (GET /health answers
+503 while the model loads, 200 when ready) and exits non-zero when the load fails, so the daemon learns of a
+failure from the process exit and the last lines of this process's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import uvicorn
+
+from .engine import Engine, EngineConfig
+from .server import RunnerApp
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mgr-llama-runner")
+    p.add_argument("--model", required=True, help="GGUF file")
+    p.add_argument("--served-model-name", default="model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
+    p.add_argument("--ctx-size", type=int, default=4096, help="context per sequence, in tokens")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--gpu-layers", type=int, default=-1, help="-1 = all, when the build has a GPU backend")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    engine = Engine(EngineConfig(
+        model_path=args.model, n_parallel=args.parallel, n_ctx_per_seq=args.ctx_size,
+        n_batch=args.batch_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+    ))
+    engine.start()
+    server = uvicorn.Server(uvicorn.Config(
+        RunnerApp(engine, args.served_model_name).app, host=args.host, port=args.port,
+        log_level="warning", access_log=False, lifespan="off",
+    ))
+    failed = False
+
+    async def watch_load() -> None:
+        nonlocal failed
+        await asyncio.to_thread(engine.ready.wait)
+        if engine.load_error:
+            print(f"error: {engine.load_error}", file=sys.stderr, flush=True)
+            failed = True
+            server.should_exit = True
+
+    watcher = asyncio.create_task(watch_load())
+    await server.serve()
+    watcher.cancel()
+    return 1 if failed or engine.load_error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+    return asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

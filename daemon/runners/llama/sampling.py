@@ -1,0 +1,157 @@
+"""Per-request sampling: parameters, the llama.cpp sampler chain built from them, and stop strings.
+
+Defaults follow the OpenAI/vLLM request semantics (the runner speaks that protocol); the Ollama adapter in the
+daemon fills in Ollama's own defaults before a request reaches the runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import llama_cpp as llama
+
+DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per sampler
+
+
+class BadRequest(ValueError):
+    """A request the runner refuses; the HTTP layer answers 400 with this message."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    grammar: str | None = None
+
+    @classmethod
+    def from_request(cls, body: dict[str, Any]) -> SamplingParams:
+        params = cls()
+        numeric = {
+            "temperature": float, "top_k": int, "top_p": float, "min_p": float, "typical_p": float,
+            "repetition_penalty": float, "repeat_last_n": int, "presence_penalty": float,
+            "frequency_penalty": float, "seed": int,
+        }
+        for key, kind in numeric.items():
+            value = body.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadRequest(f"{key} must be a number, got {value!r}")
+            setattr(params, key, kind(value))
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+                raise BadRequest(f"max_tokens must be an integer, got {max_tokens!r}")
+            params.max_tokens = max_tokens if max_tokens >= 0 else None
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            params.stop = [stop]
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            params.stop = [s for s in stop if s]
+        elif stop is not None:
+            raise BadRequest("stop must be a string or a list of strings")
+        params.grammar = grammar_from_request(body)
+        if params.top_k < 0:
+            params.top_k = 0
+        return params
+
+    def build_chain(self, vocab: Any, n_vocab: int) -> Any:
+        """A llama.cpp sampler chain; the caller frees it with llama_sampler_free."""
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if self.grammar:
+            grammar = llama.llama_sampler_init_grammar(vocab, self.grammar.encode(), b"root")
+            if not grammar:
+                llama.llama_sampler_free(chain)
+                raise BadRequest("the output format could not be turned into a grammar")
+            add(grammar)
+        if self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty:
+            add(llama.llama_sampler_init_penalties(
+                n_vocab, self.repeat_last_n, self.repetition_penalty, self.frequency_penalty,
+                self.presence_penalty,
+            ))
+        if self.temperature <= 0:
+            add(llama.llama_sampler_init_greedy())
+            return chain
+        if self.top_k > 0:
+            add(llama.llama_sampler_init_top_k(self.top_k))
+        if self.typical_p < 1.0:
+            add(llama.llama_sampler_init_typical(self.typical_p, 1))
+        if self.top_p < 1.0:
+            add(llama.llama_sampler_init_top_p(self.top_p, 1))
+        if self.min_p > 0.0:
+            add(llama.llama_sampler_init_min_p(self.min_p, 1))
+        add(llama.llama_sampler_init_temp(self.temperature))
+        add(llama.llama_sampler_init_dist(DEFAULT_SEED if self.seed is None else self.seed & 0xFFFFFFFF))
+        return chain
+
+
+def grammar_from_request(body: dict[str, Any]) -> str | None:
+    """GBNF for OpenAI's response_format (json_object / json_schema) or a raw `grammar` field."""
+    if isinstance(body.get("grammar"), str):
+        return body["grammar"]
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("response_format must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}")
+    from llama_cpp import llama_grammar
+
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return llama_grammar.JSON_GBNF
+    schema = (fmt.get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise BadRequest("response_format.json_schema.schema must be a JSON schema object")
+    import json
+
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises plain exceptions for unsupported schemas
+        raise BadRequest(f"unsupported JSON schema: {e}") from None
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string, so a stop is never emitted, even when it
+    arrives split across tokens."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            index = min(i for i, _ in hits)
+            out, self.pending = self.pending[:index], ""
+            return out, True
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

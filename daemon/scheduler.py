@@ -1,0 +1,409 @@
+"""The scheduler: the one place that decides which model instances exist, and who may use them.
+
+It runs on the daemon's event loop and is the only writer of instance state, so its decisions need no locks:
+every method below mutates state without awaiting in between.
+
+States of a model instance and what moves it (the table in DESIGN.md is the same):
+
+    PENDING   --capacity free (or freed by evicting an idle LRU runner)-->  LOADING
+    LOADING   --runner /health answers 200-->                                READY
+    LOADING   --runner exits, load_timeout, engine missing-->                FAILED
+    READY     --keep_alive expires while idle, unload, evicted, reload--> UNLOADING
+    READY     --runner process exits (crash)-->                             (gone; its queue moves to a new PENDING)
+    UNLOADING --process group gone-->                                       (gone)
+    FAILED    --backoff elapsed and a new request arrives-->                (replaced by a new PENDING)
+
+Admission: a READY instance takes up to spec.num_parallel requests at once (the fast path: no queue, no
+await). Everyone else waits in that instance's FIFO queue, bounded by max_queue over all instances; past it,
+QueueFull (503). Concurrent first requests for a model join the one PENDING/LOADING instance: one load.
+A request whose LoadSpec differs (another num_ctx) waits at the head of the queue until the instance is idle,
+then the instance is reloaded with that spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import httpx
+
+from mgr.registry.store import Store
+
+from .config import Settings
+from .errors import ApiError, LoadFailed, QueueFull
+from .runners.base import LoadSpec, Runner
+from .runners.engines import DEFAULT_PARALLEL, make_runner
+
+log = logging.getLogger("mgr.scheduler")
+
+FAILED_BACKOFF_SECONDS = 5.0
+
+RunnerFactory = Callable[[LoadSpec, Settings], Runner]
+
+
+class State(enum.Enum):
+    PENDING = "pending"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    future: asyncio.Future[Lease]
+    spec: LoadSpec
+    keep_alive: float
+
+
+class Instance:
+    """One model in (or on its way into, or out of) a runner."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        self.state = State.PENDING
+        self.runner: Runner | None = None
+        self.active = 0
+        self.queue: deque[Waiter] = deque()
+        self.keep_alive = 0.0
+        self.expiry: asyncio.TimerHandle | None = None
+        self.expires_at: float | None = None  # wall clock; None = while busy, or never
+        self.loaded_at: float | None = None  # wall clock
+        self.load_started: float | None = None  # monotonic
+        self.load_finished: float | None = None  # monotonic
+        self.last_used = time.monotonic()
+        self.error = ""
+        self.failed_until = 0.0
+        self.unloaded = asyncio.Event()
+
+    @property
+    def idle(self) -> bool:
+        return self.state is State.READY and self.active == 0 and not self.queue
+
+
+class Lease:
+    """The right to send one request to a runner; `release` it exactly once (it is idempotent)."""
+
+    def __init__(self, scheduler: Scheduler, instance: Instance, load_seconds: float) -> None:
+        self._scheduler = scheduler
+        self.instance = instance
+        self.load_seconds = load_seconds
+        self.released = False
+
+    @property
+    def base_url(self) -> str:
+        assert self.instance.runner is not None
+        return self.instance.runner.base_url
+
+    @property
+    def spec(self) -> LoadSpec:
+        return self.instance.spec
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._scheduler._release(self.instance)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient,
+                 runner_factory: RunnerFactory = make_runner) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.runner_factory = runner_factory
+        self.instances: dict[str, Instance] = {}  # by model key; at most one live instance per model
+        self.unloading: set[Instance] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def max_loaded(self) -> int:
+        return self.settings.max_loaded_models or 3
+
+    # requests ----------------------------------------------------------------------------------------
+    def spec_for(self, name: str, num_ctx: int | None = None) -> LoadSpec:
+        """Raises ModelNotFound for a model the store does not have."""
+        manifest = self.store.get(name)
+        overrides = self.settings.for_model(manifest.name)
+        ctx = num_ctx or overrides.num_ctx or self.settings.num_ctx
+        if manifest.context_length:
+            ctx = min(ctx, manifest.context_length)
+        return LoadSpec(
+            name=manifest.name,
+            digest=manifest.digest,
+            format=manifest.format,
+            model_path=self.store.model_path(manifest),
+            num_ctx=ctx,
+            num_parallel=overrides.num_parallel or self.settings.num_parallel or DEFAULT_PARALLEL[manifest.format],
+            size=manifest.size,
+        )
+
+    def keep_alive_for(self, name: str, requested: float | None) -> float:
+        if requested is not None:
+            return requested
+        override = self.settings.for_model(name).keep_alive
+        return override if override is not None else self.settings.keep_alive
+
+    async def acquire(self, name: str, num_ctx: int | None = None, keep_alive: float | None = None) -> Lease:
+        if self._closed:
+            raise ApiError("the server is shutting down", 503)
+        spec = self.spec_for(name, num_ctx)
+        keep = self.keep_alive_for(spec.name, keep_alive)
+        key = spec.name.lower()
+        instance = self.instances.get(key)
+        if instance is not None and instance.state is State.FAILED:
+            if time.monotonic() < instance.failed_until:
+                raise LoadFailed(instance.error)
+            del self.instances[key]
+            instance = None
+        if instance is not None and instance.state is State.READY and instance.spec == spec \
+                and instance.active < spec.num_parallel and not instance.queue:
+            return self._grant(instance, keep, 0.0)  # the fast path
+        if sum(len(i.queue) for i in self.instances.values()) >= self.settings.max_queue:
+            raise QueueFull()
+        if instance is None:
+            instance = self.instances[key] = Instance(spec)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), spec, keep)
+        instance.queue.append(waiter)
+        arrived = time.monotonic()
+        self._advance(instance)
+        try:
+            lease = await waiter.future
+        except asyncio.CancelledError:
+            if waiter in instance.queue:
+                instance.queue.remove(waiter)
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                waiter.future.result().release()
+            raise
+        lease_instance = lease.instance
+        if lease_instance.load_finished is not None and lease_instance.load_started is not None \
+                and lease_instance.load_finished > arrived:
+            lease.load_seconds = lease_instance.load_finished - max(arrived, lease_instance.load_started)
+        return lease
+
+    async def load(self, name: str, num_ctx: int | None = None, keep_alive: float | None = None) -> Lease:
+        """Load (or keep) a model without a request: Ollama's empty prompt. Returns the released lease."""
+        lease = await self.acquire(name, num_ctx, keep_alive)
+        lease.release()
+        return lease
+
+    async def unload(self, name: str) -> bool:
+        """Unload now when idle; when busy, as soon as the last request ends. False if it was not loaded."""
+        instance = self.instances.get(name.lower())
+        if instance is None:
+            try:
+                instance = self.instances.get(self.store.get(name).name.lower())
+            except LookupError:
+                instance = None
+        if instance is None or instance.state is State.FAILED:
+            return False
+        instance.keep_alive = 0.0
+        if instance.idle:
+            self._begin_unload(instance)
+            await instance.unloaded.wait()
+        return True
+
+    # transitions -------------------------------------------------------------------------------------
+    def _grant(self, instance: Instance, keep_alive: float, load_seconds: float) -> Lease:
+        instance.active += 1
+        instance.keep_alive = keep_alive
+        instance.last_used = time.monotonic()
+        if instance.expiry is not None:
+            instance.expiry.cancel()
+            instance.expiry = None
+        instance.expires_at = None
+        return Lease(self, instance, load_seconds)
+
+    def _release(self, instance: Instance) -> None:
+        instance.active -= 1
+        instance.last_used = time.monotonic()
+        if instance.state is State.READY:
+            self._advance(instance)
+            if instance.idle:
+                self._schedule_expiry(instance)
+                self._start_loads()  # an idle runner can now be evicted for a pending load
+
+    def _advance(self, instance: Instance) -> None:
+        """Hand free slots of a READY instance to its queue, in order; start loads for PENDING ones."""
+        if instance.state is State.PENDING:
+            self._start_loads()
+            return
+        if instance.state is not State.READY:
+            return
+        while instance.queue:
+            head = instance.queue[0]
+            if head.future.done():  # its request was cancelled
+                instance.queue.popleft()
+                continue
+            if head.spec != instance.spec:
+                if instance.active == 0:
+                    self._begin_unload(instance)  # reload with the spec the head asks for
+                return
+            if instance.active >= instance.spec.num_parallel:
+                return
+            instance.queue.popleft()
+            head.future.set_result(self._grant(instance, head.keep_alive, 0.0))
+
+    def _schedule_expiry(self, instance: Instance) -> None:
+        if instance.expiry is not None:
+            instance.expiry.cancel()
+            instance.expiry = None
+        if instance.keep_alive < 0:
+            instance.expires_at = None
+        elif instance.keep_alive == 0:
+            self._begin_unload(instance)
+        else:
+            instance.expires_at = time.time() + instance.keep_alive
+            instance.expiry = asyncio.get_running_loop().call_later(instance.keep_alive, self._expire, instance)
+
+    def _expire(self, instance: Instance) -> None:
+        instance.expiry = None
+        if instance.idle:
+            log.info("%s: keep_alive expired, unloading", instance.spec.name)
+            self._begin_unload(instance)
+
+    def _live_count(self) -> int:
+        return sum(1 for i in self.instances.values() if i.state in (State.LOADING, State.READY))
+
+    def _start_loads(self) -> None:
+        """Start PENDING loads in arrival order while capacity allows, evicting idle runners (least recently
+        used first) to make room. A busy runner is never evicted: the load then waits."""
+        promised = len(self.unloading)  # slots that free themselves when those runners are gone
+        for instance in [i for i in self.instances.values() if i.state is State.PENDING]:
+            if not instance.queue:
+                self._forget(instance)
+                continue
+            if self._live_count() + len(self.unloading) < self.max_loaded:
+                self._begin_load(instance)
+            elif promised > 0:
+                promised -= 1
+            else:
+                idle = [i for i in self.instances.values() if i.idle]
+                if not idle:
+                    return
+                self._begin_unload(min(idle, key=lambda i: i.last_used))
+
+    def _begin_load(self, instance: Instance) -> None:
+        instance.state = State.LOADING
+        instance.load_started = time.monotonic()
+        self._spawn(self._load(instance))
+
+    async def _load(self, instance: Instance) -> None:
+        try:
+            runner = instance.runner = self.runner_factory(instance.spec, self.settings)
+            log.info("%s: loading on %s", instance.spec.name, runner.backend)
+            await runner.start(self.client, self.settings.load_timeout)
+        except asyncio.CancelledError:
+            if instance.runner is not None:  # the daemon is stopping: leave no runner behind
+                await instance.runner.stop()
+            raise
+        except Exception as e:
+            message = e.message if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
+            if instance.runner is not None:
+                await instance.runner.stop()
+            self._fail(instance, message, e if isinstance(e, ApiError) else None)
+            return
+        if instance.state is not State.LOADING:  # shut down meanwhile
+            await runner.stop()
+            return
+        instance.state = State.READY
+        instance.loaded_at = time.time()
+        instance.load_finished = time.monotonic()
+        log.info("%s: ready in %.1fs", instance.spec.name, instance.load_finished - (instance.load_started or 0))
+        runner.exited.add_done_callback(lambda _: self._on_exit(instance))
+        self._advance(instance)
+        if instance.idle:
+            self._schedule_expiry(instance)
+
+    def _fail(self, instance: Instance, message: str, error: ApiError | None) -> None:
+        log.warning("%s: load failed: %s", instance.spec.name, message)
+        instance.state = State.FAILED
+        instance.error = message
+        instance.failed_until = time.monotonic() + FAILED_BACKOFF_SECONDS
+        for waiter in instance.queue:
+            if not waiter.future.done():
+                waiter.future.set_exception(error if error is not None else LoadFailed(message))
+        instance.queue.clear()
+        instance.unloaded.set()
+        self._start_loads()
+
+    def _on_exit(self, instance: Instance) -> None:
+        if instance.state is not State.READY:
+            return  # an unload or a shutdown we asked for
+        code = instance.runner.exited.result() if instance.runner else None
+        log.warning("%s: runner exited unexpectedly (code %s)", instance.spec.name, code)
+        instance.state = State.UNLOADING  # in-flight requests see their connection break
+        self._forget(instance)
+        instance.unloaded.set()
+        self._requeue(instance)
+        self._start_loads()
+
+    def _begin_unload(self, instance: Instance) -> None:
+        if instance.expiry is not None:
+            instance.expiry.cancel()
+            instance.expiry = None
+        instance.state = State.UNLOADING
+        self._forget(instance)
+        self.unloading.add(instance)
+        self._requeue(instance)
+        self._spawn(self._unload(instance))
+
+    async def _unload(self, instance: Instance) -> None:
+        try:
+            if instance.runner is not None:
+                await instance.runner.stop()
+        finally:
+            self.unloading.discard(instance)
+            instance.unloaded.set()
+            log.info("%s: unloaded", instance.spec.name)
+            self._start_loads()
+
+    def _requeue(self, instance: Instance) -> None:
+        """Requests still queued on an instance that is going away wait for a fresh one."""
+        queue = deque(w for w in instance.queue if not w.future.done())
+        instance.queue.clear()
+        if not queue or self._closed:
+            for waiter in queue:
+                waiter.future.set_exception(ApiError("the server is shutting down", 503))
+            return
+        key = instance.spec.name.lower()
+        successor = self.instances.get(key)
+        if successor is None:
+            successor = self.instances[key] = Instance(queue[0].spec)
+        successor.queue.extend(queue)
+
+    def _forget(self, instance: Instance) -> None:
+        key = instance.spec.name.lower()
+        if self.instances.get(key) is instance:
+            del self.instances[key]
+
+    def _spawn(self, coroutine: object) -> None:
+        task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # visibility and shutdown -------------------------------------------------------------------------
+    def snapshot(self) -> list[Instance]:
+        live = [i for i in self.instances.values() if i.state is not State.FAILED]
+        return sorted(live + list(self.unloading), key=lambda i: i.spec.name)
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        instances = list(self.instances.values()) + list(self.unloading)
+        for instance in instances:
+            for waiter in instance.queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(ApiError("the server is shutting down", 503))
+            instance.queue.clear()
+            if instance.expiry is not None:
+                instance.expiry.cancel()
+            instance.state = State.UNLOADING
+        await asyncio.gather(*(i.runner.stop() for i in instances if i.runner is not None), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,158 @@
+"""Read what a model is from its files: format, architecture, size, quantization, context length, template.
+
+GGUF files carry all of it in their header; safetensors folders in config.json plus each file's JSON header.
+The result feeds the manifest's `details` (Ollama's /api/tags and /api/show fields) and the scheduler's memory
+estimate. A file that is not what it claims raises InvalidModel, so nothing broken enters the store.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+GGUF_MAGIC = b"GGUF"
+
+
+class InvalidModel(ValueError):
+    pass
+
+
+def _size_label(parameters: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            value = parameters / scale
+            return f"{value:.1f}{suffix}" if value < 10 and value != int(value) else f"{value:.0f}{suffix}"
+    return str(parameters)
+
+
+def is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def inspect_gguf(path: Path) -> dict[str, Any]:
+    """Details and model_info of a GGUF file; InvalidModel when it is not a readable GGUF."""
+    if not is_gguf(path):
+        raise InvalidModel(f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    import gguf  # heavy (numpy); only the daemon needs it
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises assorted errors on truncated or corrupt headers
+        raise InvalidModel(f"{path.name} is not a readable GGUF file: {e}") from None
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception:
+            return None
+
+    arch = field("general.architecture") or "unknown"
+    parameters = sum(int(t.n_elements) for t in reader.tensors)
+    file_type = field("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else ""
+    except ValueError:
+        quant = f"type {file_type}"
+    model_info: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.name": field("general.name"),
+        "general.parameter_count": parameters,
+        "general.file_type": file_type,
+    }
+    for suffix in (
+        "context_length", "block_count", "embedding_length", "attention.head_count",
+        "attention.head_count_kv", "attention.key_length", "attention.value_length", "pooling_type",
+    ):
+        value = field(f"{arch}.{suffix}")
+        if value is not None:
+            model_info[f"{arch}.{suffix}"] = value
+    return {
+        "details": {
+            "format": "gguf",
+            "family": arch,
+            "families": [arch],
+            "parameter_size": field("general.size_label") or _size_label(parameters),
+            "quantization_level": quant,
+        },
+        "model_info": model_info,
+        "template": field("tokenizer.chat_template") or "",
+    }
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise InvalidModel(f"{path.name} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise InvalidModel(f"{path.name} is not a safetensors file (header length {length})")
+        try:
+            return json.loads(f.read(length))
+        except ValueError:
+            raise InvalidModel(f"{path.name} is not a safetensors file (its header is not JSON)") from None
+
+
+def inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
+    """Details of a safetensors model given {relative path: file on disk}."""
+    if "config.json" not in files:
+        raise InvalidModel("a safetensors model needs a config.json")
+    weights = [name for name in files if name.endswith(".safetensors")]
+    if not weights:
+        raise InvalidModel("a safetensors model needs at least one *.safetensors file")
+    try:
+        config = json.loads(files["config.json"].read_text())
+    except ValueError:
+        raise InvalidModel("config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise InvalidModel("config.json must hold a JSON object")
+    parameters = 0
+    dtypes: set[str] = set()
+    for name in weights:
+        for tensor, info in _safetensors_header(files[name]).items():
+            if tensor == "__metadata__":
+                continue
+            count = 1
+            for dim in info.get("shape", []):
+                count *= int(dim)
+            parameters += count
+            dtypes.add(str(info.get("dtype", "")))
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    arch = str(config.get("model_type") or "unknown")
+    template = ""
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if name in files:
+            text = files[name].read_text(errors="replace")
+            template = text if name.endswith(".jinja") else str(json.loads(text).get("chat_template") or "")
+            if template:
+                break
+    model_info: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.parameter_count": parameters,
+        "architectures": config.get("architectures"),
+    }
+    for key, ours in (
+        ("max_position_embeddings", "context_length"), ("num_hidden_layers", "block_count"),
+        ("hidden_size", "embedding_length"), ("num_attention_heads", "attention.head_count"),
+        ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
+    ):
+        if key in text_config:
+            model_info[f"{arch}.{ours}"] = text_config[key]
+    return {
+        "details": {
+            "format": "safetensors",
+            "family": arch,
+            "families": [arch],
+            "parameter_size": _size_label(parameters),
+            "quantization_level": "/".join(sorted(d for d in dtypes if d)) or str(config.get("torch_dtype", "")),
+        },
+        "model_info": model_info,
+        "template": template,
+    }
