@@ -176,8 +176,12 @@ class Scheduler:
         try:
             lease = await waiter.future
         except asyncio.CancelledError:
-            if waiter in instance.queue:
-                instance.queue.remove(waiter)
+            # A reload or a crash may have moved the waiter to a successor instance since it queued.
+            holder = next((i for i in self.instances.values() if waiter in i.queue), None)
+            if holder is not None:
+                holder.queue.remove(waiter)
+                if holder.state is State.PENDING and not holder.queue:
+                    self._forget(holder)  # nobody waits for it: nothing to load, nothing to show in ps
             elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 waiter.future.result().release()
             raise

@@ -174,6 +174,18 @@ def test_keep_alive_zero_unloads_after_the_request(daemon: Daemon, smollm2: str)
     assert wait_for(lambda: not daemon.runner_processes(), timeout=15)
 
 
+def test_embeddings_through_both_apis(daemon: Daemon, smollm2: str) -> None:
+    texts = ["The cat sat on the mat.", "Stock markets fell sharply today."]
+    embedded = ollama.Client(host=daemon.base_url).embed(model=smollm2, input=texts)
+    assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 576
+    legacy = httpx.post(daemon.base_url + "/api/embeddings", json={"model": smollm2, "prompt": texts[0]}).json()
+    assert legacy["embedding"] == pytest.approx(embedded.embeddings[0], abs=1e-5)
+    vectors = openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="x").embeddings.create(
+        model=smollm2, input=texts)
+    assert [d.embedding for d in vectors.data] == [pytest.approx(e, abs=1e-5) for e in embedded.embeddings]
+    assert vectors.usage.prompt_tokens > 5
+
+
 # bad input ---------------------------------------------------------------------------------------------
 
 

@@ -21,8 +21,8 @@ from ..errors import ApiError, BadRequest
 from ..scheduler import Instance, Lease, Scheduler
 from ..version import VERSION
 from .common import (
-    CleanupStreamingResponse, now_iso, open_runner_stream, read_json, require_str, sse_events,
-    unless_disconnected,
+    CleanupStreamingResponse, now_iso, open_runner_stream, read_json, require_str, runner_error_message,
+    sse_events, unless_disconnected,
 )
 from .options import map_format, map_options, parse_keep_alive
 
@@ -84,6 +84,8 @@ class OllamaApi:
             Route("/api/copy", self.copy, methods=["POST"]),
             Route("/api/create", self.create, methods=["POST"]),
             Route("/api/blobs/{digest}", self.blob, methods=["HEAD", "POST"]),
+            Route("/api/embed", self.embed, methods=["POST"]),
+            Route("/api/embeddings", self.embeddings, methods=["POST"]),
         ]
 
     # simple reads ------------------------------------------------------------------------------------
@@ -212,6 +214,8 @@ class OllamaApi:
         runner_body: dict[str, Any] = {
             "messages": [_to_openai_message(m, i) for i, m in enumerate(messages)],
             "stream": True, "stream_options": {"include_usage": True}, **options.sampling,
+            # Ollama drops the oldest messages (never the system prompt) when a chat outgrows num_ctx
+            "truncate": body.get("truncate", True) is not False,
         }
         if response_format := map_format(body.get("format")):
             runner_body["response_format"] = response_format
@@ -244,9 +248,54 @@ class OllamaApi:
             system = body.get("system")
             messages = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
             runner_body["messages"] = messages + [{"role": "user", "content": prompt}]
+            runner_body["truncate"] = body.get("truncate", True) is not False
             path = "/v1/chat/completions"
         return await self._generate(request, model, path, runner_body, options.num_ctx, keep_alive, stream,
                                     chat=False, started=started)
+
+    async def embed(self, request: Request) -> Response:
+        started = time.perf_counter_ns()
+        body = await read_json(request)
+        model = require_str(body, "model")
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise BadRequest("input must be a string or a list of strings")
+        answer, lease = await self._embed(request, model, inputs, body)
+        return JSONResponse({
+            "model": lease.spec.name, "embeddings": [d["embedding"] for d in answer["data"]],
+            "total_duration": time.perf_counter_ns() - started, "load_duration": int(lease.load_seconds * 1e9),
+            "prompt_eval_count": answer.get("usage", {}).get("prompt_tokens", 0),
+        })
+
+    async def embeddings(self, request: Request) -> Response:
+        """The legacy endpoint: one prompt, one vector."""
+        body = await read_json(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string")
+        answer, _ = await self._embed(request, require_str(body, "model"), [prompt], body)
+        return JSONResponse({"embedding": answer["data"][0]["embedding"]})
+
+    async def _embed(self, request: Request, model: str, inputs: list[str],
+                     body: dict[str, Any]) -> tuple[dict[str, Any], Lease]:
+        options = map_options(body.get("options"))
+        lease = await unless_disconnected(request, self.scheduler.acquire(
+            model, options.num_ctx, parse_keep_alive(body.get("keep_alive"))))
+        try:
+            if not inputs:
+                return {"data": [], "usage": {"prompt_tokens": 0}}, lease
+            try:
+                response = await self.client.post(lease.base_url + "/v1/embeddings", json={
+                    "input": inputs, "truncate": body.get("truncate", True) is not False})
+            except httpx.TransportError as e:
+                raise ApiError(f"the model runner did not answer: {e}", 502) from None
+            if response.status_code != 200:
+                raise ApiError(runner_error_message(response.content), response.status_code)
+            return response.json(), lease
+        finally:
+            lease.release()
 
     async def _load_or_unload(self, request: Request, model: str, keep_alive: float | None,
                               num_ctx: int | None, stream: bool, chat: bool) -> Response:

@@ -20,13 +20,17 @@ import codecs
 import ctypes
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import llama_cpp as llama
 
+from .embeddings import Embedder
 from .sampling import BadRequest, SamplingParams, StopMatcher
 
 log = logging.getLogger("mgr.runner")
@@ -44,7 +48,7 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class Event:
-    kind: str  # "started" | "text" | "done" | "error"
+    kind: str  # "started" | "text" | "done" | "error" | "embeddings"
     text: str = ""
     finish_reason: str | None = None
     status: int = 500
@@ -52,14 +56,33 @@ class Event:
 
 
 class Request:
-    """One generation. Built on the asyncio side; the engine thread owns everything after `submit`."""
+    """One generation. Built on the asyncio side; the engine thread owns everything after `submit`.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, params: SamplingParams, text: str,
-                 add_special: bool) -> None:
+    `shorter` yields (when the client allows truncation) shorter renderings of the same conversation, oldest
+    messages dropped first; the engine renders them only when `prompt` does not fit, and takes the first
+    that does."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, params: SamplingParams, prompt: str,
+                 add_special: bool, shorter: Iterator[str] = iter(())) -> None:
         self.loop = loop
         self.params = params
-        self.text = text
+        self.prompt = prompt
+        self.shorter = shorter
         self.add_special = add_special
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+
+    def emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class EmbedRequest:
+    """Texts to embed; answered with one "embeddings" event (vectors in `usage["data"]`) or an error."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, inputs: list[str], truncate: bool) -> None:
+        self.loop = loop
+        self.inputs = inputs
+        self.truncate = truncate
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
 
@@ -99,7 +122,9 @@ class Engine:
         self.chat_template: str | None = None
         self.bos_text = ""
         self.eos_text = ""
-        self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Request | EmbedRequest | None] = queue.SimpleQueue()
+        self._waiting: deque[Request] = deque()  # admitted, waiting for a free sequence slot
+        self._embedder: Embedder | None = None
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self.active = 0  # sequences in a slot; read by /health for visibility only
 
@@ -107,12 +132,12 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: Request | EmbedRequest) -> None:
         self._inbox.put(request)
 
     @property
     def waiting(self) -> int:
-        return self._inbox.qsize()
+        return self._inbox.qsize() + len(self._waiting)
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -139,7 +164,9 @@ class Engine:
         cfg = self.config
         llama.llama_backend_init()
         model_params = llama.llama_model_default_params()
-        if llama.llama_supports_gpu_offload():
+        # Offload when the build can and the daemon assigned a GPU (placement is CUDA_VISIBLE_DEVICES).
+        gpu_assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+        if llama.llama_supports_gpu_offload() and gpu_assigned:
             model_params.n_gpu_layers = 999 if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
         else:
             model_params.n_gpu_layers = 0
@@ -171,6 +198,7 @@ class Engine:
         self.bos_text = self._special_text(llama.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(llama.llama_vocab_eos(self.vocab))
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self.eog_tokens = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._free_seq_ids = list(range(cfg.n_parallel))
         self._slots: list[_Slot] = []
@@ -184,6 +212,8 @@ class Engine:
         return text.decode("utf-8", errors="replace") if text else ""
 
     def _free(self) -> None:
+        if self._embedder is not None:
+            self._embedder.free()
         for slot in self._slots:
             llama.llama_sampler_free(slot.chain)
         llama.llama_batch_free(self.batch)
@@ -210,37 +240,66 @@ class Engine:
         return self._piece_buffer.raw[:n]
 
     def _admit(self, block: bool) -> bool:
-        """Move requests from the inbox into free slots. Returns False when asked to stop."""
-        while self._free_seq_ids:
+        """Drain the inbox: embeddings are answered at once, generations take free slots in arrival order.
+        Returns False when asked to stop."""
+        while True:
             try:
                 request = self._inbox.get(block=block)
             except queue.Empty:
-                return True
+                break
             block = False
             if request is None:
                 return False
-            if request.cancelled:
-                continue
-            self._start(request)
+            if isinstance(request, EmbedRequest):
+                self._embed(request)
+            else:
+                self._waiting.append(request)
+        while self._free_seq_ids and self._waiting:
+            request = self._waiting.popleft()
+            if not request.cancelled:
+                self._start(request)
         return True
 
+    def _embed(self, request: EmbedRequest) -> None:
+        if request.cancelled:
+            return
+        if self._embedder is None:
+            self._embedder = Embedder(self.model, self.config, self.tokenize)
+        try:
+            vectors, n_tokens = self._embedder.embed(request.inputs, request.truncate)
+        except BadRequest as e:
+            request.emit(Event("error", text=str(e), status=400))
+            return
+        except RuntimeError as e:
+            request.emit(Event("error", text=str(e)))
+            return
+        request.emit(Event("embeddings", usage={"data": vectors, "prompt_tokens": n_tokens}))
+
+    def _prompt_tokens(self, request: Request, text: str) -> list[int]:
+        bos_written = bool(self.bos_text) and text.startswith(self.bos_text)
+        return self.tokenize(text, request.add_special and self.add_bos and not bos_written)
+
     def _start(self, request: Request) -> None:
-        add_special = request.add_special and self.add_bos and not (
-            self.bos_text and request.text.startswith(self.bos_text)
-        )
-        tokens = self.tokenize(request.text, add_special)
+        tokens = self._prompt_tokens(request, request.prompt)
+        n_full = len(tokens)
+        try:
+            while len(tokens) >= self.n_ctx_seq:  # no room to generate: try shorter renderings, if allowed
+                tokens = self._prompt_tokens(request, next(request.shorter))
+        except StopIteration:
+            request.emit(Event(
+                "error", status=400,
+                text=f"the prompt has {n_full} tokens, more than this model's context of {self.n_ctx_seq} "
+                     "(raise num_ctx, shorten the prompt, or allow truncation)",
+            ))
+            return
+        except BadRequest as e:
+            request.emit(Event("error", text=str(e), status=400))
+            return
         if not tokens:
             request.emit(Event("error", text="the prompt is empty", status=400))
             return
-        if len(tokens) >= self.n_ctx_seq:
-            request.emit(Event(
-                "error", status=400,
-                text=f"the prompt has {len(tokens)} tokens, more than this model's context of "
-                     f"{self.n_ctx_seq} (raise num_ctx or shorten the prompt)",
-            ))
-            return
         try:
-            chain = request.params.build_chain(self.vocab, self.n_vocab)
+            chain = request.params.build_chain(self.vocab, self.n_vocab, self.eog_tokens)
         except BadRequest as e:
             request.emit(Event("error", text=str(e), status=400))
             return
@@ -277,7 +336,7 @@ class Engine:
     def _loop(self) -> None:
         batch = self.batch
         while True:
-            if not self._admit(block=not self._slots):
+            if not self._admit(block=not self._slots and not self._waiting):
                 return
             for slot in [s for s in self._slots if s.request.cancelled]:
                 self._finish(slot, "cancelled")

@@ -33,6 +33,7 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
     grammar: str | None = None
+    ignore_eos: bool = False
 
     @classmethod
     def from_request(cls, body: dict[str, Any]) -> SamplingParams:
@@ -62,14 +63,19 @@ class SamplingParams:
         elif stop is not None:
             raise BadRequest("stop must be a string or a list of strings")
         params.grammar = grammar_from_request(body)
+        params.ignore_eos = bool(body.get("ignore_eos", False))
         if params.top_k < 0:
             params.top_k = 0
         return params
 
-    def build_chain(self, vocab: Any, n_vocab: int) -> Any:
+    def build_chain(self, vocab: Any, n_vocab: int, eog_tokens: list[int]) -> Any:
         """A llama.cpp sampler chain; the caller frees it with llama_sampler_free."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if self.ignore_eos and eog_tokens:  # vLLM's and llama-server's ignore_eos: never end on EOS
+            biases = (llama.llama_logit_bias * len(eog_tokens))(
+                *(llama.llama_logit_bias(token, float("-inf")) for token in eog_tokens))
+            add(llama.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
         if self.grammar:
             grammar = llama.llama_sampler_init_grammar(vocab, self.grammar.encode(), b"root")
             if not grammar:

@@ -9,10 +9,12 @@ nanosecond metrics with the engine's own numbers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,7 +22,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, Event, Request
+from .engine import EmbedRequest, Engine, Event, Request
 from .sampling import BadRequest, SamplingParams
 from .template import ChatTemplate, normalize_messages
 
@@ -60,6 +62,7 @@ class RunnerApp:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
         ])
 
     @property
@@ -90,11 +93,13 @@ class RunnerApp:
             if tools is not None and not isinstance(tools, list):
                 raise BadRequest("tools must be a list")
             kwargs = body.get("chat_template_kwargs") or {}
-            text = self.template.render(messages, tools=tools, **kwargs)
+            prompt = self.template.render(messages, tools=tools, **kwargs)
+            shorter = (self.template.render(m, tools=tools, **kwargs)
+                       for m in _shorter_conversations(messages, bool(body.get("truncate"))))
             params = SamplingParams.from_request(body)
         except BadRequest as e:
             return error_response(str(e), 400)
-        return await self._generate(http, body, params, text, add_special=True, chat=True)
+        return await self._generate(http, body, params, prompt, add_special=True, chat=True, shorter=shorter)
 
     async def completions(self, http: HttpRequest) -> Response:
         try:
@@ -109,9 +114,35 @@ class RunnerApp:
             return error_response(str(e), 400)
         return await self._generate(http, body, params, prompt, add_special=True, chat=False)
 
-    async def _generate(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, text: str,
-                        add_special: bool, chat: bool) -> Response:
-        request = Request(asyncio.get_running_loop(), params, text, add_special)
+    async def embeddings(self, http: HttpRequest) -> Response:
+        try:
+            body = await _read_json(http)
+            inputs = body.get("input")
+            if isinstance(inputs, str):
+                inputs = [inputs]
+            if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+                raise BadRequest("input must be a string or a non-empty list of strings")
+        except BadRequest as e:
+            return error_response(str(e), 400)
+        request = EmbedRequest(asyncio.get_running_loop(), inputs, truncate=bool(body.get("truncate", True)))
+        self.engine.submit(request)
+        try:
+            event = await request.events.get()
+        finally:
+            request.cancelled = True
+        if event.kind == "error":
+            return error_response(event.text, event.status)
+        usage = event.usage or {}
+        encode = _base64_floats if body.get("encoding_format") == "base64" else (lambda v: v)
+        return JSONResponse({
+            "object": "list", "model": self.model_name,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(usage["data"])],
+            "usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]},
+        })
+
+    async def _generate(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, prompt: str,
+                        add_special: bool, chat: bool, shorter: Iterator[str] = iter(())) -> Response:
+        request = Request(asyncio.get_running_loop(), params, prompt, add_special, shorter)
         self.engine.submit(request)
         watcher = asyncio.create_task(_watch_disconnect(http, request))
         try:
@@ -192,6 +223,22 @@ class RunnerApp:
                     return
         finally:
             request.cancelled = True
+
+
+def _shorter_conversations(messages: list[dict[str, Any]], allowed: bool) -> Iterator[list[dict[str, Any]]]:
+    """When truncation is allowed: the conversation with its oldest messages dropped one by one; system
+    messages and the last message always stay."""
+    if not allowed:
+        return
+    system = [m for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    for i in range(1, len(rest)):
+        yield system + rest[i:]
+
+
+def _base64_floats(vector: list[float]) -> str:
+    """OpenAI's encoding_format=base64: little-endian float32, base64 encoded."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 def _usage(event: Event) -> dict[str, int]:

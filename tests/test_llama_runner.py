@@ -1,0 +1,202 @@
+"""The llama.cpp runner on the real SmolLM2 GGUF: batching that does not change answers, sampling, stop
+strings, grammars, cancellation, truncation and embeddings. Talks to the runner process over HTTP, as the
+daemon does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import QUESTION, free_port, wait_for
+from mgr.daemon.runners.llama.sampling import StopMatcher
+from mgr.daemon.runners.llama.server import _shorter_conversations
+
+pytestmark = pytest.mark.slow
+PARALLEL = 8
+CTX = 1024
+
+
+@pytest.fixture(scope="module")
+def runner(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("runner") / "runner.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mgr.daemon.runners.llama", "--model", str(gguf_path), "--port", str(port),
+         "--parallel", str(PARALLEL), "--ctx-size", str(CTX), "--threads", "2", "--served-model-name", "smol"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(healthy, timeout=60), "runner did not become ready"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def chat(url: str, content: str, **params: object) -> dict:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 48, **params}
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+PROMPTS = [f"Write two sentences about {thing}." for thing in
+           ("cats", "the sea", "a robot", "winter", "bread", "mountains", "a library", "trains")]
+
+
+def test_batched_greedy_answers_equal_answers_alone(runner: str) -> None:
+    alone = [chat(runner, p, temperature=0)["choices"][0]["message"]["content"] for p in PROMPTS]
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            responses = await asyncio.gather(*(client.post(runner + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": p}], "max_tokens": 48, "temperature": 0,
+            }) for p in PROMPTS))
+        return [r.json()["choices"][0]["message"]["content"] for r in responses]
+
+    batched = asyncio.run(together())
+    assert len(set(alone)) == len(PROMPTS)  # eight different answers...
+    assert batched == alone  # ...each byte-identical to the same prompt decoded alone
+
+
+def test_seeded_sampling_reproduces(runner: str) -> None:
+    params = {"temperature": 1.0, "top_k": 40, "top_p": 0.95, "max_tokens": 32}
+    first = chat(runner, "Tell me a story.", seed=42, **params)["choices"][0]["message"]["content"]
+    again = chat(runner, "Tell me a story.", seed=42, **params)["choices"][0]["message"]["content"]
+    other = [chat(runner, "Tell me a story.", seed=s, **params)["choices"][0]["message"]["content"] for s in (7, 8)]
+    assert first == again
+    assert any(o != first for o in other)
+
+
+def test_stop_strings_are_not_emitted(runner: str) -> None:
+    full = chat(runner, QUESTION, temperature=0)["choices"][0]["message"]["content"]
+    assert full == "The capital of France is Paris."
+    # "France is" spans two tokens ("France", " is"): held back until it is known, then cut
+    cut = chat(runner, QUESTION, temperature=0, stop=["France is"])
+    assert cut["choices"][0]["message"]["content"] == "The capital of "
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    streamed = httpx.post(runner + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "stop": ["Paris"], "stream": True})
+    pieces = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in pieces if c["choices"])
+    assert text == "The capital of France is " and "Par" not in text
+
+
+def test_stop_matcher_holds_back_partial_matches() -> None:
+    matcher = StopMatcher(["</end>"])
+    assert matcher.feed("abc</") == ("abc", False)
+    assert matcher.feed("en") == ("", False)
+    assert matcher.feed("d> tail") == ("", True)
+    matcher = StopMatcher(["xyz"])
+    assert matcher.feed("ax") == ("a", False)
+    assert matcher.feed("b") == ("xb", False)
+    assert matcher.flush() == ""
+
+
+def test_max_tokens_and_ignore_eos(runner: str) -> None:
+    answer = chat(runner, QUESTION, temperature=0, max_tokens=30, ignore_eos=True)
+    assert answer["usage"]["completion_tokens"] == 30 and answer["choices"][0]["finish_reason"] == "length"
+    short = chat(runner, QUESTION, temperature=0, max_tokens=3)
+    assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
+
+
+def test_json_schema_output_parses_and_validates(runner: str) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"]}
+    answer = chat(runner, "Give the capital of France and its population as JSON.", temperature=0,
+                  max_tokens=80, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    value = json.loads(answer["choices"][0]["message"]["content"])
+    assert isinstance(value["city"], str) and isinstance(value["population"], int)
+    anything = chat(runner, "List three colors.", temperature=0, max_tokens=80,
+                    response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything["choices"][0]["message"]["content"]), (dict, list))
+
+
+def test_cancelled_request_frees_its_slot(runner: str) -> None:
+    """Fill all 8 slots with long generations, drop one client: a 9th request gets the slot and finishes
+    while the other seven are still generating."""
+
+    async def scenario() -> tuple[float, float]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            async def long(i: int) -> float:
+                response = await client.post(runner + "/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": PROMPTS[i]}], "max_tokens": 400,
+                    "ignore_eos": True, "temperature": 0})
+                assert response.status_code == 200
+                return time.monotonic()
+
+            others = [asyncio.create_task(long(i)) for i in range(1, PARALLEL)]
+            async with client.stream("POST", runner + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}) as stream:
+                lines = stream.aiter_lines()
+                for _ in range(5):
+                    await anext(lines)
+            # the stream is closed: its slot must be free at the next step
+            ninth = await client.post(runner + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 10, "temperature": 0})
+            ninth_done = time.monotonic()
+            assert ninth.status_code == 200 and ninth.json()["usage"]["completion_tokens"] > 0
+            return ninth_done, min(await asyncio.gather(*others))
+
+    ninth_done, first_other_done = asyncio.run(scenario())
+    assert ninth_done < first_other_done
+    assert wait_for(lambda: httpx.get(runner + "/health").json()["active"] == 0, timeout=30)
+
+
+def test_prompt_longer_than_context(runner: str) -> None:
+    long_text = "The quick brown fox jumps over the lazy dog. " * 150  # ~1500 tokens > CTX
+    refused = httpx.post(runner + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": long_text + QUESTION}], "max_tokens": 8})
+    assert refused.status_code == 400 and "context" in refused.json()["error"]["message"]
+    history = [{"role": "system", "content": "You are a helpful assistant."}]
+    for _ in range(6):
+        history += [{"role": "user", "content": long_text[:900]}, {"role": "assistant", "content": "Noted."}]
+    history.append({"role": "user", "content": QUESTION})
+    truncated = httpx.post(runner + "/v1/chat/completions", timeout=60, json={
+        "messages": history, "max_tokens": 20, "temperature": 0, "truncate": True})
+    assert truncated.status_code == 200, truncated.text
+    assert truncated.json()["usage"]["prompt_tokens"] < CTX
+    assert "Paris" in truncated.json()["choices"][0]["message"]["content"]
+
+
+def test_truncation_keeps_system_and_last_message() -> None:
+    messages = [{"role": "system", "content": "S"}] + [{"role": "user", "content": str(i)} for i in range(4)]
+    shorter = list(_shorter_conversations(messages, True))
+    assert [[m["content"] for m in c] for c in shorter] == [["S", "1", "2", "3"], ["S", "2", "3"], ["S", "3"]]
+    assert list(_shorter_conversations(messages, False)) == []
+
+
+def test_embeddings_shape_determinism_and_batching(runner: str) -> None:
+    texts = ["The cat sat on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
+    one = httpx.post(runner + "/v1/embeddings", json={"input": texts}, timeout=60).json()
+    again = httpx.post(runner + "/v1/embeddings", json={"input": texts}, timeout=60).json()
+    alone = [httpx.post(runner + "/v1/embeddings", json={"input": t}, timeout=60).json()["data"][0]["embedding"]
+             for t in texts]
+    vectors = [d["embedding"] for d in one["data"]]
+    assert [len(v) for v in vectors] == [576] * 3  # SmolLM2-135M's embedding width
+    assert vectors == [d["embedding"] for d in again["data"]]
+    assert all(math.isclose(a, b, abs_tol=1e-4) for v, w in zip(vectors, alone) for a, b in zip(v, w))
+    assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-3) for v in vectors)
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2])
+    assert one["usage"]["prompt_tokens"] > 10
+    bad = httpx.post(runner + "/v1/embeddings", json={"input": 5}, timeout=60)
+    assert bad.status_code == 400
