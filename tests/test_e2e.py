@@ -253,6 +253,40 @@ def test_create_refuses_a_file_that_is_not_gguf(daemon: Daemon, tmp_path) -> Non
     assert os.listdir(os.path.join(models, "tmp")) == []
 
 
+def test_create_from_a_safetensors_folder(daemon: Daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "tiny-st"
+    folder.mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 2048,
+              "num_hidden_layers": 2, "hidden_size": 4, "num_attention_heads": 1, "num_key_value_heads": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    header = json.dumps({"w": {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(32))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not taken")
+    created = daemon.cli("create", "tiny-st", "--from", str(folder))
+    assert created.returncode == 0, created.stderr
+    shown = httpx.post(daemon.base_url + "/api/show", json={"model": "tiny-st"}).json()
+    assert shown["details"]["format"] == "safetensors" and shown["details"]["family"] == "llama"
+    assert shown["model_info"]["general.parameter_count"] == 16
+    assert sorted(f["path"] for f in shown["files"]) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # vLLM serves safetensors; without it the request fails clearly, and nothing is left running
+    answer = httpx.post(daemon.base_url + "/api/generate", json={"model": "tiny-st", "prompt": "hi"}, timeout=60)
+    assert answer.status_code == 501 and "vLLM" in answer.json()["error"]
+    assert httpx.get(daemon.base_url + "/api/ps").json()["models"] == []
+    assert daemon.cli("rm", "tiny-st").returncode == 0
+
+
+def test_systemd_unit_runs_mgr_serve() -> None:
+    import configparser
+    from pathlib import Path
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).parent.parent / "systemd" / "mgr.service")
+    assert unit["Service"]["ExecStart"].split()[1:] == ["serve"]
+    assert unit["Service"]["Restart"] == "always" and unit["Service"]["KillMode"] == "mixed"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
 def test_cli_without_daemon_says_how_to_start_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from conftest import free_port
 
