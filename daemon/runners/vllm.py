@@ -1,0 +1,113 @@
+"""The vLLM runner: vLLM's own OpenAI server, started on loopback with the placement the scheduler chose.
+
+    python -m vllm.entrypoints.openai.api_server --model <store folder> --served-model-name <name>
+        --host 127.0.0.1 --port <free> --gpu-memory-utilization <granted share of the GPU's total>
+        --max-model-len <num_ctx> --max-num-seqs <num_parallel> --tensor-parallel-size <gpus>
+        --enable-sleep-mode
+
+Sleep mode is the warm tier: level 1 moves weights to host RAM (wake in well under a second instead of a
+60-120 s cold start), level 2 drops them. Its endpoints exist only with VLLM_SERVER_DEV_MODE=1, which is
+why a runner never listens beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+
+from ..config import Settings
+from ..errors import ApiError, EngineUnavailable
+from .base import LoadSpec, ProcessRunner
+from .process import free_port
+
+VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a runner goes: GPU indices (empty = CPU) and, for vLLM, the share of each GPU's total memory
+    it may take (vLLM's --gpu-memory-utilization)."""
+
+    gpus: tuple[int, ...] = ()
+    memory_fraction: float | None = None
+    pipeline_parallel: int = 1  # > 1 only across machines (Ray)
+
+
+@functools.lru_cache(maxsize=4)
+def vllm_version(python: str) -> tuple[int, ...]:
+    """vLLM's version in that Python environment, read once; EngineUnavailable when it is not there."""
+    result = subprocess.run([python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise EngineUnavailable(
+            "safetensors models need vLLM, which is not installed for " + python +
+            ": install it with pip install 'mgr[vllm]' (a CUDA GPU is required)")
+    return tuple(int(n) for n in re.findall(r"\d+", result.stdout)[:3])
+
+
+def vllm_argv(spec: LoadSpec, placement: Placement, port: int, python: str, version: tuple[int, ...],
+              extra_args: tuple[str, ...] = (), ray_address: str | None = None) -> list[str]:
+    # GPUs are split into pipeline stages (one per machine with Ray); each stage is tensor parallel
+    tensor_parallel = max(1, len(placement.gpus) // placement.pipeline_parallel)
+    argv = [
+        python, "-m", VLLM_ENTRYPOINT,
+        "--model", str(spec.model_path),
+        "--served-model-name", spec.name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-model-len", str(spec.num_ctx),
+        "--max-num-seqs", str(spec.num_parallel),
+        "--tensor-parallel-size", str(tensor_parallel),
+        "--enable-sleep-mode",
+    ]
+    if placement.memory_fraction is not None:
+        argv += ["--gpu-memory-utilization", f"{placement.memory_fraction:.3f}"]
+    if ray_address is not None:
+        argv += ["--distributed-executor-backend", "ray", "--pipeline-parallel-size", str(placement.pipeline_parallel)]
+    # Before 0.10 vLLM logged every request unless told not to; later versions are quiet by default and
+    # deprecate the flag.
+    if version < (0, 10):
+        argv.append("--disable-log-requests")
+    return argv + list(extra_args)
+
+
+class VllmRunner(ProcessRunner):
+    backend = "vllm"
+
+    def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement,
+                 python: str | None = None, extra_args: tuple[str, ...] = (), ray_address: str | None = None) -> None:
+        python = python or sys.executable
+        version = vllm_version(python)
+        port = free_port()
+        argv = vllm_argv(spec, placement, port, python, version, extra_args, ray_address)
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", PYTHONUNBUFFERED="1")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)
+        if ray_address is not None:
+            env["RAY_ADDRESS"] = ray_address
+        log_name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name) + ".log"
+        super().__init__(spec, port, argv, env, settings.runner_log_dir / log_name)
+        self.placement = placement
+
+    async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
+        await self._post(client, f"/sleep?level={level}")
+
+    async def wake(self, client: httpx.AsyncClient) -> None:
+        await self._post(client, "/wake_up")
+
+    async def is_sleeping(self, client: httpx.AsyncClient) -> bool:
+        response = await client.get(self.base_url + "/is_sleeping", timeout=30)
+        return bool(response.json().get("is_sleeping"))
+
+    async def _post(self, client: httpx.AsyncClient, path: str) -> None:
+        try:
+            response = await client.post(self.base_url + path, timeout=300)
+        except httpx.TransportError as e:
+            raise ApiError(f"vLLM did not answer {path}: {e}", 502) from None
+        if response.status_code != 200:
+            raise ApiError(f"vLLM refused {path}: {response.status_code} {response.text[:300]}", 502)
