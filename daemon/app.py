@@ -49,7 +49,9 @@ async def _render_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner) -> Starlette:
     # Runners answer on loopback; generation can take minutes, so only connecting has a deadline.
+    # trust_env=False: an HTTP(S)_PROXY in the environment must never route loopback runner traffic.
     client = httpx.AsyncClient(
+        trust_env=False,
         timeout=httpx.Timeout(None, connect=10.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
     )

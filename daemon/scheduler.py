@@ -169,6 +169,7 @@ class Scheduler:
             raise QueueFull()
         if instance is None:
             instance = self.instances[key] = Instance(spec)
+            instance.keep_alive = keep  # kept even if every waiter leaves before the load ends
         waiter = Waiter(asyncio.get_running_loop().create_future(), spec, keep)
         instance.queue.append(waiter)
         arrived = time.monotonic()
@@ -326,7 +327,8 @@ class Scheduler:
             self._schedule_expiry(instance)
 
     def _fail(self, instance: Instance, message: str, error: ApiError | None) -> None:
-        log.warning("%s: load failed: %s", instance.spec.name, message)
+        if not self._closed:  # at shutdown the runner was stopped on purpose
+            log.warning("%s: load failed: %s", instance.spec.name, message)
         instance.state = State.FAILED
         instance.error = message
         instance.failed_until = time.monotonic() + FAILED_BACKOFF_SECONDS

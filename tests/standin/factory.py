@@ -1,0 +1,77 @@
+"""STAND-IN runner factory for the scheduler: starts tests/standin/runner.py instead of a real engine.
+
+A real engine takes seconds to load a model; the stand-in takes milliseconds (or as long as a test asks), so
+the scheduler's policy can be tested through its real code path: `ProcessRunner` and `RunnerProcess` as the
+daemon uses them, a subprocess in its own process group, /health polled over loopback with real httpx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from pathlib import Path
+
+from mgr.daemon.config import Settings
+from mgr.daemon.runners.base import LoadSpec, ProcessRunner
+from mgr.daemon.runners.process import free_port
+
+SCRIPT = Path(__file__).with_name("runner.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class StandinOptions:
+    """How the stand-in behaves for one model."""
+
+    load_seconds: float = 0.0
+    fail_load: bool = False
+    reply: str = "Hello from the stand-in runner."
+    token_delay: float = 0.0
+
+
+class StandinRunner(ProcessRunner):
+    backend = "stand-in"
+
+    def __init__(self, spec: LoadSpec, settings: Settings, options: StandinOptions) -> None:
+        port = free_port()
+        argv = [
+            sys.executable, str(SCRIPT),
+            "--port", str(port),
+            "--load-seconds", str(options.load_seconds),
+            "--reply", options.reply,
+            "--token-delay", str(options.token_delay),
+            "--model-name", spec.name,
+            "--ctx-size", str(spec.num_ctx),
+        ]
+        if options.fail_load:
+            argv.append("--fail-load")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        log_name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name) + ".log"
+        super().__init__(spec, port, argv, env, settings.runner_log_dir / log_name)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+
+class StandinFactory:
+    """A RunnerFactory for `Scheduler`; options are per model path ("alpha" for "alpha:latest"), and every
+    runner it made is kept so that tests can count loads and find the processes."""
+
+    def __init__(self, options: dict[str, StandinOptions] | None = None) -> None:
+        self.options = options or {}
+        self.runners: list[StandinRunner] = []
+
+    def __call__(self, spec: LoadSpec, settings: Settings) -> StandinRunner:
+        path = spec.name.rpartition(":")[0] or spec.name
+        runner = StandinRunner(spec, settings, self.options.get(path, StandinOptions()))
+        self.runners.append(runner)
+        return runner
+
+    def started(self, model: str) -> list[StandinRunner]:
+        """The runners made for one model ("alpha"), oldest first."""
+        return [r for r in self.runners if r.spec.name.rpartition(":")[0] == model]
+
+    def pids(self, model: str) -> list[int]:
+        return [r.pid for r in self.started(model) if r.pid is not None]
