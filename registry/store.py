@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -138,6 +138,7 @@ class BlobWriter:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        store.tmp_dir.mkdir(parents=True, exist_ok=True)  # survive an admin clearing the store under us
         self.tmp_path = store.tmp_dir / f"{uuid.uuid4().hex}.partial"
         self._file = self.tmp_path.open("wb")
         self._hash = hashlib.sha256()
@@ -331,6 +332,3 @@ class Store:
             except OSError:  # another thread made it first
                 shutil.rmtree(staging, ignore_errors=True)
         return folder
-
-    def iter_names(self) -> Iterator[str]:
-        return (m.name for m in self.list())
