@@ -34,6 +34,8 @@ class ModelOverrides:
     num_parallel: int | None = None
     num_ctx: int | None = None
     keep_alive: float | None = None
+    gpus: tuple[int, ...] | None = None  # pin the model to these GPU indices
+    vllm_args: tuple[str, ...] = ()  # extra command-line arguments for its vLLM server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,10 @@ class Settings:
     num_ctx: int = 4096
     # Threads for the llama.cpp engine; None = physical cores.
     num_thread: int | None = None
+    # The Python that has vLLM installed; None = the one running mgr.
+    vllm_python: str | None = None
+    # A Ray cluster for models that fit no single machine (vLLM --distributed-executor-backend ray).
+    ray_address: str | None = None
     models: Mapping[str, ModelOverrides] = dataclasses.field(default_factory=dict)
 
     @property
@@ -139,6 +145,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "load_timeout": ("MGR_LOAD_TIMEOUT", parse_duration),
     "num_ctx": ("MGR_CONTEXT_LENGTH", _positive_int),
     "num_thread": ("MGR_NUM_THREAD", _positive_int),
+    "vllm_python": ("MGR_VLLM_PYTHON", str),
+    "ray_address": ("MGR_RAY_ADDRESS", str),
 }
 
 
@@ -164,15 +172,29 @@ def _model_overrides(table: Any, path: Path) -> dict[str, ModelOverrides]:
     for name, values in table.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: [models.{name!r}] must be a table")
-        unknown = set(values) - {"num_parallel", "num_ctx", "keep_alive"}
+        unknown = set(values) - {"num_parallel", "num_ctx", "keep_alive", "gpus", "vllm_args"}
         if unknown:
             raise ConfigError(f"{path}: [models.{name!r}] has unknown keys {sorted(unknown)}")
         result[name.lower()] = ModelOverrides(
             num_parallel=_positive_int(values["num_parallel"], "num_parallel") if "num_parallel" in values else None,
             num_ctx=_positive_int(values["num_ctx"], "num_ctx") if "num_ctx" in values else None,
             keep_alive=parse_duration(values["keep_alive"]) if "keep_alive" in values else None,
+            gpus=_gpu_list(values["gpus"], path, name) if "gpus" in values else None,
+            vllm_args=_string_list(values.get("vllm_args", []), path, name),
         )
     return result
+
+
+def _gpu_list(value: Any, path: Path, model: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise ConfigError(f"{path}: [models.{model!r}] gpus must be a list of GPU indices, as in gpus = [1]")
+    return tuple(value)
+
+
+def _string_list(value: Any, path: Path, model: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{path}: [models.{model!r}] vllm_args must be a list of strings")
+    return tuple(value)
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:

@@ -13,7 +13,8 @@ from typing import Any
 
 MIB = 1 << 20
 GGUF_COMPUTE_BUFFER = 256 * MIB
-VLLM_OVERHEAD = 1536 * MIB  # CUDA context, graphs and activations (~1.2 GiB measured for a 135M model asleep)
+VLLM_OVERHEAD = 2048 * MIB  # CUDA context, graphs and activations (1.2 GiB measured for a 135M model asleep)
+VLLM_KV_SEQUENCES = 32  # vLLM pages its KV cache: room for this many full contexts is plenty to batch well
 
 
 def kv_bytes_per_token(model_info: Mapping[str, Any]) -> int:
@@ -34,5 +35,6 @@ def estimate(model_format: str, weights: int, model_info: Mapping[str, Any], num
     kv = kv_bytes_per_token(model_info) * num_ctx * num_parallel
     if model_format == "gguf":
         return weights + kv + GGUF_COMPUTE_BUFFER
-    # vLLM pages its KV cache: it needs room for num_ctx tokens of one sequence to start, not all at once
-    return weights + kv_bytes_per_token(model_info) * num_ctx + VLLM_OVERHEAD
+    # vLLM fills the share it is granted with KV blocks and pages them among sequences
+    sequences = min(num_parallel, VLLM_KV_SEQUENCES)
+    return weights + kv_bytes_per_token(model_info) * num_ctx * sequences + VLLM_OVERHEAD

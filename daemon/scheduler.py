@@ -35,7 +35,10 @@ import httpx
 from mgr.registry.store import Store
 
 from .config import Settings
-from .errors import ApiError, LoadFailed, QueueFull
+from .errors import ApiError, EngineUnavailable, LoadFailed, QueueFull
+from .gpus import Gpu, GpuInventory, NvmlGpus
+from .memory import estimate
+from .placement import CPU, NeedsGpu, Placement, TooBig, place
 from .runners.base import LoadSpec, Runner
 from .runners.engines import DEFAULT_PARALLEL, make_runner
 
@@ -43,7 +46,8 @@ log = logging.getLogger("mgr.scheduler")
 
 FAILED_BACKOFF_SECONDS = 5.0
 
-RunnerFactory = Callable[[LoadSpec, Settings], Runner]
+RunnerFactory = Callable[[LoadSpec, Settings, Placement], Runner]
+MEMORY_RELEASE_SECONDS = 15.0  # how long an unloaded runner's GPU memory may take to show up as free
 
 
 class State(enum.Enum):
@@ -68,6 +72,8 @@ class Instance:
         self.spec = spec
         self.state = State.PENDING
         self.runner: Runner | None = None
+        self.placement: Placement = CPU
+        self.measured: dict[int, int] = {}  # GPU index -> bytes its processes really use (NVML)
         self.active = 0
         self.queue: deque[Waiter] = deque()
         self.keep_alive = 0.0
@@ -112,11 +118,14 @@ class Lease:
 
 class Scheduler:
     def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient,
-                 runner_factory: RunnerFactory = make_runner) -> None:
+                 runner_factory: RunnerFactory = make_runner, gpus: GpuInventory | None = None) -> None:
         self.settings = settings
         self.store = store
         self.client = client
         self.runner_factory = runner_factory
+        self.gpus: GpuInventory = gpus if gpus is not None else NvmlGpus()
+        # What runners really used, by (digest, num_ctx, num_parallel): better than any estimate next time.
+        self._learned: dict[tuple[str, int, int], int] = {}
         self.instances: dict[str, Instance] = {}  # by model key; at most one live instance per model
         self.unloading: set[Instance] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -124,7 +133,7 @@ class Scheduler:
 
     @property
     def max_loaded(self) -> int:
-        return self.settings.max_loaded_models or 3
+        return self.settings.max_loaded_models or 3 * max(1, len(self.gpus.gpus()))
 
     # requests ----------------------------------------------------------------------------------------
     def spec_for(self, name: str, num_ctx: int | None = None) -> LoadSpec:
@@ -134,14 +143,21 @@ class Scheduler:
         ctx = num_ctx or overrides.num_ctx or self.settings.num_ctx
         if manifest.context_length:
             ctx = min(ctx, manifest.context_length)
+        parallel = overrides.num_parallel or self.settings.num_parallel or DEFAULT_PARALLEL[manifest.format]
+        arch = manifest.model_info.get("general.architecture")
+        need = self._learned.get((manifest.digest, ctx, parallel)) or estimate(
+            manifest.format, manifest.size, manifest.model_info, ctx, parallel)
         return LoadSpec(
             name=manifest.name,
             digest=manifest.digest,
             format=manifest.format,
             model_path=self.store.model_path(manifest),
             num_ctx=ctx,
-            num_parallel=overrides.num_parallel or self.settings.num_parallel or DEFAULT_PARALLEL[manifest.format],
+            num_parallel=parallel,
             size=manifest.size,
+            estimate=need,
+            layers=int(manifest.model_info.get(f"{arch}.block_count") or 0),
+            pinned=overrides.gpus,
         )
 
     def keep_alive_for(self, name: str, requested: float | None) -> float:
@@ -277,32 +293,66 @@ class Scheduler:
         return sum(1 for i in self.instances.values() if i.state in (State.LOADING, State.READY))
 
     def _start_loads(self) -> None:
-        """Start PENDING loads in arrival order while capacity allows, evicting idle runners (least recently
-        used first) to make room. A busy runner is never evicted: the load then waits."""
-        promised = len(self.unloading)  # slots that free themselves when those runners are gone
+        """Start PENDING loads in arrival order while there is room: under max_loaded_models and in GPU
+        memory. Room is made by evicting idle runners, least recently used first; a busy runner is never
+        evicted, and the load then waits."""
+        promised = len(self.unloading)  # slots and memory that come back when those runners are gone
         for instance in [i for i in self.instances.values() if i.state is State.PENDING]:
             if not instance.queue:
                 self._forget(instance)
                 continue
-            if self._live_count() + len(self.unloading) < self.max_loaded:
-                self._begin_load(instance)
-            elif promised > 0:
-                promised -= 1
-            else:
-                idle = [i for i in self.instances.values() if i.idle]
-                if not idle:
+            if self._live_count() + len(self.unloading) >= self.max_loaded:
+                if promised > 0:
+                    promised -= 1
+                    continue
+                if not self._evict_one(lambda _: True):
                     return
-                self._begin_unload(min(idle, key=lambda i: i.last_used))
+                continue
+            spec = instance.spec
+            try:
+                placement = place(spec.format, spec.estimate, self._free_gpus(), spec.pinned, spec.layers)
+            except TooBig as e:
+                error = EngineUnavailable(str(e)) if isinstance(e, NeedsGpu) else LoadFailed(str(e))
+                self._fail(instance, str(e), error)
+                continue
+            if placement is None:  # fits only once other models leave the GPUs
+                if self.unloading:
+                    return
+                if not self._evict_one(lambda i: bool(i.placement.gpus)):
+                    return
+                continue
+            self._begin_load(instance, placement)
 
-    def _begin_load(self, instance: Instance) -> None:
+    def _evict_one(self, eligible: Callable[[Instance], bool]) -> bool:
+        idle = [i for i in self.instances.values() if i.idle and eligible(i)]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda i: i.last_used)
+        log.info("%s: evicted (least recently used) to make room", victim.spec.name)
+        self._begin_unload(victim)
+        return True
+
+    def _free_gpus(self) -> list[Gpu]:
+        """GPUs with what is free for a new runner: NVML's free memory less what loading runners will take
+        (NVML does not show it yet)."""
+        reserved: dict[int, int] = {}
+        for instance in self.instances.values():
+            if instance.state is State.LOADING and instance.placement.gpus:
+                share = instance.spec.estimate // len(instance.placement.gpus)
+                for index in instance.placement.gpus:
+                    reserved[index] = reserved.get(index, 0) + share
+        return [Gpu(g.index, g.name, g.total, max(0, g.free - reserved.get(g.index, 0))) for g in self.gpus.gpus()]
+
+    def _begin_load(self, instance: Instance, placement: Placement) -> None:
         instance.state = State.LOADING
+        instance.placement = placement
         instance.load_started = time.monotonic()
         self._spawn(self._load(instance))
 
     async def _load(self, instance: Instance) -> None:
         try:
-            runner = instance.runner = self.runner_factory(instance.spec, self.settings)
-            log.info("%s: loading on %s", instance.spec.name, runner.backend)
+            runner = instance.runner = self.runner_factory(instance.spec, self.settings, instance.placement)
+            log.info("%s: loading on %s (%s)", instance.spec.name, runner.backend, instance.placement.processor)
             await runner.start(self.client, self.settings.load_timeout)
         except asyncio.CancelledError:
             if instance.runner is not None:  # the daemon is stopping: leave no runner behind
@@ -318,6 +368,7 @@ class Scheduler:
             await runner.stop()
             return
         instance.state = State.READY
+        self._measure(instance)
         instance.loaded_at = time.time()
         instance.load_finished = time.monotonic()
         log.info("%s: ready in %.1fs", instance.spec.name, instance.load_finished - (instance.load_started or 0))
@@ -325,6 +376,16 @@ class Scheduler:
         self._advance(instance)
         if instance.idle:
             self._schedule_expiry(instance)
+
+    def _measure(self, instance: Instance) -> None:
+        """Learn what the runner really takes on its GPUs; the next load of this model uses that number."""
+        pid = instance.runner.process.pid if instance.runner is not None else None
+        if not instance.placement.gpus or pid is None:
+            return
+        instance.measured = self.gpus.used_by(pid)
+        if instance.measured:
+            spec = instance.spec
+            self._learned[(spec.digest, spec.num_ctx, spec.num_parallel)] = sum(instance.measured.values())
 
     def _fail(self, instance: Instance, message: str, error: ApiError | None) -> None:
         if not self._closed:  # at shutdown the runner was stopped on purpose
@@ -364,11 +425,21 @@ class Scheduler:
         try:
             if instance.runner is not None:
                 await instance.runner.stop()
+                await self._memory_released(instance)
         finally:
             self.unloading.discard(instance)
             instance.unloaded.set()
             log.info("%s: unloaded", instance.spec.name)
             self._start_loads()
+
+    async def _memory_released(self, instance: Instance) -> None:
+        """The GPU memory of a stopped runner counts as free only once NVML no longer shows it in use."""
+        pid = instance.runner.process.pid if instance.runner is not None else None
+        if not instance.placement.gpus or pid is None:
+            return
+        deadline = time.monotonic() + MEMORY_RELEASE_SECONDS
+        while self.gpus.used_by(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
     def _requeue(self, instance: Instance) -> None:
         """Requests still queued on an instance that is going away wait for a fresh one."""

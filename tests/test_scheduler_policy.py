@@ -27,6 +27,7 @@ import pytest
 
 from mgr.daemon import scheduler as scheduler_module
 from mgr.daemon.config import Settings
+from mgr.daemon.gpus import StaticGpus
 from mgr.daemon.errors import ApiError, LoadFailed, QueueFull
 from mgr.daemon.scheduler import Instance, Lease, Scheduler, State
 from mgr.registry.store import Store
@@ -87,13 +88,15 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def running(store: Store, tmp_path: Path, options: dict[str, StandinOptions] | None = None,
+                  gpus: StaticGpus | None = None, actual_bytes: dict[str, int] | None = None,
                   **settings: Any) -> AsyncIterator[Harness]:
-    """A scheduler over the shared store with stand-in runners; shut down (every runner gone) afterwards."""
-    factory = StandinFactory(options)
+    """A scheduler over the shared store with stand-in runners (on imaginary `gpus` if given, else on the
+    CPU); shut down (every runner gone) afterwards."""
+    factory = StandinFactory(options, gpus, actual_bytes)
     config = Settings(models_dir=store.root, state_dir=tmp_path / "state", **settings)
     # The same client the daemon makes for its runners (daemon/app.py).
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0)) as client:
-        scheduler = Scheduler(config, store, client, factory)
+        scheduler = Scheduler(config, store, client, factory, gpus=gpus or StaticGpus([]))
         try:
             yield Harness(scheduler, factory)
         finally:

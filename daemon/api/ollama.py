@@ -115,11 +115,13 @@ class OllamaApi:
         expires = instance.expires_at
         if expires is None and instance.keep_alive >= 0:
             expires = time.time() + instance.keep_alive  # busy: the timer starts when the last request ends
+        on_gpu = sum(instance.measured.values()) or (spec.estimate if instance.placement.gpus else 0)
         return {
-            "name": spec.name, "model": spec.name, "size": spec.size, "size_vram": 0, "digest": spec.digest,
+            "name": spec.name, "model": spec.name, "size": max(spec.estimate, on_gpu), "size_vram": on_gpu,
+            "digest": spec.digest,
             "details": details, "expires_at": _rfc3339(expires), "loaded_at": _rfc3339(instance.loaded_at),
             "context_length": spec.num_ctx, "backend": instance.runner.backend if instance.runner else "",
-            "state": instance.state.value, "gpus": [], "num_parallel": spec.num_parallel,
+            "state": instance.state.value, "gpus": list(instance.placement.gpus), "num_parallel": spec.num_parallel,
             "active": instance.active, "queued": len(instance.queue),
         }
 

@@ -29,6 +29,10 @@ class LoadSpec:
     num_ctx: int
     num_parallel: int
     size: int  # bytes of weights
+    # Derived or configured, not part of what makes two specs the same load:
+    estimate: int = dataclasses.field(default=0, compare=False)  # bytes it will take once loaded
+    layers: int = dataclasses.field(default=0, compare=False)  # transformer blocks, for partial offload
+    pinned: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)  # GPUs from the config
 
 
 class Runner(Protocol):

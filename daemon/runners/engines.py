@@ -9,9 +9,10 @@ import sys
 import psutil
 
 from ..config import Settings
-from ..errors import EngineUnavailable
+from ..placement import Placement
 from .base import LoadSpec, ProcessRunner
 from .process import free_port
+from .vllm import VllmRunner
 
 DEFAULT_PARALLEL = {"gguf": 4, "safetensors": 256}  # vLLM's own max-num-seqs default for safetensors
 
@@ -27,7 +28,7 @@ def _log_name(spec: LoadSpec) -> str:
 class LlamaCppRunner(ProcessRunner):
     backend = "llama.cpp"
 
-    def __init__(self, spec: LoadSpec, settings: Settings) -> None:
+    def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement) -> None:
         port = free_port()
         argv = [
             sys.executable, "-m", "mgr.daemon.runners.llama",
@@ -37,15 +38,17 @@ class LlamaCppRunner(ProcessRunner):
             "--parallel", str(spec.num_parallel),
             "--ctx-size", str(spec.num_ctx),
             "--threads", str(settings.num_thread or default_threads()),
+            "--gpu-layers", str(placement.gpu_layers),
         ]
         env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)  # "" = the CPU
         super().__init__(spec, port, argv, env, settings.runner_log_dir / _log_name(spec))
+        self.placement = placement
 
 
-def make_runner(spec: LoadSpec, settings: Settings) -> ProcessRunner:
+def make_runner(spec: LoadSpec, settings: Settings, placement: Placement) -> ProcessRunner:
     if spec.format == "gguf":
-        return LlamaCppRunner(spec, settings)
-    raise EngineUnavailable(
-        f"model {spec.name!r} is a safetensors model, which needs the vLLM engine; "
-        "it is not available in this version of mgr yet (GGUF models run on llama.cpp)"
-    )
+        return LlamaCppRunner(spec, settings, placement)
+    overrides = settings.for_model(spec.name)
+    return VllmRunner(spec, settings, placement, python=settings.vllm_python,
+                      extra_args=overrides.vllm_args, ray_address=settings.ray_address)

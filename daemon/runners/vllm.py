@@ -12,7 +12,6 @@ why a runner never listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -23,20 +22,11 @@ import httpx
 
 from ..config import Settings
 from ..errors import ApiError, EngineUnavailable
+from ..placement import Placement
 from .base import LoadSpec, ProcessRunner
 from .process import free_port
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where a runner goes: GPU indices (empty = CPU) and, for vLLM, the share of each GPU's total memory
-    it may take (vLLM's --gpu-memory-utilization)."""
-
-    gpus: tuple[int, ...] = ()
-    memory_fraction: float | None = None
-    pipeline_parallel: int = 1  # > 1 only across machines (Ray)
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from mgr.daemon.config import Settings
+from mgr.daemon.gpus import StaticGpus
+from mgr.daemon.placement import CPU, Placement
 from mgr.daemon.runners.base import LoadSpec, ProcessRunner
 from mgr.daemon.runners.process import free_port
 
@@ -33,7 +35,10 @@ class StandinOptions:
 class StandinRunner(ProcessRunner):
     backend = "stand-in"
 
-    def __init__(self, spec: LoadSpec, settings: Settings, options: StandinOptions) -> None:
+    def __init__(self, spec: LoadSpec, settings: Settings, options: StandinOptions,
+                 placement: Placement = CPU, gpus: StaticGpus | None = None) -> None:
+        self.placement = placement
+        self.gpus = gpus
         port = free_port()
         argv = [
             sys.executable, str(SCRIPT),
@@ -54,18 +59,40 @@ class StandinRunner(ProcessRunner):
     def pid(self) -> int | None:
         return self.process.pid
 
+    async def start(self, client, timeout):  # type: ignore[no-untyped-def]
+        await super().start(client, timeout)
+        # On imaginary GPUs the stand-in "uses" what the scheduler estimated (or `uses` says), split evenly.
+        if self.gpus is not None and self.pid is not None:
+            for index in self.placement.gpus:
+                self.gpus.allocate(self.pid, index, self.uses // len(self.placement.gpus))
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.gpus is not None and self.pid is not None:
+            self.gpus.free(self.pid)
+
+    @property
+    def uses(self) -> int:
+        return self.actual_bytes if self.actual_bytes is not None else self.spec.estimate
+
+    actual_bytes: int | None = None
+
 
 class StandinFactory:
     """A RunnerFactory for `Scheduler`; options are per model path ("alpha" for "alpha:latest"), and every
     runner it made is kept so that tests can count loads and find the processes."""
 
-    def __init__(self, options: dict[str, StandinOptions] | None = None) -> None:
+    def __init__(self, options: dict[str, StandinOptions] | None = None, gpus: StaticGpus | None = None,
+                 actual_bytes: dict[str, int] | None = None) -> None:
         self.options = options or {}
+        self.gpus = gpus
+        self.actual_bytes = actual_bytes or {}  # per model: what it "really" uses, unlike the estimate
         self.runners: list[StandinRunner] = []
 
-    def __call__(self, spec: LoadSpec, settings: Settings) -> StandinRunner:
+    def __call__(self, spec: LoadSpec, settings: Settings, placement: Placement = CPU) -> StandinRunner:
         path = spec.name.rpartition(":")[0] or spec.name
-        runner = StandinRunner(spec, settings, self.options.get(path, StandinOptions()))
+        runner = StandinRunner(spec, settings, self.options.get(path, StandinOptions()), placement, self.gpus)
+        runner.actual_bytes = self.actual_bytes.get(path)
         self.runners.append(runner)
         return runner
 

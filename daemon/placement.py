@@ -1,0 +1,105 @@
+"""Where a model goes: which GPUs, and for vLLM what share of each. Pure functions over a list of GPUs with
+the memory free for us now; the scheduler owns the bookkeeping and the eviction that makes room.
+
+Rules (in order):
+- no GPU at all: GGUF runs on the CPU; safetensors (vLLM) cannot run.
+- the single GPU with the most free memory that fits the model;
+- vLLM: tensor parallel over the fewest of 2, 4, 8 GPUs whose free memory each holds 1/n of the model;
+- GGUF: layers split over the fewest GPUs (most free first) that hold it together;
+- nothing fits now, but would fit on the GPUs if they were empty: None (the scheduler evicts or waits);
+- never fits: vLLM -> TooBig with the numbers; GGUF -> as many layers offloaded as fit, the rest on the CPU.
+Per-model pinning restricts the candidates to the GPUs named in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .gpus import Gpu
+
+GIB = 1 << 30
+MAX_FRACTION = 0.95  # vLLM's share of a GPU never takes the last 5% (CUDA context, other processes)
+
+
+class TooBig(Exception):
+    pass
+
+
+class NeedsGpu(TooBig):
+    """The engine cannot run on this machine at all (vLLM without a GPU)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """GPU indices (empty = CPU); for vLLM the share of each GPU's total it may take
+    (--gpu-memory-utilization); for llama.cpp how many layers go to the GPUs (-1 = all)."""
+
+    gpus: tuple[int, ...] = ()
+    memory_fraction: float | None = None
+    gpu_layers: int = -1
+    pipeline_parallel: int = 1  # > 1 only across machines (Ray)
+
+    @property
+    def processor(self) -> str:
+        if not self.gpus:
+            return "CPU"
+        if self.gpu_layers >= 0:
+            return "CPU/GPU " + ",".join(map(str, self.gpus))
+        return "GPU " + ",".join(map(str, self.gpus))
+
+
+CPU = Placement()
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...] | None = None,
+          layers: int | None = None) -> Placement | None:
+    """A placement for a model that needs `need` bytes; None when it does not fit now but would once
+    other models leave; TooBig when it never can."""
+    candidates = [g for g in gpus if pinned is None or g.index in pinned]
+    if pinned is not None and not candidates:
+        raise TooBig(f"the model is pinned to GPUs {list(pinned)}, which this machine does not have")
+    if not candidates:
+        if model_format == "gguf":
+            return CPU
+        raise NeedsGpu("safetensors models run on vLLM, which needs a GPU; this machine has none "
+                     "(pull the GGUF version of the model to run it on the CPU)")
+    by_free = sorted(candidates, key=lambda g: (-g.free, g.index))
+    if by_free[0].free >= need:
+        return _single(model_format, need, by_free[0])
+    if model_format == "gguf":
+        chosen, total = [], 0
+        for gpu in by_free:
+            chosen.append(gpu)
+            total += gpu.free
+            if total >= need:
+                return Placement(tuple(sorted(g.index for g in chosen)))
+        if sum(g.total for g in candidates) >= need:
+            return None  # fits once idle models leave
+        if not layers:
+            return CPU
+        offload = math.floor(layers * sum(g.free for g in candidates) / need)
+        return Placement(tuple(sorted(g.index for g in candidates)), gpu_layers=offload) if offload > 0 else CPU
+    for n in (2, 4, 8):
+        if n > len(candidates):
+            break
+        group = by_free[:n]
+        if all(g.free >= need / n for g in group):
+            share = need / n / min(g.total for g in group)
+            return Placement(tuple(sorted(g.index for g in group)), memory_fraction=min(share, MAX_FRACTION))
+    largest = max(n for n in (1, 2, 4, 8) if n <= len(candidates))
+    totals = sorted((g.total for g in candidates), reverse=True)[:largest]
+    if all(t * MAX_FRACTION >= need / largest for t in totals):
+        return None  # fits once idle models leave
+    raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the largest group of GPUs vLLM can use "
+                 f"({largest} x {_gib(min(totals))}) cannot hold it")
+
+
+def _single(model_format: str, need: int, gpu: Gpu) -> Placement:
+    if model_format == "gguf":
+        return Placement((gpu.index,))
+    return Placement((gpu.index,), memory_fraction=min(need / gpu.total, MAX_FRACTION))

@@ -1,0 +1,563 @@
+"""Our download engine: parallel Range parts, resumable across any interruption, verified, into the store.
+
+One file is cut into parts of `part_size` bytes; up to `connections` parts are fetched at once, each with its
+own `Range` request, written in place (pwrite) into one preallocated partial file in the store's tmp/ folder:
+
+    tmp/<key>.partial      the bytes, at their final offsets
+    tmp/<key>.parts.json   each part's start, end and how many of its bytes are on disk
+    tmp/<key>.lock         flock: one downloader per file, also across processes
+
+<key> is the expected sha256 (or `gitsha1-<hex>` for small Hugging Face files whose only hash is the git blob
+id). The state file is written only after the data it describes has been fsynced, so a pull stopped any way
+(Ctrl+C, kill -9, power loss) resumes from what is really on disk and never fetches those bytes again.
+
+Dropped connections, 5xx and 429 (honouring Retry-After) are retried with exponential backoff; so is a stall
+(no byte for `stall_timeout` seconds). Redirects are followed (the hubs send LFS files to a CDN). The finished
+file is hashed once, checked against the hub's sha256 (or git blob sha1), and renamed into blobs/sha256-<hex>;
+a mismatch fetches the file once more from scratch, then fails loudly. Blobs the store already has are not
+fetched; two pulls of one file in this process share one download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import email.utils
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .errors import PullError
+from .store import Store
+
+Progress = Callable[[int, int], None]  # (completed bytes, total bytes) of one file
+
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_WRITE_BUFFER = 1 << 20
+
+
+class TransferError(PullError):
+    http_status = 502
+
+
+class ChecksumMismatch(TransferError):
+    pass
+
+
+class DiskFull(TransferError):
+    http_status = 507
+
+
+class _Retry(Exception):
+    """A failure worth another attempt; `wait` is what the server asked for (Retry-After), if anything."""
+
+    def __init__(self, why: str, wait: float | None = None) -> None:
+        super().__init__(why)
+        self.wait = wait
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferOptions:
+    connections: int = 4  # parallel Range requests for one file
+    part_size: int = 32 << 20  # the unit of parallel work; resume is exact to the byte regardless
+    max_streams: int = 8  # Range requests in flight for all files of one Downloader together
+    retries: int = 8  # attempts of one part without any progress before the pull fails
+    backoff: float = 0.5  # first retry delay in seconds, doubled each attempt
+    max_backoff: float = 30.0
+    stall_timeout: float = 30.0  # seconds without a byte before the connection is dropped and retried
+    connect_timeout: float = 20.0
+    checkpoint_interval: float = 1.0  # seconds between fsync + state writes while downloading
+    max_retry_after: float = 120.0  # longest Retry-After honoured as given
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSpec:
+    """One file to fetch and what it must hash to."""
+
+    url: str
+    size: int
+    sha256: str | None  # hex
+    git_sha1: str | None  # hex, of "blob <size>\0" + data (Hugging Face non-LFS files)
+    label: str  # for messages: "hf.co/owner/repo/config.json"
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        if self.sha256:
+            return self.sha256
+        if self.git_sha1:
+            return f"gitsha1-{self.git_sha1}"
+        # The hub gave no hash: the file can only be checked by size; key it by its URL.
+        return "url-" + hashlib.sha256(self.url.encode()).hexdigest()[:40]
+
+
+def _is_disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(spec: FileSpec, partial: Path, e: OSError) -> DiskFull:
+    return DiskFull(
+        f"disk full while downloading {spec.label} ({spec.size} bytes) into {partial.parent}: {e.strerror}. "
+        "The bytes fetched so far are kept; free some space and pull again to resume."
+    )
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    if not value:
+        return None
+    try:
+        return min(cap, max(0.0, float(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return min(cap, max(0.0, when.timestamp() - time.time()))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclasses.dataclass
+class _Part:
+    start: int
+    end: int  # exclusive
+    done: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class _PartialFile:
+    """The partial file and its part state; everything about resuming lives here."""
+
+    def __init__(self, tmp_dir: Path, spec: FileSpec, part_size: int) -> None:
+        self.spec = spec
+        self.path = tmp_dir / f"{spec.key}.partial"
+        self.state_path = tmp_dir / f"{spec.key}.parts.json"
+        self._lock = threading.Lock()
+        self.parts = self._load() or self._fresh(part_size)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(self.fd).st_size != spec.size:
+                os.ftruncate(self.fd, spec.size)
+                if spec.size:
+                    try:
+                        # Reserve the space now, so that a full disk fails at once rather than after gigabytes.
+                        os.posix_fallocate(self.fd, 0, spec.size)
+                    except OSError as e:
+                        if _is_disk_full(e):
+                            raise
+                        # Filesystems without fallocate (EOPNOTSUPP) still work; they just fail later when full.
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _fresh(self, part_size: int) -> list[_Part]:
+        size = self.spec.size
+        parts = [_Part(s, min(s + part_size, size)) for s in range(0, size, part_size)]
+        self.path.unlink(missing_ok=True)
+        return parts
+
+    def _load(self) -> list[_Part] | None:
+        try:
+            state = json.loads(self.state_path.read_text())
+            if state.get("key") != self.spec.key or state.get("size") != self.spec.size or not self.path.exists():
+                return None
+            parts = [_Part(int(s), int(e), int(d)) for s, e, d in state["parts"]]
+            if any(not 0 <= p.done <= p.length for p in parts):
+                return None
+            return parts
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def completed(self) -> int:
+        return sum(p.done for p in self.parts)
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def checkpoint(self) -> None:
+        """Make the bytes counted so far durable, then record them. Thread-safe; called from worker threads too."""
+        with self._lock:
+            if self.fd < 0:
+                return
+            snapshot = [[p.start, p.end, p.done] for p in self.parts]  # taken before the fsync: never claims more
+            os.fdatasync(self.fd)
+            tmp = self.state_path.with_suffix(".tmp")
+            with tmp.open("w") as f:
+                json.dump({"key": self.spec.key, "size": self.spec.size, "url": self.spec.url, "parts": snapshot}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)
+
+
+def _hash_file(path: Path, size: int, want_sha1: bool) -> tuple[str, str | None]:
+    sha256 = hashlib.sha256()
+    sha1 = hashlib.sha1(b"blob %d\0" % size) if want_sha1 else None
+    with path.open("rb") as f:
+        while chunk := f.read(4 << 20):
+            sha256.update(chunk)
+            if sha1 is not None:
+                sha1.update(chunk)
+    return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
+
+
+def install_blob(store: Store, path: Path, digest: str) -> None:
+    """Move a verified file into blobs/ under its digest (what BlobWriter.commit does, without hashing again)."""
+    target = store.blob_path(digest)
+    if target.exists():
+        path.unlink(missing_ok=True)  # deduplicated: the store already had these bytes
+    else:
+        os.replace(path, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    os.utime(target)  # a fresh mtime keeps garbage collection's grace period from removing it before the manifest
+
+
+class _FileLock:
+    """flock on tmp/<key>.lock: one downloader per file across processes; the kernel frees it if we die."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    async def acquire(self, poll: float = 0.2) -> None:
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(poll)
+                # The holder before us removes the file when it is done; a lock on a removed file locks nothing.
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                        return
+            except BaseException:
+                os.close(self.fd)
+                self.fd = -1
+                raise
+            os.close(self.fd)
+            self.fd = -1
+
+    def release(self, remove: bool = False) -> None:
+        if self.fd >= 0:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclasses.dataclass
+class _Flight:
+    """A download in progress that several pulls may wait on."""
+
+    size: int
+    task: asyncio.Task[str] | None = None
+    completed: int = 0
+    listeners: list[Progress] = dataclasses.field(default_factory=list)
+    waiters: int = 0
+
+    def report(self, completed: int, total: int) -> None:
+        self.completed = completed
+        for listener in list(self.listeners):
+            listener(completed, total)
+
+
+class Downloader:
+    """Fetches files into one store. Make one per daemon and share it: it owns the HTTP connection pool, the
+    limit on parallel requests and the registry of downloads in flight (keyed by sha256)."""
+
+    def __init__(self, store: Store, options: TransferOptions | None = None,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.store = store
+        self.options = options or TransferOptions()
+        self._client = client
+        self._own_client = client is None
+        self._streams: asyncio.Semaphore | None = None
+        self._flights: dict[str, _Flight] = {}
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            o = self.options
+            self._client = httpx.AsyncClient(
+                follow_redirects=True,
+                # The read timeout is the stall timeout: httpx applies it to each wait for more bytes.
+                timeout=httpx.Timeout(connect=o.connect_timeout, read=o.stall_timeout, write=o.stall_timeout,
+                                      pool=None),
+                limits=httpx.Limits(max_connections=max(o.max_streams * 2, 8), max_keepalive_connections=o.max_streams),
+                trust_env=True,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        for flight in list(self._flights.values()):
+            if flight.task is not None:
+                flight.task.cancel()
+        if self._client is not None and self._own_client:
+            await self._client.aclose()
+            self._client = None
+
+    async def __aenter__(self) -> Downloader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- public ----------------------------------------------------------------------------------------------
+    async def fetch(self, spec: FileSpec, progress: Progress | None = None) -> str:
+        """Download (or find) one file; returns its digest "sha256:<hex>" once it is in the store's blobs."""
+        if spec.sha256 and self.store.has_blob(f"sha256:{spec.sha256}"):
+            if progress:
+                progress(spec.size, spec.size)
+            return f"sha256:{spec.sha256}"
+        flight = self._flights.get(spec.key)
+        if flight is None:
+            flight = _Flight(spec.size)
+            flight.task = asyncio.create_task(self._download(spec, flight), name=f"download {spec.label}")
+            self._flights[spec.key] = flight
+            flight.task.add_done_callback(functools.partial(self._landed, spec.key, flight))
+        task = flight.task
+        assert task is not None
+        if progress:
+            flight.listeners.append(progress)
+            progress(flight.completed, spec.size)
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not task.done():
+                # The last pull waiting on it gave up: stop downloading (what is on disk stays for a resume).
+                task.cancel()
+                if self._flights.get(spec.key) is flight:
+                    del self._flights[spec.key]
+            raise
+        finally:
+            if progress in flight.listeners:
+                flight.listeners.remove(progress)  # type: ignore[arg-type]
+
+    def _landed(self, key: str, flight: _Flight, task: asyncio.Task[str]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an error nobody awaits is not logged as lost
+
+    # -- one file --------------------------------------------------------------------------------------------
+    async def _download(self, spec: FileSpec, flight: _Flight) -> str:
+        tmp_dir = self.store.tmp_dir
+        lock = _FileLock(tmp_dir / f"{spec.key}.lock")
+        await lock.acquire()
+        success = False
+        try:
+            for attempt in (1, 2):
+                if spec.sha256 and self.store.has_blob(f"sha256:{spec.sha256}"):
+                    # Another process finished it while we waited, or we were stopped between the rename into
+                    # blobs/ and removing the state: either way only leftovers remain.
+                    for leftover in (f"{spec.key}.partial", f"{spec.key}.parts.json"):
+                        (tmp_dir / leftover).unlink(missing_ok=True)
+                    flight.report(spec.size, spec.size)
+                    success = True
+                    return f"sha256:{spec.sha256}"
+                try:
+                    partial = _PartialFile(tmp_dir, spec, self.options.part_size)
+                except OSError as e:
+                    if _is_disk_full(e):
+                        raise _disk_full(spec, tmp_dir / f"{spec.key}.partial", e) from None
+                    raise
+                try:
+                    await self._fill(spec, partial, flight)
+                    want_sha1 = spec.git_sha1 is not None
+                    sha256, sha1 = await asyncio.to_thread(_hash_file, partial.path, spec.size, want_sha1)
+                finally:
+                    partial.close()
+                problem = None
+                if spec.sha256 and sha256 != spec.sha256:
+                    problem = f"sha256 {sha256}, expected {spec.sha256}"
+                elif not spec.sha256 and spec.git_sha1 and sha1 != spec.git_sha1:
+                    problem = f"git blob sha1 {sha1}, expected {spec.git_sha1}"
+                if problem is None:
+                    await asyncio.to_thread(install_blob, self.store, partial.path, f"sha256:{sha256}")
+                    partial.state_path.unlink(missing_ok=True)
+                    success = True
+                    return f"sha256:{sha256}"
+                partial.discard()
+                if attempt == 2:
+                    raise ChecksumMismatch(
+                        f"{spec.label} ({spec.url}) failed verification twice: the downloaded bytes have {problem}. "
+                        "The hub or something between it and this machine is serving wrong data; try another "
+                        "source (MGR_HF_ENDPOINT, MGR_HF_MIRROR_ENDPOINT, MGR_MODELSCOPE_ENDPOINT) or later."
+                    )
+                flight.report(0, spec.size)  # starting over
+            raise AssertionError("unreachable")
+        finally:
+            lock.release(remove=success)
+
+    async def _fill(self, spec: FileSpec, partial: _PartialFile, flight: _Flight) -> None:
+        """Fetch every missing byte of the partial file; checkpoints on the way and on any exit."""
+        queue = [p for p in partial.parts if p.done < p.length]
+        flight.report(partial.completed, spec.size)
+
+        def advanced() -> None:
+            flight.report(partial.completed, spec.size)
+
+        async def worker() -> None:
+            while queue:
+                await self._fetch_part(spec, partial, queue.pop(0), advanced)
+
+        lock_path = partial.path.with_suffix(".lock")
+
+        async def checkpointer() -> None:
+            while True:
+                await asyncio.sleep(self.options.checkpoint_interval)
+                try:
+                    await asyncio.to_thread(partial.checkpoint)
+                    # The store's garbage collection removes tmp files untouched for an hour; keep the lock fresh.
+                    os.utime(lock_path)
+                except OSError:
+                    return  # the data writes report a full disk themselves; the final checkpoint retries once
+
+        ticker = asyncio.create_task(checkpointer())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.options.connections, len(queue))):
+                    group.create_task(worker())
+        except BaseExceptionGroup as group_error:
+            # Report the first real failure, not the group; the others are usually the same cause.
+            first = group_error.exceptions[0]
+            raise first from None
+        finally:
+            ticker.cancel()
+            try:
+                partial.checkpoint()  # synchronous: it must happen even when we are being cancelled
+            except OSError as e:
+                if not _is_disk_full(e):
+                    raise
+
+    async def _fetch_part(self, spec: FileSpec, partial: _PartialFile, part: _Part,
+                          advanced: Callable[[], None]) -> None:
+        o = self.options
+        if self._streams is None:
+            self._streams = asyncio.Semaphore(o.max_streams)
+        failures = 0
+        async with self._streams:
+            while part.done < part.length:
+                before = part.done
+                try:
+                    await self._stream_part(spec, partial, part, advanced)
+                    if part.done < part.length:
+                        raise _Retry(f"the connection closed after {part.done - before} bytes")
+                except (_Retry, httpx.TransportError) as e:
+                    failures = 0 if part.done > before else failures + 1
+                    if failures > o.retries:
+                        raise TransferError(
+                            f"giving up on {spec.label} after {o.retries} retries without progress: "
+                            f"{type(e).__name__}: {e}. Pull again to resume from byte {partial.completed}."
+                        ) from None
+                    wait = e.wait if isinstance(e, _Retry) and e.wait is not None else None
+                    if wait is None:
+                        wait = min(o.max_backoff, o.backoff * 2 ** max(failures - 1, 0)) * random.uniform(0.5, 1.0)
+                    await asyncio.sleep(wait)
+
+    async def _stream_part(self, spec: FileSpec, partial: _PartialFile, part: _Part,
+                           advanced: Callable[[], None]) -> None:
+        offset = part.start + part.done
+        headers = {**spec.headers, "Range": f"bytes={offset}-{part.end - 1}", "Accept-Encoding": "identity"}
+        async with self.client.stream("GET", spec.url, headers=headers) as response:
+            status = response.status_code
+            if status in _RETRY_STATUS:
+                wait = _retry_after(response.headers.get("Retry-After"), self.options.max_retry_after)
+                raise _Retry(f"HTTP {status}", wait)
+            skip = 0
+            if status == 206:
+                match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                if not match or int(match.group(1)) != offset:
+                    raise TransferError(f"{spec.label}: asked for bytes from {offset}, the server sent "
+                                        f"{response.headers.get('Content-Range')!r}")
+                if match.group(3) != "*" and int(match.group(3)) != spec.size:
+                    raise TransferError(f"{spec.label} is {match.group(3)} bytes on the server but {spec.size} in "
+                                        "the listing: the repo changed during the pull; pull again")
+            elif status == 200:
+                skip = offset  # the server ignored Range and sends the whole file: drop what we already have
+                length = response.headers.get("Content-Length")
+                if length is not None and int(length) != spec.size:
+                    raise TransferError(f"{spec.label} is {length} bytes on the server but {spec.size} in the "
+                                        "listing: the repo changed during the pull; pull again")
+            else:
+                body = (await response.aread())[:300].decode(errors="replace")
+                hint = " (gated or private: give a token)" if status in (401, 403) else ""
+                raise TransferError(f"{spec.label}: HTTP {status} from {response.url}{hint}: {body}")
+            buffer = bytearray()
+            buffer_at = offset
+            try:
+                async for chunk in response.aiter_raw():
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        chunk, skip = chunk[dropped:], skip - dropped
+                    room = part.length - part.done - len(buffer)
+                    chunk = chunk[:room]
+                    buffer += chunk
+                    if len(buffer) >= _WRITE_BUFFER or len(buffer) == part.length - part.done:
+                        self._flush(spec, partial, part, buffer, buffer_at)
+                        buffer_at, buffer = part.start + part.done, bytearray()
+                        advanced()
+                    if part.done + len(buffer) >= part.length:
+                        break
+            finally:
+                # Whatever arrived before a drop or a cancel is kept: it is on disk before it is counted.
+                if buffer:
+                    self._flush(spec, partial, part, buffer, buffer_at)
+                    advanced()
+
+    @staticmethod
+    def _flush(spec: FileSpec, partial: _PartialFile, part: _Part, buffer: bytearray, at: int) -> None:
+        try:
+            partial.write(at, bytes(buffer))
+        except OSError as e:
+            if _is_disk_full(e):
+                raise _disk_full(spec, partial.path, e) from None
+            raise
+        part.done += len(buffer)
+
+
+def partial_state(store: Store, key: str) -> dict[str, Any] | None:
+    """The recorded state of an interrupted download (for tests and `mgr` diagnostics)."""
+    try:
+        return json.loads((store.tmp_dir / f"{key}.parts.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,157 @@
+"""Placement: the pure rules (which GPUs, what share, when to wait, when to give up), then the scheduler
+placing stand-in runners on imaginary GPUs: most-free choice, pinning, eviction for memory, learning what a
+runner really uses, tensor parallelism and a clear error for a model too big for every GPU."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from mgr.daemon.config import ModelOverrides
+from mgr.daemon.errors import LoadFailed
+from mgr.daemon.gpus import Gpu, StaticGpus
+from mgr.daemon.memory import GGUF_COMPUTE_BUFFER, VLLM_OVERHEAD
+from mgr.daemon.placement import CPU, Placement, TooBig, place
+from mgr.daemon.scheduler import State
+from mgr.registry.store import Store
+from test_scheduler_policy import run, running, store, wait_until  # noqa: F401  (store: the fixture)
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def gpus(*free_gib: float, total_gib: float = 80) -> list[Gpu]:
+    return [Gpu(i, "H100", int(total_gib * GIB), int(f * GIB)) for i, f in enumerate(free_gib)]
+
+
+# the rules --------------------------------------------------------------------------------------------
+
+
+def test_no_gpu_means_cpu_for_gguf_and_an_error_for_vllm() -> None:
+    assert place("gguf", 4 * GIB, []) == CPU
+    with pytest.raises(TooBig, match="needs a GPU"):
+        place("safetensors", 4 * GIB, [])
+
+
+def test_the_single_gpu_with_most_free_memory_that_fits() -> None:
+    assert place("gguf", 10 * GIB, gpus(20, 60, 40)) == Placement((1,))
+    vllm = place("safetensors", 20 * GIB, gpus(20, 60, 40))
+    assert vllm is not None and vllm.gpus == (1,) and vllm.memory_fraction == pytest.approx(0.25)
+
+
+def test_pinning_limits_the_choice() -> None:
+    assert place("gguf", 10 * GIB, gpus(20, 60, 40), pinned=(0, 2)) == Placement((2,))
+    with pytest.raises(TooBig, match="pinned to GPUs \\[5\\]"):
+        place("gguf", 1 * GIB, gpus(20), pinned=(5,))
+
+
+def test_vllm_tensor_parallel_over_the_fewest_gpus_that_fit() -> None:
+    two = place("safetensors", 100 * GIB, gpus(70, 70, 70, 70))
+    assert two is not None and two.gpus == (0, 1) and two.memory_fraction == pytest.approx(50 / 80)
+    four = place("safetensors", 200 * GIB, gpus(60, 60, 60, 60))
+    assert four is not None and four.gpus == (0, 1, 2, 3)
+    with pytest.raises(TooBig, match=r"needs about 400\.0 GiB.*4 x 80\.0 GiB"):
+        place("safetensors", 400 * GIB, gpus(80, 80, 80, 80))
+
+
+def test_gguf_splits_layers_then_offloads_part_then_waits() -> None:
+    assert place("gguf", 100 * GIB, gpus(70, 20, 50)) == Placement((0, 2))
+    partial = place("gguf", 300 * GIB, gpus(80, 70), layers=40)
+    assert partial == Placement((0, 1), gpu_layers=20) and partial.processor == "CPU/GPU 0,1"
+    assert place("gguf", 300 * GIB, gpus(1, 1), layers=40) == CPU
+
+
+def test_none_when_it_would_fit_after_other_models_leave() -> None:
+    assert place("gguf", 50 * GIB, gpus(10, 10)) is None
+    assert place("safetensors", 50 * GIB, gpus(10)) is None
+
+
+# the scheduler on imaginary GPUs ----------------------------------------------------------------------
+TINY_GGUF_NEED = GGUF_COMPUTE_BUFFER  # the test GGUFs have no KV heads, so their estimate is the buffer + bytes
+
+
+def test_models_go_to_the_gpu_with_most_free_memory(store: Store, tmp_path: Path) -> None:
+    cards = StaticGpus([400 * MIB, 300 * MIB])
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, gpus=cards) as h:
+            (await h.scheduler.acquire("alpha")).release()
+            (await h.scheduler.acquire("beta")).release()
+            assert h.instance("alpha").placement.gpus == (0,)
+            assert h.instance("beta").placement.gpus == (1,)  # GPU 0 has ~144 MiB left, GPU 1 has 300
+            used = {i: sum(a.get(i, 0) for a in cards.allocations.values()) for i in (0, 1)}
+            assert used[0] >= TINY_GGUF_NEED and used[1] >= TINY_GGUF_NEED
+
+    run(scenario)
+
+
+def test_pinned_model_goes_where_the_config_says(store: Store, tmp_path: Path) -> None:
+    cards = StaticGpus([800 * MIB, 400 * MIB])
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, gpus=cards,
+                           models={"alpha:latest": ModelOverrides(gpus=(1,))}) as h:
+            (await h.scheduler.acquire("alpha")).release()
+            assert h.instance("alpha").placement.gpus == (1,)
+
+    run(scenario)
+
+
+def test_idle_model_evicted_for_memory_busy_one_never(store: Store, tmp_path: Path) -> None:
+    cards = StaticGpus([300 * MIB])  # room for one tiny model at a time
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, gpus=cards, max_loaded_models=5) as h:
+            busy = await h.scheduler.acquire("alpha")
+            waiting = __import__("asyncio").ensure_future(h.scheduler.acquire("beta"))
+            await wait_until(lambda: "beta" in h.loaded())
+            assert h.loaded() == {"alpha": State.READY, "beta": State.PENDING}  # alpha is busy: kept
+            busy.release()  # idle now: evicted for beta's memory
+            lease = await waiting
+            assert lease.instance.placement.gpus == (0,) and "alpha" not in h.loaded()
+            assert all(cards.used_by(pid) == {} for pid in h.factory.pids("alpha"))
+            lease.release()
+
+    run(scenario)
+
+
+def test_what_a_runner_really_uses_replaces_the_estimate(store: Store, tmp_path: Path) -> None:
+    cards = StaticGpus([1000 * MIB])
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, gpus=cards, actual_bytes={"alpha": 100 * MIB}) as h:
+            first = h.scheduler.spec_for("alpha")
+            assert first.estimate > TINY_GGUF_NEED - MIB
+            (await h.scheduler.acquire("alpha")).release()
+            assert h.instance("alpha").measured == {0: 100 * MIB}
+            assert h.scheduler.spec_for("alpha").estimate == 100 * MIB  # learned
+
+    run(scenario)
+
+
+def _safetensors_model(store: Store, tmp_path: Path, name: str) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    header = json.dumps({"w": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    store.create(name, {"config.json": store.import_file(config),
+                        "model.safetensors": store.import_file(weights)}, {"test": "placement"})
+
+
+def test_vllm_model_tensor_parallel_and_too_big(store: Store, tmp_path: Path) -> None:
+    _safetensors_model(store, tmp_path, "vl")
+    need = VLLM_OVERHEAD  # the tiny safetensors model: overhead dominates
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, gpus=StaticGpus([int(need * 0.6)] * 4)) as h:
+            (await h.scheduler.acquire("vl")).release()
+            assert h.instance("vl").placement.gpus == (0, 1)  # half the model on each of two GPUs
+        async with running(store, tmp_path, gpus=StaticGpus([int(need * 0.1)] * 2)) as h:
+            with pytest.raises(LoadFailed, match="needs about 2.0 GiB"):
+                await h.scheduler.acquire("vl")
+
+    run(scenario)
