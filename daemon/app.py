@@ -21,6 +21,8 @@ from .api.ollama import OllamaApi
 from .api.openai import OpenAIApi, openai_error_body
 from .config import Settings
 from .errors import ApiError, ClientGone
+from .gpus import NvmlGpus
+from .pulls import Pulls
 from .scheduler import RunnerFactory, Scheduler
 from .runners.engines import make_runner
 
@@ -56,7 +58,9 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner) 
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
     )
     store = Store(settings.models_dir)
-    scheduler = Scheduler(settings, store, client, runner_factory)
+    gpus = NvmlGpus()
+    scheduler = Scheduler(settings, store, client, runner_factory, gpus)
+    pulls = Pulls(store, settings, gpus)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -66,10 +70,11 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner) 
             yield
         finally:
             await scheduler.shutdown()
+            await pulls.aclose()
             await client.aclose()
 
     app = Starlette(
-        routes=OllamaApi(scheduler, store, client).routes() + OpenAIApi(scheduler, store, client).routes(),
+        routes=OllamaApi(scheduler, store, client, pulls).routes() + OpenAIApi(scheduler, store, client).routes(),
         exception_handlers={Exception: _render_error, ApiError: _render_error, ModelNotFound: _render_error,
                             InvalidName: _render_error, InvalidModel: _render_error},
         lifespan=lifespan,

@@ -57,6 +57,14 @@ class Settings:
     vllm_python: str | None = None
     # A Ray cluster for models that fit no single machine (vLLM --distributed-executor-backend ray).
     ray_address: str | None = None
+    # Hubs: the order a short name tries them, their endpoints, and tokens (never sent to another hub).
+    sources: tuple[str, ...] = ("hf", "hf-mirror", "modelscope")
+    hf_endpoint: str = "https://huggingface.co"
+    hf_mirror_endpoint: str = "https://hf-mirror.com"
+    modelscope_endpoint: str = "https://modelscope.cn"
+    hf_token: str | None = None
+    hf_mirror_token: str | None = None
+    modelscope_token: str | None = None
     models: Mapping[str, ModelOverrides] = dataclasses.field(default_factory=dict)
 
     @property
@@ -133,20 +141,43 @@ def _positive_int(value: Any, setting: str) -> int:
     return number
 
 
-# setting name -> (environment variable, parser)
-_FIELDS: dict[str, tuple[str, Any]] = {
-    "host": ("MGR_HOST", str),
-    "models_dir": ("MGR_MODELS", lambda v, s: Path(v).expanduser()),
-    "state_dir": ("MGR_STATE_DIR", lambda v, s: Path(v).expanduser()),
-    "keep_alive": ("MGR_KEEP_ALIVE", parse_duration),
-    "num_parallel": ("MGR_NUM_PARALLEL", _positive_int),
-    "max_loaded_models": ("MGR_MAX_LOADED_MODELS", _positive_int),
-    "max_queue": ("MGR_MAX_QUEUE", _positive_int),
-    "load_timeout": ("MGR_LOAD_TIMEOUT", parse_duration),
-    "num_ctx": ("MGR_CONTEXT_LENGTH", _positive_int),
-    "num_thread": ("MGR_NUM_THREAD", _positive_int),
-    "vllm_python": ("MGR_VLLM_PYTHON", str),
-    "ray_address": ("MGR_RAY_ADDRESS", str),
+def _sources(value: Any, setting: str) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(str(v).strip() for v in items if str(v).strip())
+    unknown = [n for n in names if n not in ("hf", "hf-mirror", "modelscope")]
+    if not names or unknown:
+        raise ConfigError(f"{setting}: expected a list of hf, hf-mirror, modelscope, got {value!r}")
+    return names
+
+
+def _endpoint(value: Any, setting: str) -> str:
+    text = str(value).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(f"{setting}: expected a URL such as https://huggingface.co, got {value!r}")
+    return text
+
+
+# setting name -> (environment variables, first set wins; parser)
+_FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "host": (("MGR_HOST",), str),
+    "models_dir": (("MGR_MODELS",), lambda v, s: Path(v).expanduser()),
+    "state_dir": (("MGR_STATE_DIR",), lambda v, s: Path(v).expanduser()),
+    "keep_alive": (("MGR_KEEP_ALIVE",), parse_duration),
+    "num_parallel": (("MGR_NUM_PARALLEL",), _positive_int),
+    "max_loaded_models": (("MGR_MAX_LOADED_MODELS",), _positive_int),
+    "max_queue": (("MGR_MAX_QUEUE",), _positive_int),
+    "load_timeout": (("MGR_LOAD_TIMEOUT",), parse_duration),
+    "num_ctx": (("MGR_CONTEXT_LENGTH",), _positive_int),
+    "num_thread": (("MGR_NUM_THREAD",), _positive_int),
+    "vllm_python": (("MGR_VLLM_PYTHON",), str),
+    "ray_address": (("MGR_RAY_ADDRESS",), str),
+    "sources": (("MGR_SOURCES",), _sources),
+    "hf_endpoint": (("MGR_HF_ENDPOINT", "HF_ENDPOINT"), _endpoint),
+    "hf_mirror_endpoint": (("MGR_HF_MIRROR_ENDPOINT",), _endpoint),
+    "modelscope_endpoint": (("MGR_MODELSCOPE_ENDPOINT",), _endpoint),
+    "hf_token": (("MGR_HF_TOKEN", "HF_TOKEN"), str),
+    "hf_mirror_token": (("MGR_HF_MIRROR_TOKEN",), str),
+    "modelscope_token": (("MGR_MODELSCOPE_TOKEN", "MODELSCOPE_API_TOKEN"), str),
 }
 
 
@@ -215,8 +246,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, 
         if key not in _FIELDS:
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}")
         values[key] = _parse(key, raw)
-    for key, (variable, _) in _FIELDS.items():
-        if env.get(variable):
+    for key, (variables, _) in _FIELDS.items():
+        variable = next((v for v in variables if env.get(v)), None)
+        if variable is not None:
             values[key] = _parse(key, env[variable])
     for key, raw in (overrides or {}).items():
         if raw is not None:

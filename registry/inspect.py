@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .gguf_header import GGUFError, read_header
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -35,31 +37,15 @@ def is_gguf(path: Path) -> bool:
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
     """Details and model_info of a GGUF file; InvalidModel when it is not a readable GGUF."""
-    if not is_gguf(path):
-        raise InvalidModel(f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    import gguf  # heavy (numpy); only the daemon needs it
-
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises assorted errors on truncated or corrupt headers
-        raise InvalidModel(f"{path.name} is not a readable GGUF file: {e}") from None
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        try:
-            return f.contents()
-        except Exception:
-            return None
-
+        header = read_header(path)
+    except GGUFError as e:
+        raise InvalidModel(f"{path.name} is not a GGUF file ({e})" if "magic" not in str(e) else
+                           f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes)") from None
+    field = header.metadata.get
     arch = field("general.architecture") or "unknown"
-    parameters = sum(int(t.n_elements) for t in reader.tensors)
+    parameters = header.parameter_count
     file_type = field("general.file_type")
-    try:
-        quant = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else ""
-    except ValueError:
-        quant = f"type {file_type}"
     model_info: dict[str, Any] = {
         "general.architecture": arch,
         "general.name": field("general.name"),
@@ -79,11 +65,22 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
             "family": arch,
             "families": [arch],
             "parameter_size": field("general.size_label") or _size_label(parameters),
-            "quantization_level": quant,
+            "quantization_level": _file_type_name(file_type),
         },
         "model_info": model_info,
         "template": field("tokenizer.chat_template") or "",
     }
+
+
+def _file_type_name(file_type: Any) -> str:
+    if file_type is None:
+        return ""
+    import gguf  # its enum names llama.cpp's file types; numpy comes along, which only the daemon pays
+
+    try:
+        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"type {file_type}"
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

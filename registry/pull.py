@@ -169,7 +169,7 @@ async def pull(
     UnknownModel, RepoNotFound, AccessDenied, SourceUnreachable, TagNotFound, NoModelFiles, TransferError,
     ChecksumMismatch, DiskFull; InvalidModel (from the store) when the files are not a loadable model.
     """
-    config = sources or SourceConfig.from_env()
+    config = sources or SourceConfig()
     events = _Events(progress)
     await events.emit({"status": "pulling manifest"})
     ref = parse_reference(reference)

@@ -80,29 +80,14 @@ class SourceConfig:
     order: tuple[Source, ...] = SOURCES
     list_timeout: float = LIST_TIMEOUT
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> SourceConfig:
-        env = os.environ if env is None else env
-        order = tuple(s.strip() for s in env.get("MGR_SOURCES", ",".join(SOURCES)).split(",") if s.strip())
-        unknown = [s for s in order if s not in SOURCES]
-        if unknown:
-            raise ValueError(f"MGR_SOURCES names unknown sources {unknown}; use a list of {', '.join(SOURCES)}")
-        return cls(
-            hf_endpoint=env.get("MGR_HF_ENDPOINT") or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINTS["hf"],
-            hf_mirror_endpoint=env.get("MGR_HF_MIRROR_ENDPOINT") or DEFAULT_ENDPOINTS["hf-mirror"],
-            modelscope_endpoint=env.get("MGR_MODELSCOPE_ENDPOINT") or DEFAULT_ENDPOINTS["modelscope"],
-            hf_token=env.get("MGR_HF_TOKEN") or env.get("HF_TOKEN") or _saved_hf_token(),
-            hf_mirror_token=env.get("MGR_HF_MIRROR_TOKEN") or None,
-            modelscope_token=env.get("MGR_MODELSCOPE_TOKEN") or env.get("MODELSCOPE_API_TOKEN") or None,
-            order=order,  # type: ignore[arg-type]
-        )
-
     def endpoint(self, source: Source) -> str:
         value = {"hf": self.hf_endpoint, "hf-mirror": self.hf_mirror_endpoint, "modelscope": self.modelscope_endpoint}
         return value[source].rstrip("/")
 
     def token(self, source: Source) -> str | None:
-        return {"hf": self.hf_token, "hf-mirror": self.hf_mirror_token, "modelscope": self.modelscope_token}[source]
+        if source == "hf":
+            return self.hf_token or _saved_hf_token()  # a user logged in with `hf auth login` needs nothing more
+        return {"hf-mirror": self.hf_mirror_token, "modelscope": self.modelscope_token}[source]
 
     def download_headers(self, source: Source) -> dict[str, str]:
         token = self.token(source)

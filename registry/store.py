@@ -38,6 +38,8 @@ _FILE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
 # Uploaded blobs that no manifest names yet survive garbage collection this long, so that a client
 # between `POST /api/blobs` and `POST /api/create` does not lose its upload.
 UPLOAD_GRACE_SECONDS = 3600.0
+# A pull's partial download (tmp/<key>.partial + .parts.json) can be resumed: never delete one younger than this.
+RESUMABLE_GRACE_SECONDS = 86400.0
 
 
 class ModelNotFound(LookupError):
@@ -192,6 +194,21 @@ class Store:
     def begin_blob(self) -> BlobWriter:
         return BlobWriter(self)
 
+    def adopt_blob(self, path: Path, digest: str) -> None:
+        """Move a file already verified to hash to `digest` into blobs/ (a pull hashes while it downloads,
+        so this does not hash again)."""
+        target = self.blob_path(digest)
+        if target.exists():
+            path.unlink(missing_ok=True)  # deduplicated: the store already had these bytes
+        else:
+            os.replace(path, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename survives a power loss
+            finally:
+                os.close(dir_fd)
+        os.utime(target)  # restart its grace period: the manifest that names it comes next
+
     def import_file(self, path: Path) -> str:
         writer = self.begin_blob()
         try:
@@ -309,8 +326,11 @@ class Store:
                 if digest not in referenced and path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
                     removed.append(digest)
+            resumable_cutoff = time.time() - max(grace_seconds, RESUMABLE_GRACE_SECONDS)
             for path in self.tmp_dir.iterdir():
-                if path.stat().st_mtime < cutoff:
+                stem = path.name.split(".")[0]
+                resumable = (self.tmp_dir / f"{stem}.parts.json").exists()
+                if path.stat().st_mtime < (resumable_cutoff if resumable else cutoff):
                     path.unlink(missing_ok=True)
             return removed
 

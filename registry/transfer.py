@@ -231,21 +231,6 @@ def _hash_file(path: Path, size: int, want_sha1: bool) -> tuple[str, str | None]
     return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
 
 
-def install_blob(store: Store, path: Path, digest: str) -> None:
-    """Move a verified file into blobs/ under its digest (what BlobWriter.commit does, without hashing again)."""
-    target = store.blob_path(digest)
-    if target.exists():
-        path.unlink(missing_ok=True)  # deduplicated: the store already had these bytes
-    else:
-        os.replace(path, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    os.utime(target)  # a fresh mtime keeps garbage collection's grace period from removing it before the manifest
-
-
 class _FileLock:
     """flock on tmp/<key>.lock: one downloader per file across processes; the kernel frees it if we die."""
 
@@ -412,7 +397,7 @@ class Downloader:
                 elif not spec.sha256 and spec.git_sha1 and sha1 != spec.git_sha1:
                     problem = f"git blob sha1 {sha1}, expected {spec.git_sha1}"
                 if problem is None:
-                    await asyncio.to_thread(install_blob, self.store, partial.path, f"sha256:{sha256}")
+                    await asyncio.to_thread(self.store.adopt_blob, partial.path, f"sha256:{sha256}")
                     partial.state_path.unlink(missing_ok=True)
                     success = True
                     return f"sha256:{sha256}"

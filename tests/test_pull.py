@@ -31,7 +31,6 @@ from mgr.registry.transfer import ChecksumMismatch, DiskFull, Downloader, Transf
 sys.path.insert(0, str(Path(__file__).parent))
 from fakehub import FakeHub, dead_endpoint, safetensors_repo_files, tiny_gguf
 
-REAL_GGUF = Path(os.environ.get("MGR_TEST_GGUF", "/root/.cache/mgr-test/SmolLM2-135M-Instruct.Q4_1.gguf"))
 FAST = TransferOptions(backoff=0.02, max_backoff=0.2, stall_timeout=0.5, connect_timeout=2, checkpoint_interval=0.05)
 ST_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"}
 
@@ -443,13 +442,12 @@ def test_pull_events_iterates_and_raises(config: SourceConfig, store: Store) -> 
         asyncio.run(collect("hf.co/test/tiny-GGUF:Q2_K"))
 
 
-@pytest.mark.skipif(not REAL_GGUF.is_file(), reason=f"no real GGUF at {REAL_GGUF} (set MGR_TEST_GGUF)")
-def test_real_gguf_end_to_end(hub: FakeHub, config: SourceConfig, store: Store) -> None:
+def test_real_gguf_end_to_end(hub: FakeHub, config: SourceConfig, store: Store, gguf_path: Path) -> None:
     hub.add_repo("hf", "test/SmolLM2-135M-Instruct-GGUF",
-                 {"SmolLM2-135M-Instruct.Q4_1.gguf": REAL_GGUF, "SmolLM2-135M-Instruct.Q8_0.gguf": b"x" * 2000})
+                 {"SmolLM2-135M-Instruct.Q4_1.gguf": gguf_path, "SmolLM2-135M-Instruct.Q8_0.gguf": b"x" * 2000})
     options = TransferOptions(part_size=16 << 20, connections=4)
     manifest, events = run_pull(store, "hf.co/test/SmolLM2-135M-Instruct-GGUF:Q4_1", config, transfer=options)
-    size = REAL_GGUF.stat().st_size
+    size = gguf_path.stat().st_size
     assert manifest.files[0].size == size and hub.bytes_served("SmolLM2-135M-Instruct.Q4_1.gguf") == size
     assert manifest.details["family"] == "llama" and manifest.details["quantization_level"] == "Q4_1"
     ranges = [path for method, path in hub.requests if "/cdn/" in path]

@@ -157,16 +157,20 @@ def test_catalog_from_toml_is_checked() -> None:
         Catalog.from_toml('[latest]\n"t" = "2m"\n')
 
 
-def test_source_config_from_env() -> None:
-    config = SourceConfig.from_env({"HF_ENDPOINT": "http://h", "MGR_HF_ENDPOINT": "http://m/",
-                                    "MGR_SOURCES": "modelscope,hf", "HF_TOKEN": "t"})
+def test_source_config_from_settings() -> None:
+    from mgr.daemon.config import ConfigError, load_settings
+    from mgr.daemon.pulls import source_config
+
+    settings = load_settings(env={"HF_ENDPOINT": "http://h", "MGR_HF_ENDPOINT": "http://m/", "MGR_CONFIG": "/none",
+                                  "MGR_SOURCES": "modelscope,hf", "HF_TOKEN": "t"})
+    config = source_config(settings)
     assert config.endpoint("hf") == "http://m" and config.order == ("modelscope", "hf")
     assert config.endpoint("hf-mirror") == "https://hf-mirror.com"
     assert config.endpoint("modelscope") == "https://modelscope.cn"
     assert config.download_headers("hf")["Authorization"] == "Bearer t"
     assert "Authorization" not in config.download_headers("hf-mirror")  # the HF token never goes to the mirror
-    with pytest.raises(ValueError, match="unknown sources"):
-        SourceConfig.from_env({"MGR_SOURCES": "hf,civitai"})
+    with pytest.raises(ConfigError, match="hf, hf-mirror, modelscope"):
+        load_settings(env={"MGR_SOURCES": "hf,civitai", "MGR_CONFIG": "/none"})
 
 
 # -- GGUF quantization choice ------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from mgr.registry.errors import PullError
 from mgr.registry.inspect import InvalidModel
 from mgr.registry.store import BlobNotFound, DigestMismatch, Store, check_digest
 
 from ..errors import ApiError, BadRequest
+from ..pulls import Pulls
 from ..scheduler import Instance, Lease, Scheduler
 from ..version import VERSION
 from .common import (
@@ -66,10 +68,11 @@ def _stream_flag(body: dict[str, Any]) -> bool:
 
 
 class OllamaApi:
-    def __init__(self, scheduler: Scheduler, store: Store, client: httpx.AsyncClient) -> None:
+    def __init__(self, scheduler: Scheduler, store: Store, client: httpx.AsyncClient, pulls: Pulls) -> None:
         self.scheduler = scheduler
         self.store = store
         self.client = client
+        self.pulls = pulls
 
     def routes(self) -> list[Route]:
         return [
@@ -84,6 +87,7 @@ class OllamaApi:
             Route("/api/copy", self.copy, methods=["POST"]),
             Route("/api/create", self.create, methods=["POST"]),
             Route("/api/blobs/{digest}", self.blob, methods=["HEAD", "POST"]),
+            Route("/api/pull", self.pull, methods=["POST"]),
             Route("/api/embed", self.embed, methods=["POST"]),
             Route("/api/embeddings", self.embeddings, methods=["POST"]),
         ]
@@ -178,6 +182,34 @@ class OllamaApi:
             writer.abort()
             raise
         return Response(status_code=201)
+
+    async def pull(self, request: Request) -> Response:
+        body = await read_json(request)
+        reference = body.get("model") or require_str(body, "name")
+        stream = _stream_flag(body)
+        events = self.pulls.events(reference)
+        # Read ahead until the repo is listed, so that a bad reference, a missing repo or tag, or a gated
+        # repo gets its own status (400/404/401/403) rather than an error line under a 200.
+        head: list[dict[str, Any]] = []
+        try:
+            async for event in events:
+                head.append(event)
+                if "digest" in event or event.get("status") in ("writing manifest", "success"):
+                    break
+        except PullError as e:
+            raise ApiError(str(e), e.http_status) from None
+        except InvalidModel as e:
+            raise BadRequest(str(e)) from None
+        if not stream:
+            try:
+                async for event in events:
+                    pass
+            except PullError as e:
+                raise ApiError(str(e), e.http_status) from None
+            except InvalidModel as e:
+                raise BadRequest(str(e)) from None
+            return JSONResponse({"status": "success"})
+        return CleanupStreamingResponse(_pull_lines(head, events), NDJSON, [events.aclose])
 
     async def create(self, request: Request) -> Response:
         body = await read_json(request)
@@ -407,6 +439,16 @@ def _json_object(text: str) -> Any:
         return json.loads(text) if text else {}
     except ValueError:
         return {"arguments": text}
+
+
+async def _pull_lines(head: list[dict[str, Any]], events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    for event in head:
+        yield json.dumps(event).encode() + b"\n"
+    try:
+        async for event in events:
+            yield json.dumps(event).encode() + b"\n"
+    except (PullError, InvalidModel) as e:
+        yield json.dumps({"error": str(e)}).encode() + b"\n"
 
 
 async def _ndjson(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
