@@ -9,7 +9,10 @@ States of a model instance and what moves it (the table in DESIGN.md is the same
     LOADING   --runner /health answers 200-->                                READY
     LOADING   --runner exits, load_timeout, engine missing-->                FAILED
     READY     --keep_alive expires while idle, unload, evicted, reload--> UNLOADING
-    READY     --runner process exits (crash)-->                             (gone; its queue moves to a new PENDING)
+    READY     --keep_alive expires while idle, or evicted, and it can sleep-> SLEEPING (vLLM warm tier)
+    SLEEPING  --a request arrives and its GPUs have room again-->            WAKING --woken--> READY
+    SLEEPING  --evicted for memory, unload-->                               UNLOADING
+    READY/SLEEPING/WAKING --runner process exits (crash)-->                 (gone; its queue moves to a new PENDING)
     UNLOADING --process group gone-->                                       (gone)
     FAILED    --backoff elapsed and a new request arrives-->                (replaced by a new PENDING)
 
@@ -31,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 
 import httpx
+import psutil
 
 from mgr.registry.store import Store
 
@@ -54,6 +58,8 @@ class State(enum.Enum):
     PENDING = "pending"
     LOADING = "loading"
     READY = "ready"
+    SLEEPING = "sleeping"  # vLLM sleep mode: weights in host RAM (level 1) or dropped (level 2)
+    WAKING = "waking"
     UNLOADING = "unloading"
     FAILED = "failed"
 
@@ -74,6 +80,8 @@ class Instance:
         self.runner: Runner | None = None
         self.placement: Placement = CPU
         self.measured: dict[int, int] = {}  # GPU index -> bytes its processes really use (NVML)
+        self.transition: asyncio.Task[None] | None = None  # a sleep in flight
+        self.sleep_level = 0
         self.active = 0
         self.queue: deque[Waiter] = deque()
         self.keep_alive = 0.0
@@ -225,7 +233,7 @@ class Scheduler:
         if instance is None or instance.state is State.FAILED:
             return False
         instance.keep_alive = 0.0
-        if instance.idle:
+        if instance.idle or self._asleep(instance):
             self._begin_unload(instance)
             await instance.unloaded.wait()
         return True
@@ -251,8 +259,9 @@ class Scheduler:
                 self._start_loads()  # an idle runner can now be evicted for a pending load
 
     def _advance(self, instance: Instance) -> None:
-        """Hand free slots of a READY instance to its queue, in order; start loads for PENDING ones."""
-        if instance.state is State.PENDING:
+        """Hand free slots of a READY instance to its queue, in order; start loads for PENDING ones and
+        wake SLEEPING ones."""
+        if instance.state in (State.PENDING, State.SLEEPING):
             self._start_loads()
             return
         if instance.state is not State.READY:
@@ -286,18 +295,37 @@ class Scheduler:
     def _expire(self, instance: Instance) -> None:
         instance.expiry = None
         if instance.idle:
-            log.info("%s: keep_alive expired, unloading", instance.spec.name)
+            log.info("%s: keep_alive expired", instance.spec.name)
+            self._retire(instance)
+
+    def _retire(self, instance: Instance) -> None:
+        """Take an idle runner off its GPU: to sleep when its engine can (it wakes in well under a second
+        where a cold start takes a minute or more), else unloaded."""
+        if self._can_sleep(instance):
+            self._begin_sleep(instance)
+        else:
             self._begin_unload(instance)
 
+    def _can_sleep(self, instance: Instance) -> bool:
+        return bool(instance.placement.gpus) and getattr(instance.runner, "supports_sleep", False)
+
+    @staticmethod
+    def _asleep(instance: Instance) -> bool:
+        """Asleep and settled: no sleep in flight, nobody waiting for it to wake."""
+        return instance.state is State.SLEEPING and instance.transition is None and not instance.queue
+
     def _live_count(self) -> int:
-        return sum(1 for i in self.instances.values() if i.state in (State.LOADING, State.READY))
+        awake = (State.LOADING, State.READY, State.WAKING)
+        return sum(1 for i in self.instances.values() if i.state in awake)
 
     def _start_loads(self) -> None:
         """Start PENDING loads in arrival order while there is room: under max_loaded_models and in GPU
         memory. Room is made by evicting idle runners, least recently used first; a busy runner is never
         evicted, and the load then waits."""
         promised = len(self.unloading)  # slots and memory that come back when those runners are gone
-        for instance in [i for i in self.instances.values() if i.state is State.PENDING]:
+        waiting = [i for i in self.instances.values() if i.state is State.PENDING
+                   or (i.state is State.SLEEPING and i.queue and i.transition is None)]
+        for instance in waiting:
             if not instance.queue:
                 self._forget(instance)
                 continue
@@ -309,39 +337,111 @@ class Scheduler:
                     return
                 continue
             spec = instance.spec
-            try:
-                placement = place(spec.format, spec.estimate, self._free_gpus(), spec.pinned, spec.layers)
-            except TooBig as e:
-                error = EngineUnavailable(str(e)) if isinstance(e, NeedsGpu) else LoadFailed(str(e))
-                self._fail(instance, str(e), error)
-                continue
+            if instance.state is State.SLEEPING:  # it can only wake where its process lives
+                placement: Placement | None = instance.placement if self._fits_again(instance) else None
+            else:
+                try:
+                    placement = place(spec.format, spec.estimate, self._free_gpus(), spec.pinned, spec.layers)
+                except TooBig as e:
+                    error = EngineUnavailable(str(e)) if isinstance(e, NeedsGpu) else LoadFailed(str(e))
+                    self._fail(instance, str(e), error)
+                    continue
             if placement is None:  # fits only once other models leave the GPUs
-                if self.unloading:
-                    return
-                if not self._evict_one(lambda i: bool(i.placement.gpus)):
+                if self.unloading or any(i.transition is not None for i in self.instances.values()):
+                    return  # memory is on its way back
+                if not self._evict_one(lambda i: bool(i.placement.gpus) and i is not instance):
                     return
                 continue
-            self._begin_load(instance, placement)
+            if instance.state is State.SLEEPING:
+                self._begin_wake(instance)
+            else:
+                self._begin_load(instance, placement)
 
     def _evict_one(self, eligible: Callable[[Instance], bool]) -> bool:
+        """Make room: the least recently used idle runner goes to sleep (or is unloaded when it cannot
+        sleep); only when no awake runner is idle does a sleeping one give up its process."""
         idle = [i for i in self.instances.values() if i.idle and eligible(i)]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda i: i.last_used)
-        log.info("%s: evicted (least recently used) to make room", victim.spec.name)
-        self._begin_unload(victim)
-        return True
+        if idle:
+            victim = min(idle, key=lambda i: i.last_used)
+            log.info("%s: evicted (least recently used) to make room", victim.spec.name)
+            self._retire(victim)
+            return True
+        asleep = [i for i in self.instances.values() if self._asleep(i) and eligible(i)]
+        if asleep:
+            victim = min(asleep, key=lambda i: i.last_used)
+            log.info("%s: asleep and least recently used: unloaded to make room", victim.spec.name)
+            self._begin_unload(victim)
+            return True
+        return False
+
+    def _fits_again(self, instance: Instance) -> bool:
+        """Whether a sleeping runner's GPUs have room for what waking takes back."""
+        need = max(0, instance.spec.estimate - sum(instance.measured.values()))
+        share = need // max(1, len(instance.placement.gpus))
+        free = {g.index: g.free for g in self._free_gpus()}
+        return all(free.get(index, 0) >= share for index in instance.placement.gpus)
 
     def _free_gpus(self) -> list[Gpu]:
         """GPUs with what is free for a new runner: NVML's free memory less what loading runners will take
         (NVML does not show it yet)."""
         reserved: dict[int, int] = {}
         for instance in self.instances.values():
-            if instance.state is State.LOADING and instance.placement.gpus:
-                share = instance.spec.estimate // len(instance.placement.gpus)
+            if instance.state in (State.LOADING, State.WAKING) and instance.placement.gpus:
+                taking = instance.spec.estimate - (sum(instance.measured.values()) if instance.state is State.WAKING else 0)
+                share = max(0, taking) // len(instance.placement.gpus)
                 for index in instance.placement.gpus:
                     reserved[index] = reserved.get(index, 0) + share
         return [Gpu(g.index, g.name, g.total, max(0, g.free - reserved.get(g.index, 0))) for g in self.gpus.gpus()]
+
+    def _begin_sleep(self, instance: Instance) -> None:
+        instance.state = State.SLEEPING
+        instance.expires_at = None
+        # Level 1 keeps the weights in host RAM (a fast wake); without room for them, level 2 drops them.
+        level = 1 if psutil.virtual_memory().available >= instance.spec.size * 1.2 + (1 << 30) else 2
+        instance.transition = self._spawn(self._sleep(instance, level))
+
+    async def _sleep(self, instance: Instance, level: int) -> None:
+        try:
+            await instance.runner.sleep(self.client, level)  # type: ignore[union-attr]
+        except Exception as e:
+            instance.transition = None
+            log.warning("%s: could not sleep (%s); unloading instead", instance.spec.name, e)
+            if instance.state is State.SLEEPING:
+                self._begin_unload(instance)
+            return
+        instance.transition = None
+        if instance.state is not State.SLEEPING:
+            return  # it crashed or the daemon stopped meanwhile
+        instance.sleep_level = level
+        self._measure(instance)  # what it still holds on the GPU asleep
+        log.info("%s: asleep (level %d)", instance.spec.name, level)
+        if instance.keep_alive == 0 and not instance.queue:
+            self._begin_unload(instance)  # `unload` was asked while it fell asleep
+        self._start_loads()  # its memory is back; and it wakes if requests came meanwhile
+
+    def _begin_wake(self, instance: Instance) -> None:
+        instance.state = State.WAKING
+        instance.load_started = time.monotonic()
+        self._spawn(self._wake(instance))
+
+    async def _wake(self, instance: Instance) -> None:
+        try:
+            await instance.runner.wake(self.client, instance.sleep_level)  # type: ignore[union-attr]
+        except Exception as e:
+            log.warning("%s: could not wake (%s); starting it again", instance.spec.name, e)
+            if instance.state is State.WAKING:
+                self._begin_unload(instance)  # its waiters move to a fresh load
+            return
+        if instance.state is not State.WAKING:
+            return
+        instance.sleep_level = 0
+        instance.state = State.READY
+        instance.load_finished = time.monotonic()
+        self._measure(instance)
+        log.info("%s: awake in %.2fs", instance.spec.name, instance.load_finished - (instance.load_started or 0))
+        self._advance(instance)
+        if instance.idle:
+            self._schedule_expiry(instance)
 
     def _begin_load(self, instance: Instance, placement: Placement) -> None:
         instance.state = State.LOADING
@@ -401,7 +501,7 @@ class Scheduler:
         self._start_loads()
 
     def _on_exit(self, instance: Instance) -> None:
-        if instance.state is not State.READY:
+        if instance.state not in (State.READY, State.SLEEPING, State.WAKING):
             return  # an unload or a shutdown we asked for
         code = instance.runner.exited.result() if instance.runner else None
         log.warning("%s: runner exited unexpectedly (code %s)", instance.spec.name, code)
@@ -460,10 +560,11 @@ class Scheduler:
         if self.instances.get(key) is instance:
             del self.instances[key]
 
-    def _spawn(self, coroutine: object) -> None:
+    def _spawn(self, coroutine: object) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # visibility and shutdown -------------------------------------------------------------------------
     def snapshot(self) -> list[Instance]:

@@ -1,4 +1,4 @@
-"""Unit tests of the CLI's pure parts: formatting, option parsing, create's local checks, and the
+"""Unit tests of the CLI's pure parts: formatting, `show`'s layout, option parsing, create's local checks, and the
 "daemon not running" path. The end-to-end behaviour against a real daemon is tested elsewhere."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mgr.cli.format import (
     table,
 )
 from mgr.cli.main import keep_alive_seconds, main
+from mgr.cli.show import format_files, format_show, human_count
 
 NOW = datetime(2025, 1, 15, 12, 0, 0, tzinfo=UTC)
 
@@ -167,6 +168,84 @@ def test_verbose_stats_match_ollama_layout() -> None:
     ]
 
 
+# -- show -----------------------------------------------------------------------------------------------------
+
+SHOW_ANSWER = {
+    "template": "{{ .Prompt }}",
+    "capabilities": ["completion", "tools"],
+    "modified_at": "2025-01-15T12:00:00Z",
+    "details": {
+        "format": "gguf", "family": "llama", "families": ["llama"], "parameter_size": "135M",
+        "quantization_level": "Q4_K_M",
+    },
+    "model_info": {
+        "general.architecture": "llama", "general.parameter_count": 134_515_008, "llama.context_length": 8192,
+        "llama.block_count": 30, "llama.embedding_length": 576,
+    },
+    "files": [
+        {"path": "SmolLM2-135M-Instruct-Q4_K_M.gguf", "digest": "sha256:" + "ab" * 32, "size": 105_000_000},
+        {"path": "tokenizer.json", "digest": "sha256:" + "cd" * 32, "size": 512},
+    ],
+    "source": {
+        "hub": "hf", "endpoint": "https://huggingface.co", "repo": "bartowski/SmolLM2-135M-Instruct-GGUF",
+        "revision": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+    },
+}  # fmt: skip
+
+
+def test_show_lays_out_sections_like_ollama() -> None:
+    assert format_show(SHOW_ANSWER).splitlines() == [
+        "  Model",
+        "    architecture        llama",
+        "    parameters          135M",
+        "    quantization        Q4_K_M",
+        "    context length      8192",
+        "    embedding length    576",
+        "    format              gguf",
+        "",
+        "  Capabilities",
+        "    completion",
+        "    tools",
+        "",
+        "  Source",
+        "    hub                 hf",
+        "    repo                bartowski/SmolLM2-135M-Instruct-GGUF",
+        "    revision            main",
+        "    commit              0123456789abcdef0123456789abcdef01234567",
+        "",
+        "  Files",
+        "    SmolLM2-135M-Instruct-Q4_K_M.gguf   105 MB   abababababab",
+        "    tokenizer.json                      512 B    cdcdcdcdcdcd",
+    ]
+
+
+def test_show_files_alone() -> None:
+    assert format_files(SHOW_ANSWER).splitlines() == [
+        "SmolLM2-135M-Instruct-Q4_K_M.gguf   105 MB   abababababab",
+        "tokenizer.json                      512 B    cdcdcdcdcdcd",
+    ]
+
+
+def test_show_leaves_out_what_is_missing() -> None:
+    # A created model: no hub, no quantization, no parameter_size (the count from model_info stands in).
+    answer = {
+        "details": {"format": "safetensors"},
+        "model_info": {"general.architecture": "qwen2", "general.parameter_count": 8_030_261_248},
+        "source": {"type": "upload"},
+    }
+    assert format_show(answer).splitlines() == [
+        "  Model",
+        "    architecture        qwen2",
+        "    parameters          8.0B",
+        "    format              safetensors",
+        "",
+        "  Source",
+        "    type                upload",
+    ]
+    assert format_show({}) == ""
+    assert [human_count(n) for n in (512, 135_000, 494_032_768, 1_711_376_384)] == ["512", "135K", "494M", "1.7B"]
+
+
 # -- create: the checks made before talking to the daemon ---------------------------------------------------
 
 
@@ -258,5 +337,5 @@ def test_create_checks_the_file_before_contacting_the_daemon(
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("serve", "create", "list", "rm", "run", "ps", "stop"):
+    for command in ("serve", "create", "pull", "show", "list", "cp", "rm", "run", "ps", "stop"):
         assert f"    {command}" in out

@@ -20,7 +20,7 @@ from mgr.registry.store import BlobNotFound, DigestMismatch, Store, check_digest
 
 from ..errors import ApiError, BadRequest
 from ..pulls import Pulls
-from ..scheduler import Instance, Lease, Scheduler
+from ..scheduler import Instance, Lease, Scheduler, State
 from ..version import VERSION
 from .common import (
     CleanupStreamingResponse, now_iso, open_runner_stream, read_json, require_str, runner_error_message,
@@ -117,7 +117,9 @@ class OllamaApi:
         except LookupError:
             details = {}
         expires = instance.expires_at
-        if expires is None and instance.keep_alive >= 0:
+        if instance.state is State.SLEEPING:
+            expires = None  # asleep until its memory is needed or it is unloaded
+        elif expires is None and instance.keep_alive >= 0:
             expires = time.time() + instance.keep_alive  # busy: the timer starts when the last request ends
         on_gpu = sum(instance.measured.values()) or (spec.estimate if instance.placement.gpus else 0)
         return {

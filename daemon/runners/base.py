@@ -56,6 +56,7 @@ class ProcessRunner:
     """A runner that is one command line; subclasses say which command."""
 
     backend = "process"
+    supports_sleep = False  # engines with a sleep mode (vLLM) override sleep() and wake()
 
     def __init__(self, spec: LoadSpec, port: int, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.spec = spec
@@ -69,6 +70,12 @@ class ProcessRunner:
 
     async def stop(self) -> None:
         await self.process.stop()
+
+    async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
+        raise NotImplementedError(f"{self.backend} runners cannot sleep")
+
+    async def wake(self, client: httpx.AsyncClient, level: int) -> None:
+        raise NotImplementedError(f"{self.backend} runners cannot sleep")
 
     @property
     def exited(self) -> asyncio.Future[int]:

@@ -69,6 +69,7 @@ def vllm_argv(spec: LoadSpec, placement: Placement, port: int, python: str, vers
 
 class VllmRunner(ProcessRunner):
     backend = "vllm"
+    supports_sleep = True
 
     def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement,
                  python: str | None = None, extra_args: tuple[str, ...] = (), ray_address: str | None = None) -> None:
@@ -87,16 +88,18 @@ class VllmRunner(ProcessRunner):
     async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
         await self._post(client, f"/sleep?level={level}")
 
-    async def wake(self, client: httpx.AsyncClient) -> None:
+    async def wake(self, client: httpx.AsyncClient, level: int) -> None:
         await self._post(client, "/wake_up")
+        if level == 2:  # level 2 dropped the weights: read them again from the model folder
+            await self._post(client, "/collective_rpc", {"method": "reload_weights"})
 
     async def is_sleeping(self, client: httpx.AsyncClient) -> bool:
         response = await client.get(self.base_url + "/is_sleeping", timeout=30)
         return bool(response.json().get("is_sleeping"))
 
-    async def _post(self, client: httpx.AsyncClient, path: str) -> None:
+    async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, object] | None = None) -> None:
         try:
-            response = await client.post(self.base_url + path, timeout=300)
+            response = await client.post(self.base_url + path, json=body, timeout=300)
         except httpx.TransportError as e:
             raise ApiError(f"vLLM did not answer {path}: {e}", 502) from None
         if response.status_code != 200:

@@ -30,6 +30,7 @@ class StandinOptions:
     fail_load: bool = False
     reply: str = "Hello from the stand-in runner."
     token_delay: float = 0.0
+    sleeps: bool = False  # answers vLLM's sleep-mode endpoints, as a vLLM runner does
 
 
 class StandinRunner(ProcessRunner):
@@ -39,6 +40,7 @@ class StandinRunner(ProcessRunner):
                  placement: Placement = CPU, gpus: StaticGpus | None = None) -> None:
         self.placement = placement
         self.gpus = gpus
+        self.supports_sleep = options.sleeps
         port = free_port()
         argv = [
             sys.executable, str(SCRIPT),
@@ -70,6 +72,19 @@ class StandinRunner(ProcessRunner):
         await super().stop()
         if self.gpus is not None and self.pid is not None:
             self.gpus.free(self.pid)
+
+    async def sleep(self, client, level):  # type: ignore[no-untyped-def]
+        (await client.post(f"{self.base_url}/sleep?level={level}")).raise_for_status()
+        self._allocate(self.uses // 10)  # asleep, vLLM keeps its CUDA context and little else
+
+    async def wake(self, client, level):  # type: ignore[no-untyped-def]
+        (await client.post(f"{self.base_url}/wake_up")).raise_for_status()
+        self._allocate(self.uses)
+
+    def _allocate(self, total: int) -> None:
+        if self.gpus is not None and self.pid is not None:
+            for index in self.placement.gpus:
+                self.gpus.allocate(self.pid, index, total // len(self.placement.gpus))
 
     @property
     def uses(self) -> int:

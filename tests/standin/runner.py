@@ -62,8 +62,12 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    sleep_level = 0  # vLLM's sleep mode: 0 awake, 1 weights in host RAM, 2 weights dropped
+
     def do_GET(self) -> None:
-        if self.path != "/health":
+        if self.path == "/is_sleeping":
+            self._json(200, {"is_sleeping": Handler.sleep_level > 0})
+        elif self.path != "/health":
             self._json(404, {"error": {"message": f"no route {self.path}"}})
         elif time.monotonic() < self.ready_at:
             self._json(503, {"error": {"message": "Loading model", "code": 503}})
@@ -72,6 +76,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.path.startswith("/sleep"):  # as vLLM's dev endpoints: POST /sleep?level=N, POST /wake_up
+            Handler.sleep_level = int(self.path.partition("level=")[2] or 1)
+            self._json(200, {})
+            return
+        if self.path.startswith("/wake_up"):
+            Handler.sleep_level = 0
+            self._json(200, {})
+            return
+        if Handler.sleep_level and self.path == "/v1/chat/completions":
+            self._json(503, {"error": {"message": "the model is sleeping", "code": 503}})
+            return
         if self.path != "/v1/chat/completions":
             self._json(404, {"error": {"message": f"no route {self.path}"}})
             return
