@@ -76,6 +76,35 @@ def cmd_create(args: argparse.Namespace, client: Client) -> int:
     return create_model(client, args.name, args.source)
 
 
+# pull and show are imported by their own commands: every other command starts without paying for them.
+
+
+def cmd_pull(args: argparse.Namespace, client: Client) -> int:
+    from .pull import pull_model
+
+    return pull_model(client, args.reference, insecure=args.insecure, tty=is_tty(sys.stdout))
+
+
+def cmd_show(args: argparse.Namespace, client: Client) -> int:
+    from .show import format_files, format_show
+
+    info = client.request_json("POST", "/api/show", {"model": args.name})
+    if args.template:
+        template = str(info.get("template") or "")
+        print(template, end="" if template.endswith("\n") or not template else "\n")
+    elif args.files:
+        print(format_files(info))
+    else:
+        print(format_show(info))
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace, client: Client) -> int:
+    client.request_json("POST", "/api/copy", {"source": args.source, "destination": args.destination})
+    print(f"copied '{args.source}' to '{args.destination}'")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace, client: Client) -> int:
     models = client.request_json("GET", "/api/tags").get("models") or []
     print(table(LIST_HEADERS, [list_row(m) for m in models]))
@@ -160,7 +189,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mgr", description="A local model manager: serve, create, list and run models."
+        prog="mgr", description="A local model manager: serve, pull, create, list and run models."
     )
     parser.add_argument("-v", "--version", action=_VersionAction, help="show the version and exit")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
@@ -192,8 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.set_defaults(handler=cmd_create)
 
+    pull = command("pull", "Download a model from Hugging Face or ModelScope")
+    pull.add_argument(
+        "reference", metavar="REF", help="e.g. smollm2, hf.co/OWNER/REPO:Q4_K_M, modelscope.cn/OWNER/REPO"
+    )
+    pull.add_argument(
+        "--insecure", action="store_true", help="accepted for Ollama compatibility (passed on to the daemon)"
+    )
+    pull.set_defaults(handler=cmd_pull)
+
+    show = command("show", "Show a model's details, source and files")
+    show.add_argument("name", metavar="NAME")
+    shown = show.add_mutually_exclusive_group()
+    shown.add_argument("--template", action="store_true", help="print only the chat template")
+    shown.add_argument("--files", action="store_true", help="print only the stored files")
+    show.set_defaults(handler=cmd_show)
+
     listing = command("list", "List the models in the store", aliases=["ls"])
     listing.set_defaults(handler=cmd_list)
+
+    cp = command("cp", "Copy a model under a new name")
+    cp.add_argument("source", metavar="SOURCE")
+    cp.add_argument("destination", metavar="DESTINATION")
+    cp.set_defaults(handler=cmd_cp)
 
     rm = command("rm", "Remove models from the store")
     rm.add_argument("names", nargs="+", metavar="NAME")

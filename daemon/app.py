@@ -21,7 +21,7 @@ from .api.ollama import OllamaApi
 from .api.openai import OpenAIApi, openai_error_body
 from .config import Settings
 from .errors import ApiError, ClientGone
-from .gpus import NvmlGpus
+from .gpus import GpuInventory, NvmlGpus
 from .pulls import Pulls
 from .scheduler import RunnerFactory, Scheduler
 from .runners.engines import make_runner
@@ -49,7 +49,8 @@ async def _render_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": message}, status, headers=headers)
 
 
-def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner) -> Starlette:
+def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner,
+               gpus: GpuInventory | None = None) -> Starlette:
     # Runners answer on loopback; generation can take minutes, so only connecting has a deadline.
     # trust_env=False: an HTTP(S)_PROXY in the environment must never route loopback runner traffic.
     client = httpx.AsyncClient(
@@ -58,7 +59,7 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner) 
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
     )
     store = Store(settings.models_dir)
-    gpus = NvmlGpus()
+    gpus = gpus if gpus is not None else NvmlGpus()
     scheduler = Scheduler(settings, store, client, runner_factory, gpus)
     pulls = Pulls(store, settings, gpus)
 

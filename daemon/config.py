@@ -55,6 +55,8 @@ class Settings:
     num_thread: int | None = None
     # The Python that has vLLM installed; None = the one running mgr.
     vllm_python: str | None = None
+    # The warm tier: idle vLLM models sleep (weights to host RAM) instead of being stopped.
+    vllm_sleep: bool = True
     # A Ray cluster for models that fit no single machine (vLLM --distributed-executor-backend ray).
     ray_address: str | None = None
     # Hubs: the order a short name tries them, their endpoints, and tokens (never sent to another hub).
@@ -141,6 +143,17 @@ def _positive_int(value: Any, setting: str) -> int:
     return number
 
 
+def _boolean(value: Any, setting: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{setting}: expected true or false, got {value!r}")
+
+
 def _sources(value: Any, setting: str) -> tuple[str, ...]:
     items = value if isinstance(value, list) else str(value).split(",")
     names = tuple(str(v).strip() for v in items if str(v).strip())
@@ -170,6 +183,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
     "num_ctx": (("MGR_CONTEXT_LENGTH",), _positive_int),
     "num_thread": (("MGR_NUM_THREAD",), _positive_int),
     "vllm_python": (("MGR_VLLM_PYTHON",), str),
+    "vllm_sleep": (("MGR_VLLM_SLEEP",), _boolean),
     "ray_address": (("MGR_RAY_ADDRESS",), str),
     "sources": (("MGR_SOURCES",), _sources),
     "hf_endpoint": (("MGR_HF_ENDPOINT", "HF_ENDPOINT"), _endpoint),

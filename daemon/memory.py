@@ -15,6 +15,9 @@ MIB = 1 << 20
 GGUF_COMPUTE_BUFFER = 256 * MIB
 VLLM_OVERHEAD = 2048 * MIB  # CUDA context, graphs and activations (1.2 GiB measured for a 135M model asleep)
 VLLM_KV_SEQUENCES = 32  # vLLM pages its KV cache: room for this many full contexts is plenty to batch well
+# vLLM refuses to start when its share leaves no room for KV blocks after weights, activations and CUDA
+# graphs; below this a share is too tight to be worth the risk.
+VLLM_MIN_SHARE = 6 << 30
 
 
 def kv_bytes_per_token(model_info: Mapping[str, Any]) -> int:
@@ -37,4 +40,4 @@ def estimate(model_format: str, weights: int, model_info: Mapping[str, Any], num
         return weights + kv + GGUF_COMPUTE_BUFFER
     # vLLM fills the share it is granted with KV blocks and pages them among sequences
     sequences = min(num_parallel, VLLM_KV_SEQUENCES)
-    return weights + kv_bytes_per_token(model_info) * num_ctx * sequences + VLLM_OVERHEAD
+    return max(VLLM_MIN_SHARE, weights + kv_bytes_per_token(model_info) * num_ctx * sequences + VLLM_OVERHEAD)

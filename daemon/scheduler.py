@@ -307,7 +307,8 @@ class Scheduler:
             self._begin_unload(instance)
 
     def _can_sleep(self, instance: Instance) -> bool:
-        return bool(instance.placement.gpus) and getattr(instance.runner, "supports_sleep", False)
+        return self.settings.vllm_sleep and bool(instance.placement.gpus) \
+            and getattr(instance.runner, "supports_sleep", False)
 
     @staticmethod
     def _asleep(instance: Instance) -> bool:

@@ -12,6 +12,7 @@ why a runner never listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import re
@@ -73,17 +74,23 @@ class VllmRunner(ProcessRunner):
 
     def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement,
                  python: str | None = None, extra_args: tuple[str, ...] = (), ray_address: str | None = None) -> None:
-        python = python or sys.executable
-        version = vllm_version(python)
-        port = free_port()
-        argv = vllm_argv(spec, placement, port, python, version, extra_args, ray_address)
+        self.python = python or sys.executable
+        self.extra_args = extra_args
+        self.ray_address = ray_address
         env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)
         if ray_address is not None:
             env["RAY_ADDRESS"] = ray_address
         log_name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name) + ".log"
-        super().__init__(spec, port, argv, env, settings.runner_log_dir / log_name)
+        # The command line depends on vLLM's version, read (slowly: it imports vLLM) in start().
+        super().__init__(spec, free_port(), [], env, settings.runner_log_dir / log_name)
         self.placement = placement
+
+    async def start(self, client: httpx.AsyncClient, timeout: float) -> None:
+        version = await asyncio.to_thread(vllm_version, self.python)
+        self.process.argv = vllm_argv(self.spec, self.placement, self.port, self.python, version,
+                                      self.extra_args, self.ray_address)
+        await super().start(client, timeout)
 
     async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
         await self._post(client, f"/sleep?level={level}")
