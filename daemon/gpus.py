@@ -46,6 +46,7 @@ class NvmlGpus:
     def __init__(self) -> None:
         self._nvml: Any = None
         self._lock = threading.Lock()
+        self._trees: dict[int, set[int]] = {}
         try:
             import pynvml
 
@@ -71,7 +72,10 @@ class NvmlGpus:
     def used_by(self, pid: int) -> dict[int, int]:
         if self._nvml is None:
             return {}
-        nvml, pids = self._nvml, _tree(pid)
+        # Remember the tree: vLLM's engine core is a child that holds the memory, and it must still count
+        # after its parent has exited.
+        pids = self._trees[pid] = self._trees.get(pid, set()) | _tree(pid)
+        nvml = self._nvml
         used: dict[int, int] = {}
         with self._lock:
             for index in range(nvml.nvmlDeviceGetCount()):

@@ -13,7 +13,7 @@ import pytest
 from mgr.daemon.config import ModelOverrides
 from mgr.daemon.errors import LoadFailed
 from mgr.daemon.gpus import Gpu, StaticGpus
-from mgr.daemon.memory import GGUF_COMPUTE_BUFFER, VLLM_OVERHEAD
+from mgr.daemon.memory import GGUF_COMPUTE_BUFFER, VLLM_MIN_SHARE
 from mgr.daemon.placement import CPU, Placement, TooBig, place
 from mgr.daemon.scheduler import State
 from mgr.registry.store import Store
@@ -144,14 +144,14 @@ def _safetensors_model(store: Store, tmp_path: Path, name: str) -> None:
 
 def test_vllm_model_tensor_parallel_and_too_big(store: Store, tmp_path: Path) -> None:
     _safetensors_model(store, tmp_path, "vl")
-    need = VLLM_OVERHEAD  # the tiny safetensors model: overhead dominates
+    need = VLLM_MIN_SHARE  # the tiny safetensors model gets the smallest share vLLM is given
 
     async def scenario() -> None:
         async with running(store, tmp_path, gpus=StaticGpus([int(need * 0.6)] * 4)) as h:
             (await h.scheduler.acquire("vl")).release()
             assert h.instance("vl").placement.gpus == (0, 1)  # half the model on each of two GPUs
         async with running(store, tmp_path, gpus=StaticGpus([int(need * 0.1)] * 2)) as h:
-            with pytest.raises(LoadFailed, match="needs about 2.0 GiB"):
+            with pytest.raises(LoadFailed, match="needs about 6.0 GiB"):
                 await h.scheduler.acquire("vl")
 
     run(scenario)

@@ -5,16 +5,23 @@ It prints measured numbers from one run; it is not a timed test.
 Run (needs ~4 GiB free where --dir points; takes a few minutes):
 
     .venv/bin/python tests/bench/bench_pull.py [--runs 3] [--dir /tmp] [--no-extra] [--no-stock-check]
+                                               [--no-resume] [--no-warmup] [--profile] [--what-if]
+                                               [--total-mib 1024]
+
+--profile adds a cProfile of one mgr pull; --what-if adds two diagnostic mgr rows (not mgr as shipped):
+httpcore's 64 KiB read size raised to 1 MiB by monkeypatching, and that plus skipping the final sha256 pass.
 
 What it does:
 - Generates, once, a split GGUF of two files (768 MiB + 256 MiB = exactly 1 GiB, valid GGUF headers, random
   tensor bytes) into a temp folder under --dir. Every destination is on the same disk.
 - Serves them from a fake hub in its own process (so that no client shares a GIL with the server): the
   `FakeHub` of tests/fakehub.py (same endpoints, same per-file byte counters) with file bodies sent by
-  os.sendfile, a listen backlog of 128, and the LFS 302 pointing to /cdn on a second port (another origin, as
-  the real Hub's CDN is: huggingface_hub fails against fakehub's same-origin relative redirect). The stock FakeHub reads 64 KiB per
-  Python write; with --no-stock-check left out, its ceiling (curl to /dev/null) is measured and printed too.
-- Each round runs every side once, in turn (interleaved, so drift hits all sides alike); --runs rounds:
+  os.sendfile, a listen backlog of 128, and the LFS 302 pointing to /cdn on a second port: another origin,
+  as the real Hub's CDN is (against fakehub's same-origin relative redirect, huggingface_hub's HEAD follows
+  it, finds no X-Repo-Commit and snapshot_download fails). The stock FakeHub opens the file and writes
+  64 KiB per Python call; unless --no-stock-check, its ceiling (curl to /dev/null) is printed too.
+- After one uncounted warm-up run of each side, --runs rounds; each round runs every side once, in turn
+  (interleaved, so that drift hits all sides alike):
     mgr        `registry.pull.pull("hf.co/bench/big-GGUF")` into a fresh Store, default TransferOptions
     mgr+       the same with more connections (8 per file, 16 streams), unless --no-extra
     hf         `snapshot_download(..., local_dir=<fresh>, max_workers=8)`, HF_HUB_DISABLE_XET=1
@@ -37,7 +44,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import resource
@@ -174,6 +180,10 @@ def serve(folder: Path, fast: bool) -> None:
         request_queue_size = 128  # socketserver's default is 5: a burst of connects could wait for SYN retries
         daemon_threads = True
 
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            if not isinstance(sys.exc_info()[1], ConnectionError):  # a killed client resets its connections
+                super().handle_error(request, client_address)
+
     class BenchHub(fakehub.FakeHub):
         cdn_port = 0
 
@@ -266,12 +276,16 @@ class MgrProbe:
 
         self.hash_s = 0.0
         self.checkpoint_s = 0.0
+        self.checkpoint_loop_s = 0.0  # of which on the event-loop thread (the final one of each file): it blocks
+        self.skip_hash = False  # --what-if only: pretend the hash was computed while downloading (an upper bound)
         self.lock = threading.Lock()
         original_hash = transfer._hash_file
         original_checkpoint = transfer._PartialFile.checkpoint
         probe = self
 
         def timed_hash(*args: Any, **kwargs: Any) -> Any:
+            if probe.skip_hash:
+                return args[0].name.split(".")[0], None  # tmp/<sha256>.partial: the expected digest
             t = time.perf_counter()
             try:
                 return original_hash(*args, **kwargs)
@@ -285,13 +299,16 @@ class MgrProbe:
                 original_checkpoint(self)
             finally:
                 with probe.lock:
-                    probe.checkpoint_s += time.perf_counter() - t
+                    took = time.perf_counter() - t
+                    probe.checkpoint_s += took
+                    if threading.current_thread() is threading.main_thread():
+                        probe.checkpoint_loop_s += took
 
         transfer._hash_file = timed_hash
         transfer._PartialFile.checkpoint = timed_checkpoint  # type: ignore[method-assign]
 
     def reset(self) -> None:
-        self.hash_s = self.checkpoint_s = 0.0
+        self.hash_s = self.checkpoint_s = self.checkpoint_loop_s = 0.0
 
 
 class Bench:
@@ -323,7 +340,21 @@ class Bench:
         return Run(seconds, client, hub_cpu, sync_after, extra)
 
     # -- sides -------------------------------------------------------------------------------------------
-    def mgr(self, transfer: Any = None) -> Run:
+    def what_if(self, read_size: int, skip_hash: bool) -> Run:
+        """Diagnostic, not mgr as shipped: httpcore's read size (64 KiB) raised by monkeypatching, and optionally
+        the final hash pass skipped, to show how much of mgr's time each one costs."""
+        from httpcore._async.http11 import AsyncHTTP11Connection
+
+        saved = AsyncHTTP11Connection.READ_NUM_BYTES
+        AsyncHTTP11Connection.READ_NUM_BYTES = read_size
+        self.probe.skip_hash = skip_hash
+        try:
+            return self.mgr()
+        finally:
+            AsyncHTTP11Connection.READ_NUM_BYTES = saved
+            self.probe.skip_hash = False
+
+    def mgr(self, transfer: Any = None, profile: bool = False) -> Run:
         from mgr.registry.pull import pull
         from mgr.registry.sources import SourceConfig
         from mgr.registry.store import Store
@@ -351,10 +382,23 @@ class Bench:
                     marks["verified"] = now
 
             self.probe.reset()
-            manifest = asyncio.run(pull(store, REFERENCE, sources=config, transfer=transfer, progress=on_event))
+            job = pull(store, REFERENCE, sources=config, transfer=transfer, progress=on_event)
+            if profile:
+                import cProfile
+                import pstats
+
+                profiler = cProfile.Profile()
+                manifest = profiler.runcall(asyncio.run, job)
+                print("\n### cProfile of one mgr pull (event-loop thread; hashing and checkpoints run in worker "
+                      "threads and are timed separately)\n\n```")
+                pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(18)
+                print("```")
+            else:
+                manifest = asyncio.run(job)
             assert sorted(f.size for f in manifest.files) == sorted(FILES.values())
             assert not any(store.tmp_dir.iterdir()), "tmp/ not empty after the pull"
             marks["hash_s"], marks["checkpoint_s"] = self.probe.hash_s, self.probe.checkpoint_s
+            marks["checkpoint_loop_s"] = self.probe.checkpoint_loop_s
             return marks
 
         return self._measure("mgr", body)
@@ -395,7 +439,8 @@ CHILD = textwrap.dedent("""
     from mgr.registry.pull import pull
     from mgr.registry.sources import SourceConfig
     from mgr.registry.store import Store
-    asyncio.run(pull(Store(Path(sys.argv[1])), sys.argv[3], sources=SourceConfig(hf_endpoint=sys.argv[2], order=("hf",))))
+    config = SourceConfig(hf_endpoint=sys.argv[2], order=("hf",))
+    asyncio.run(pull(Store(Path(sys.argv[1])), sys.argv[3], sources=config))
 """)
 
 
@@ -481,9 +526,14 @@ def report(results: dict[str, list[Run]], labels: dict[str, str], stock: list[Ru
     print(fmt_row(["mgr / huggingface_hub", f"{mgr / hf:.2f}x", ">= 2x", "PASS" if mgr >= 2 * hf else "FAIL"]))
     print(fmt_row(["mgr / curl (to disk)", f"{100 * mgr / curl:.0f}%", ">= 80%",
                    "PASS" if mgr >= 0.8 * curl else "FAIL"]))
+    # curl returns with its data still in the page cache; mgr's pull returns only after fdatasync.
+    durable = statistics.median(TOTAL / MiB / (r.seconds + r.sync_after) for r in results["curl"])
+    print(fmt_row(["mgr / curl incl. its writeback (`sync` after)", f"{100 * mgr / durable:.0f}%",
+                   ">= 80% (info)", "PASS" if mgr >= 0.8 * durable else "FAIL"]))
     if "mgr+" in results:
         plus = median("mgr+")
-        print(fmt_row(["mgr+ / huggingface_hub", f"{plus / hf:.2f}x", ">= 2x (info)", "PASS" if plus >= 2 * hf else "FAIL"]))
+        print(fmt_row(["mgr+ / huggingface_hub", f"{plus / hf:.2f}x", ">= 2x (info)",
+                       "PASS" if plus >= 2 * hf else "FAIL"]))
         print(fmt_row(["mgr+ / curl (to disk)", f"{100 * plus / curl:.0f}%", ">= 80% (info)",
                        "PASS" if plus >= 0.8 * curl else "FAIL"]))
     if resume:
@@ -511,7 +561,8 @@ def report(results: dict[str, list[Run]], labels: dict[str, str], stock: list[Ru
             phases = ""
             if "verified" in e:
                 phases = (f"{e.get('listed', 0):.2f} / {e.get('bytes_in', float('nan')):.2f} / {e['verified']:.2f} "
-                          f"({e['hash_s']:.2f} hashing, {e['checkpoint_s']:.2f} in checkpoints)")
+                          f"({e['hash_s']:.2f} hashing, {e['checkpoint_s']:.2f} in checkpoints, "
+                          f"{e['checkpoint_loop_s']:.2f} of it on the event loop)")
             print(fmt_row([labels[side], str(i + 1), f"{r.seconds:.2f}", f"{r.client_cpu:.2f}", f"{r.hub_cpu:.2f}",
                            f"{r.sync_after:.2f}", phases]))
 
@@ -525,6 +576,10 @@ def main() -> int:
     parser.add_argument("--no-extra", action="store_true", help="skip mgr with 8 connections per file")
     parser.add_argument("--no-stock-check", action="store_true", help="skip measuring tests/fakehub.py as written")
     parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the uncounted first run of each side")
+    parser.add_argument("--profile", action="store_true", help="also profile one mgr pull (cProfile) and print it")
+    parser.add_argument("--what-if", action="store_true",
+                        help="also run two diagnostic mgr variants (httpcore read size 1 MiB; and no final hash pass)")
     parser.add_argument("--total-mib", type=int, default=1024, help="repo size (split 3:1); 1024 is the issue's")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stock", action="store_true", help=argparse.SUPPRESS)
@@ -537,6 +592,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the shell started us with SIGINT ignored
     global TOTAL
     if args.total_mib != 1024:
         first = args.total_mib * 3 // 4
@@ -569,6 +625,8 @@ def main() -> int:
         labels = {
             "mgr": "mgr pull (default: 4 conn/file, 8 streams)",
             "mgr+": "mgr pull (8 conn/file, 16 streams)",
+            "mgr-1M": "diagnostic: mgr default, httpcore reads 1 MiB (patched)",
+            "mgr-1M-nohash": "diagnostic: same, final sha256 pass skipped (upper bound)",
             "hf": "huggingface_hub snapshot_download (max_workers=8)",
             "curl": "curl x2 -> disk",
             "ceiling": "curl x2 -> /dev/null (hub ceiling)",
@@ -592,18 +650,28 @@ def main() -> int:
         sides: dict[str, Callable[[], Run]] = {"mgr": bench.mgr}
         if not args.no_extra:
             sides["mgr+"] = lambda: bench.mgr(more)
+        if args.what_if:
+            sides["mgr-1M"] = lambda: bench.what_if(MiB, False)
+            sides["mgr-1M-nohash"] = lambda: bench.what_if(MiB, True)
         sides.update({"hf": bench.hf, "curl": bench.curl, "ceiling": lambda: bench.curl(to_null=True)})
         results: dict[str, list[Run]] = {s: [] for s in sides}
+        if not args.no_warmup:  # first calls pay for imports, HTTP clients, the hub's first file reads
+            for side, fn in sides.items():
+                run = fn()
+                print(f"  warm-up {side:13s} {run.seconds:6.2f} s  {run.mibs:5.0f} MiB/s (not counted)", flush=True)
         for i in range(args.runs):
             for side, fn in sides.items():
                 run = fn()
                 results[side].append(run)
-                print(f"  round {i + 1} {side:8s} {run.seconds:6.2f} s  {run.mibs:5.0f} MiB/s", flush=True)
+                print(f"  round {i + 1} {side:13s} {run.seconds:6.2f} s  {run.mibs:5.0f} MiB/s", flush=True)
         resume = None
         if not args.no_resume:
             resume = resume_check(bench)
             print("  resume check done", flush=True)
         report(results, labels, stock, resume)
+        if args.profile:
+            run = bench.mgr(profile=True)
+            print(f"(profiled pull: {run.seconds:.2f} s, {run.mibs:.0f} MiB/s under the profiler)")
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)

@@ -2,7 +2,8 @@
 
     export PYTHONPATH=<mgr shim>:/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
     python3 tests/bench/bench_vllm.py throughput /tmp/smollm2-st     # direct vs through mgr, 1/16/64/256 clients
-    python3 tests/bench/bench_vllm.py swap /tmp/smollm2-st           # two models on one GPU: warm vs cold swap
+    python3 tests/bench/bench_vllm.py swap warm /tmp/smollm2-st      # two models on one GPU, warm tier on
+    python3 tests/bench/bench_vllm.py swap cold /tmp/smollm2-st      # the same with MGR_VLLM_SLEEP=0
 
 throughput: one model (no --enforce-eager), /v1/completions streaming, 128 new tokens per request
 (ignore_eos), N concurrent clients; each cell sent once straight to the vLLM runner's port and once through
@@ -131,8 +132,10 @@ async def first_token(model: str) -> float:
     raise RuntimeError("no token")
 
 
-def swap(folder: str) -> None:
+def swap(folder: str, mode: str) -> None:
     for label, sleep in (("warm (sleep/wake)", "1"), ("cold (stop/start)", "0")):
+        if mode != ("warm" if sleep == "1" else "cold"):
+            continue
         daemon = Daemon(Path(f"/tmp/mgr-bench-swap-{sleep}"), MGR_MAX_LOADED_MODELS="1", MGR_VLLM_SLEEP=sleep)
         try:
             daemon.cli("create", "smol-a", "--from", folder)
@@ -156,4 +159,7 @@ def swap(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    {"throughput": throughput, "swap": swap}[sys.argv[1]](sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st")
+    if sys.argv[1] == "swap":
+        swap(sys.argv[3] if len(sys.argv) > 3 else "/tmp/smollm2-st", sys.argv[2])
+    else:
+        throughput(sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st")
