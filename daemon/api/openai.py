@@ -73,6 +73,8 @@ class OpenAIApi:
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
         lease = await unless_disconnected(request, self.scheduler.acquire(model))
+        # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
+        body = {**body, "model": lease.spec.name}
         try:
             upstream = await open_runner_stream(self.client, lease.base_url + path, body)
         except BaseException:
