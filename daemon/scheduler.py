@@ -484,7 +484,9 @@ class Scheduler:
         if not instance.placement.gpus or pid is None:
             return
         instance.measured = self.gpus.used_by(pid)
-        if instance.measured:
+        # llama.cpp takes what it needs, so its measured use is the better estimate next time. vLLM takes the
+        # share it is granted plus its CUDA context: learning that would grow its share at every reload.
+        if instance.measured and instance.spec.format == "gguf":
             spec = instance.spec
             self._learned[(spec.digest, spec.num_ctx, spec.num_parallel)] = sum(instance.measured.values())
 

@@ -132,7 +132,10 @@ def main(folder: str) -> None:
         check(len(both) == 2 and len(on_gpu0) == 2, f"two models share GPU 0 ({[m['name'] for m in on_gpu0]})")
         check(sum(shares) < 0.95, f"their vLLM shares sum below 1: {shares} -> {sum(shares):.3f}")
         total_mib = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total // (1 << 20)
-        check(gpu_used_mib() - baseline < sum(shares) * total_mib + 512, "GPU memory within the granted shares")
+        # each vLLM process holds its share plus its CUDA context (~0.6 GiB), which vLLM does not count in it
+        used_two = gpu_used_mib() - baseline
+        check(used_two < sum(shares) * total_mib + 1024 * len(both),
+              f"GPU memory within the granted shares plus a CUDA context each ({used_two} MiB)")
 
         # the warm tier: keep_alive expiry puts smol-st to sleep, a request wakes the same process
         pid = [p.pid for p in both if "smol-st:latest" in " ".join(p.cmdline())][0]
