@@ -105,9 +105,15 @@ class VllmRunner(ProcessRunner):
         return bool(response.json().get("is_sleeping"))
 
     async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, object] | None = None) -> None:
-        try:
-            response = await client.post(self.base_url + path, json=body, timeout=300)
-        except httpx.TransportError as e:
-            raise ApiError(f"vLLM did not answer {path}: {e}", 502) from None
+        for attempt in (1, 2):
+            try:
+                response = await client.post(self.base_url + path, json=body, timeout=300)
+                break
+            except httpx.RemoteProtocolError as e:
+                # A pooled keep-alive connection the server had already closed: try once on a fresh one.
+                if attempt == 2 or self.exited.done():
+                    raise ApiError(f"vLLM did not answer {path}: {e}", 502) from None
+            except httpx.TransportError as e:
+                raise ApiError(f"vLLM did not answer {path}: {e}", 502) from None
         if response.status_code != 200:
             raise ApiError(f"vLLM refused {path}: {response.status_code} {response.text[:300]}", 502)

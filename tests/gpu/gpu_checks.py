@@ -143,7 +143,12 @@ def main(folder: str) -> None:
         before_sleep = gpu_used_mib()
         slept = wait(lambda: any(m["name"] == "smol-st:latest" and m["state"] == "sleeping" for m in ps()), 60,
                      "smol-st falls asleep after its keep_alive")
+        # the state turns "sleeping" when the sleep starts; vLLM then needs a moment to move the weights out
+        settled = wait(lambda: before_sleep - gpu_used_mib() > 500 or pid not in [p.pid for p in runners(daemon)],
+                       30, "the sleep completes")
+        check(pid in [p.pid for p in runners(daemon)], "the runner is still there, asleep")
         freed = before_sleep - gpu_used_mib()
+        say(f"     sleep completed {settled:.2f}s after ps showed it")
         say(f"     asleep {slept:.1f}s after the request; GPU memory freed by sleeping: {freed} MiB")
         check(freed > 500, "sleeping gave GPU memory back")
         started = time.monotonic()
@@ -172,6 +177,9 @@ def main(folder: str) -> None:
         say(f"     GPU memory after unloading: {gpu_used_mib()} MiB (baseline {baseline}), {returned:.1f}s after")
         check(ps() == [], "ps is empty")
     finally:
+        for log_file in (ROOT / "state" / "runners").glob("*.log"):
+            say(f"----- {log_file.name} (last lines)")
+            say("\n".join(log_file.read_text(errors="replace").splitlines()[-25:]))
         daemon.terminate()
         daemon.wait(timeout=60)
         say(f"daemon stopped; runners left: {len(runners(daemon)) if daemon.poll() is None else 0}; "
