@@ -23,6 +23,7 @@ from .config import Settings
 from .errors import ApiError, ClientGone
 from .gpus import GpuInventory, NvmlGpus
 from .pulls import Pulls
+from .runner_http import RunnerHttp
 from .scheduler import RunnerFactory, Scheduler
 from .runners.engines import make_runner
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner,
     gpus = gpus if gpus is not None else NvmlGpus()
     scheduler = Scheduler(settings, store, client, runner_factory, gpus)
     pulls = Pulls(store, settings, gpus)
+    runners = RunnerHttp()  # the data path to runners; `client` (httpx) carries control calls
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -72,10 +74,11 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner,
         finally:
             await scheduler.shutdown()
             await pulls.aclose()
+            runners.close()
             await client.aclose()
 
     app = Starlette(
-        routes=OllamaApi(scheduler, store, client, pulls).routes() + OpenAIApi(scheduler, store, client).routes(),
+        routes=OllamaApi(scheduler, store, runners, pulls).routes() + OpenAIApi(scheduler, store, runners).routes(),
         exception_handlers={Exception: _render_error, ApiError: _render_error, ModelNotFound: _render_error,
                             InvalidName: _render_error, InvalidModel: _render_error},
         lifespan=lifespan,

@@ -9,12 +9,12 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..errors import ApiError, BadRequest, ClientGone
+from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
 
 T = TypeVar("T")
 
@@ -89,18 +89,17 @@ class CleanupStreamingResponse(StreamingResponse):
                     await result
 
 
-async def open_runner_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> httpx.Response:
+async def open_runner_stream(runners: RunnerHttp, url: str, body: dict[str, Any]) -> RunnerResponse:
     """POST to a runner and return the streaming response once its status is known; a runner error status
     becomes an ApiError with the runner's message."""
-    request = client.build_request("POST", url, json=body)
     try:
-        response = await client.send(request, stream=True)
-    except httpx.TransportError as e:
-        raise ApiError(f"the model runner did not answer: {e}", 502) from None
-    if response.status_code != 200:
-        raw = await response.aread()
-        await response.aclose()
-        raise ApiError(runner_error_message(raw), response.status_code)
+        response = await runners.post_json(url, body)
+        if response.status_code != 200:
+            raw = await response.read()
+            await response.aclose()
+            raise ApiError(runner_error_message(raw), response.status_code)
+    except RunnerGone as e:
+        raise ApiError(str(e), 502) from None
     return response
 
 
@@ -112,19 +111,25 @@ def runner_error_message(raw: bytes) -> str:
         return raw.decode("utf-8", errors="replace")[:500] or "the model runner failed"
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+RUNNER_STOPPED = "the model runner stopped unexpectedly; the next request starts a new one"
+
+
+async def sse_events(response: RunnerResponse) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of an OpenAI SSE stream; raises ApiError for an error event or a broken stream."""
+    pending = b""
     try:
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            event = json.loads(data)
-            if "error" in event:
-                raise ApiError(runner_error_message(data.encode()))
-            yield event
-    except httpx.TransportError as e:
-        raise ApiError(f"the model runner stopped unexpectedly ({type(e).__name__}); "
-                       "the next request starts a new one") from None
+        async for data in response.iter_bytes():
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()  # an incomplete last line waits for the rest
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return
+                event = json.loads(payload)
+                if "error" in event:
+                    raise ApiError(runner_error_message(payload))
+                yield event
+    except RunnerGone:
+        raise ApiError(RUNNER_STOPPED) from None

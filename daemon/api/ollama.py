@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -20,11 +19,12 @@ from mgr.registry.store import BlobNotFound, DigestMismatch, Store, check_digest
 
 from ..errors import ApiError, BadRequest
 from ..pulls import Pulls
+from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
 from ..scheduler import Instance, Lease, Scheduler, State
 from ..version import VERSION
 from .common import (
-    CleanupStreamingResponse, now_iso, open_runner_stream, read_json, require_str, runner_error_message,
-    sse_events, unless_disconnected,
+    RUNNER_STOPPED, CleanupStreamingResponse, now_iso, open_runner_stream, read_json, require_str, sse_events,
+    unless_disconnected,
 )
 from .options import map_format, map_options, parse_keep_alive
 
@@ -68,10 +68,10 @@ def _stream_flag(body: dict[str, Any]) -> bool:
 
 
 class OllamaApi:
-    def __init__(self, scheduler: Scheduler, store: Store, client: httpx.AsyncClient, pulls: Pulls) -> None:
+    def __init__(self, scheduler: Scheduler, store: Store, runners: RunnerHttp, pulls: Pulls) -> None:
         self.scheduler = scheduler
         self.store = store
-        self.client = client
+        self.runners = runners
         self.pulls = pulls
 
     def routes(self) -> list[Route]:
@@ -322,14 +322,14 @@ class OllamaApi:
         try:
             if not inputs:
                 return {"data": [], "usage": {"prompt_tokens": 0}}, lease
+            response = await open_runner_stream(self.runners, lease.base_url + "/v1/embeddings", {
+                "input": inputs, "truncate": body.get("truncate", True) is not False})
             try:
-                response = await self.client.post(lease.base_url + "/v1/embeddings", json={
-                    "input": inputs, "truncate": body.get("truncate", True) is not False})
-            except httpx.TransportError as e:
-                raise ApiError(f"the model runner did not answer: {e}", 502) from None
-            if response.status_code != 200:
-                raise ApiError(runner_error_message(response.content), response.status_code)
-            return response.json(), lease
+                return json.loads(await response.read()), lease
+            except RunnerGone:
+                raise ApiError(RUNNER_STOPPED, 502) from None
+            finally:
+                await response.aclose()
         finally:
             lease.release()
 
@@ -356,7 +356,7 @@ class OllamaApi:
                         started: int) -> Response:
         lease = await unless_disconnected(request, self.scheduler.acquire(model, num_ctx, keep_alive))
         try:
-            upstream = await open_runner_stream(self.client, lease.base_url + path, runner_body)
+            upstream = await open_runner_stream(self.runners, lease.base_url + path, runner_body)
         except BaseException:
             lease.release()
             raise
@@ -386,7 +386,7 @@ class OllamaApi:
             lease.release()
             await upstream.aclose()
 
-    async def _chunks(self, upstream: httpx.Response, lease: Lease, chat: bool,
+    async def _chunks(self, upstream: RunnerResponse, lease: Lease, chat: bool,
                       started: int) -> AsyncIterator[dict[str, Any]]:
         """Runner SSE events -> Ollama chunks; the last one carries done_reason and the metrics."""
         model = lease.spec.name

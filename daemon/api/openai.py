@@ -10,7 +10,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -19,7 +18,10 @@ from mgr.registry.store import Manifest, Store
 
 from ..errors import ApiError, BadRequest
 from ..scheduler import Scheduler
-from .common import CleanupStreamingResponse, open_runner_stream, read_json, require_str, unless_disconnected
+from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
+from .common import (
+    RUNNER_STOPPED, CleanupStreamingResponse, open_runner_stream, read_json, require_str, unless_disconnected,
+)
 
 
 def _model_entry(manifest: Manifest) -> dict[str, Any]:
@@ -28,10 +30,10 @@ def _model_entry(manifest: Manifest) -> dict[str, Any]:
 
 
 class OpenAIApi:
-    def __init__(self, scheduler: Scheduler, store: Store, client: httpx.AsyncClient) -> None:
+    def __init__(self, scheduler: Scheduler, store: Store, runners: RunnerHttp) -> None:
         self.scheduler = scheduler
         self.store = store
-        self.client = client
+        self.runners = runners
 
     def routes(self) -> list[Route]:
         return [
@@ -76,7 +78,7 @@ class OpenAIApi:
         # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
         body = {**body, "model": lease.spec.name}
         try:
-            upstream = await open_runner_stream(self.client, lease.base_url + path, body)
+            upstream = await open_runner_stream(self.runners, lease.base_url + path, body)
         except BaseException:
             lease.release()
             raise
@@ -84,22 +86,21 @@ class OpenAIApi:
             return CleanupStreamingResponse(_relay_sse(upstream), "text/event-stream",
                                             [lease.release, upstream.aclose])
         try:
-            content = await upstream.aread()
-        except httpx.TransportError as e:
-            raise ApiError(f"the model runner stopped unexpectedly ({type(e).__name__})", 502) from None
+            content = await upstream.read()
+        except RunnerGone:
+            raise ApiError(RUNNER_STOPPED, 502) from None
         finally:
             lease.release()
             await upstream.aclose()
         return Response(content, media_type="application/json")
 
 
-async def _relay_sse(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay_sse(upstream: RunnerResponse) -> AsyncIterator[bytes]:
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.iter_bytes():
             yield chunk
-    except httpx.TransportError as e:
-        error = {"error": {"message": f"the model runner stopped unexpectedly ({type(e).__name__}); "
-                                      "the next request starts a new one", "type": "server_error", "code": 502}}
+    except RunnerGone:
+        error = {"error": {"message": RUNNER_STOPPED, "type": "server_error", "code": 502}}
         yield b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"
 
 
