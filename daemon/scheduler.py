@@ -134,6 +134,7 @@ class Scheduler:
         self.gpus: GpuInventory = gpus if gpus is not None else NvmlGpus()
         # What runners really used, by (digest, num_ctx, num_parallel): better than any estimate next time.
         self._learned: dict[tuple[str, int, int], int] = {}
+        self._specs: dict[tuple[str, int | None], tuple[tuple[int, int], LoadSpec]] = {}
         self.instances: dict[str, Instance] = {}  # by model key; at most one live instance per model
         self.unloading: set[Instance] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,7 +146,17 @@ class Scheduler:
 
     # requests ----------------------------------------------------------------------------------------
     def spec_for(self, name: str, num_ctx: int | None = None) -> LoadSpec:
-        """Raises ModelNotFound for a model the store does not have."""
+        """Raises ModelNotFound for a model the store does not have. Cached until the store or what the
+        scheduler learned changes: the fast path must not read manifests from disk."""
+        key = (name.lower(), num_ctx)
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == (self.store.generation, len(self._learned)):
+            return cached[1]
+        spec = self._build_spec(name, num_ctx)
+        self._specs[key] = ((self.store.generation, len(self._learned)), spec)
+        return spec
+
+    def _build_spec(self, name: str, num_ctx: int | None) -> LoadSpec:
         manifest = self.store.get(name)
         overrides = self.settings.for_model(manifest.name)
         ctx = num_ctx or overrides.num_ctx or self.settings.num_ctx
@@ -174,9 +185,22 @@ class Scheduler:
         override = self.settings.for_model(name).keep_alive
         return override if override is not None else self.settings.keep_alive
 
-    async def acquire(self, name: str, num_ctx: int | None = None, keep_alive: float | None = None) -> Lease:
+    def try_acquire(self, name: str, num_ctx: int | None = None, keep_alive: float | None = None) -> Lease | None:
+        """The fast path, without awaiting: a lease when the model is READY with a free slot and nobody
+        queued before us; None when the request has to wait (then call `acquire`)."""
         if self._closed:
             raise ApiError("the server is shutting down", 503)
+        spec = self.spec_for(name, num_ctx)
+        instance = self.instances.get(spec.name.lower())
+        if instance is not None and instance.state is State.READY and instance.spec == spec \
+                and instance.active < spec.num_parallel and not instance.queue:
+            return self._grant(instance, self.keep_alive_for(spec.name, keep_alive), 0.0)
+        return None
+
+    async def acquire(self, name: str, num_ctx: int | None = None, keep_alive: float | None = None) -> Lease:
+        lease = self.try_acquire(name, num_ctx, keep_alive)
+        if lease is not None:
+            return lease
         spec = self.spec_for(name, num_ctx)
         keep = self.keep_alive_for(spec.name, keep_alive)
         key = spec.name.lower()
@@ -186,9 +210,6 @@ class Scheduler:
                 raise LoadFailed(instance.error)
             del self.instances[key]
             instance = None
-        if instance is not None and instance.state is State.READY and instance.spec == spec \
-                and instance.active < spec.num_parallel and not instance.queue:
-            return self._grant(instance, keep, 0.0)  # the fast path
         if sum(len(i.queue) for i in self.instances.values()) >= self.settings.max_queue:
             raise QueueFull()
         if instance is None:

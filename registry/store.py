@@ -183,6 +183,8 @@ class Store:
         for d in (self.blobs_dir, self.manifests_dir, self.tmp_dir, self.links_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # Bumped on every manifest write or delete, so callers can cache what they derive from manifests.
+        self.generation = 0
 
     # blobs -------------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -249,6 +251,7 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self.generation += 1
 
     def create(self, name: str, files: Mapping[str, str], source: Mapping[str, Any]) -> Manifest:
         """Make a model from blobs already in the store. Raises InvalidModel, BlobNotFound, ValueError."""
@@ -299,6 +302,7 @@ class Store:
         with self._lock:
             manifest = self.get(name)
             self._manifest_path(parse_name(name)).unlink()
+            self.generation += 1
             shutil.rmtree(self.links_dir / manifest.digest, ignore_errors=True)
             self.discard_unreferenced([f.digest for f in manifest.files])
             return manifest

@@ -11,11 +11,17 @@ own `Range` request, written in place (pwrite) into one preallocated partial fil
 id). The state file is written only after the data it describes has been fsynced, so a pull stopped any way
 (Ctrl+C, kill -9, power loss) resumes from what is really on disk and never fetches those bytes again.
 
+Each part's bytes travel in a worker thread of its own: a Range GET through `rangeget` (1 MiB per recv, the
+GIL released while the kernel copies), pwrite, and hashing, so the event loop only keeps the books. Where an
+HTTP(S) proxy is configured, a client was handed in, or a server answers in a way rangeget does not handle,
+parts go through httpx on the event loop instead, as they all did before.
+
 Dropped connections, 5xx and 429 (honouring Retry-After) are retried with exponential backoff; so is a stall
-(no byte for `stall_timeout` seconds). Redirects are followed (the hubs send LFS files to a CDN). The finished
-file is hashed once, checked against the hub's sha256 (or git blob sha1), and renamed into blobs/sha256-<hex>;
-a mismatch fetches the file once more from scratch, then fails loudly. Blobs the store already has are not
-fetched; two pulls of one file in this process share one download.
+(no byte for `stall_timeout` seconds). Redirects are followed (the hubs send LFS files to a CDN). The file is
+hashed while it downloads (the contiguous prefix written so far, read back from the page cache), checked
+against the hub's sha256 (or git blob sha1), and renamed into blobs/sha256-<hex>; a mismatch fetches the file
+once more from scratch, then fails loudly. Blobs the store already has are not fetched; two pulls of one file
+in this process share one download.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from . import rangeget
 from .errors import PullError
 from .store import Store
 
@@ -47,7 +55,8 @@ Progress = Callable[[int, int], None]  # (completed bytes, total bytes) of one f
 
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_WRITE_BUFFER = 1 << 20
+_WRITE_BUFFER = 1 << 20  # bytes per recv and pwrite
+_ABORT_GRACE = 5.0  # seconds a cancel waits for a part's thread (all it does but a DNS lookup stops at once)
 
 
 class TransferError(PullError):
@@ -141,14 +150,22 @@ class _Part:
         return self.end - self.start
 
 
+class _Closed(Exception):
+    """The partial file was closed: a worker thread left behind by a cancel must not touch it any more."""
+
+
 class _PartialFile:
-    """The partial file and its part state; everything about resuming lives here."""
+    """The partial file and its part state; everything about resuming lives here. Thread-safe: parts are
+    written from worker threads while the event loop checkpoints and may close the file."""
 
     def __init__(self, tmp_dir: Path, spec: FileSpec, part_size: int) -> None:
         self.spec = spec
         self.path = tmp_dir / f"{spec.key}.partial"
         self.state_path = tmp_dir / f"{spec.key}.parts.json"
-        self._lock = threading.Lock()
+        self._users = threading.Condition()  # guards `_in_use` and `_closing`
+        self._in_use = 0  # I/O calls on the fd in progress
+        self._closing = False
+        self._checkpointing = threading.Lock()  # one checkpoint at a time: a later snapshot is never overwritten
         self.parts = self._load() or self._fresh(part_size)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -180,6 +197,10 @@ class _PartialFile:
             parts = [_Part(int(s), int(e), int(d)) for s, e, d in state["parts"]]
             if any(not 0 <= p.done <= p.length for p in parts):
                 return None
+            # The hasher follows the prefix through the parts in order: they must tile the file.
+            tiled = [p.start for p in parts] == [0] + [p.end for p in parts[:-1]]
+            if not tiled or (parts[-1].end if parts else 0) != self.spec.size:
+                return None
             return parts
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -188,28 +209,65 @@ class _PartialFile:
     def completed(self) -> int:
         return sum(p.done for p in self.parts)
 
-    def write(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view, offset = view[written:], offset + written
+    def frontier(self) -> int:
+        """Where the contiguous prefix of written bytes ends: what the hasher may read."""
+        for p in self.parts:
+            if p.done < p.length:
+                return p.start + p.done
+        return self.spec.size
+
+    @contextlib.contextmanager
+    def _fd(self) -> Iterator[int]:
+        """The fd for one I/O call. close() waits for the calls in progress, so that no thread ever writes to a
+        closed fd (or, worse, to another file that reused its number)."""
+        with self._users:
+            if self._closing:
+                raise _Closed
+            self._in_use += 1
+        try:
+            yield self.fd
+        finally:
+            with self._users:
+                self._in_use -= 1
+                self._users.notify_all()
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        with self._fd() as fd:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        with self._fd() as fd:
+            while view:
+                n = os.preadv(fd, [view], offset)
+                if not n:
+                    raise OSError(errno.EIO, f"{self.path} ends before byte {offset}")
+                view, offset = view[n:], offset + n
 
     def checkpoint(self) -> None:
         """Make the bytes counted so far durable, then record them. Thread-safe; called from worker threads too."""
-        with self._lock:
-            if self.fd < 0:
+        with self._checkpointing:
+            try:
+                with self._fd() as fd:
+                    snapshot = [[p.start, p.end, p.done] for p in self.parts]  # before the fsync: never claims more
+                    os.fdatasync(fd)
+                    tmp = self.state_path.with_suffix(".tmp")
+                    with tmp.open("w") as f:
+                        json.dump({"key": self.spec.key, "size": self.spec.size, "url": self.spec.url,
+                                   "parts": snapshot}, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.state_path)
+            except _Closed:
                 return
-            snapshot = [[p.start, p.end, p.done] for p in self.parts]  # taken before the fsync: never claims more
-            os.fdatasync(self.fd)
-            tmp = self.state_path.with_suffix(".tmp")
-            with tmp.open("w") as f:
-                json.dump({"key": self.spec.key, "size": self.spec.size, "url": self.spec.url, "parts": snapshot}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
 
     def close(self) -> None:
-        with self._lock:
+        with self._users:
+            self._closing = True
+            while self._in_use:
+                self._users.wait()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
@@ -220,15 +278,52 @@ class _PartialFile:
         self.state_path.unlink(missing_ok=True)
 
 
-def _hash_file(path: Path, size: int, want_sha1: bool) -> tuple[str, str | None]:
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1(b"blob %d\0" % size) if want_sha1 else None
-    with path.open("rb") as f:
-        while chunk := f.read(4 << 20):
-            sha256.update(chunk)
-            if sha1 is not None:
-                sha1.update(chunk)
-    return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
+class _PrefixHasher:
+    """The sha256 (and git blob sha1 where asked) of a partial file, computed while it downloads.
+
+    Parts arrive out of order, so the hash follows the contiguous prefix written so far: whichever download
+    thread extends it reads the new bytes back (from the page cache they were just written to) and hashes
+    them. The digest is ready right after the last byte instead of after another pass over the whole file;
+    a resumed download hashes the bytes it already had once, when the prefix reaches them."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self, partial: _PartialFile, want_sha1: bool) -> None:
+        self._partial = partial
+        self._lock = threading.Lock()
+        self._hashed = 0  # the file's first `_hashed` bytes are in the digests
+        self._sha256 = hashlib.sha256()
+        self._sha1 = hashlib.sha1(b"blob %d\0" % partial.spec.size) if want_sha1 else None
+        self._buffer: memoryview | None = None  # allocated on first use: files waiting for a stream hold none
+
+    def advance(self, wait: bool = False) -> None:
+        """Hash what the prefix has gained. Without `wait`, leaves it to another thread that is at it already."""
+        while self._lock.acquire(blocking=wait):
+            try:
+                self._hash_to(self._partial.frontier())
+            finally:
+                self._lock.release()
+            # A writer may have extended the prefix while we held the lock, and found it taken: look again.
+            if self._hashed >= self._partial.frontier():
+                return
+
+    def finish(self) -> tuple[str, str | None]:
+        """The digests of the whole file, once every part is written: (sha256 hex, git blob sha1 hex or None)."""
+        self.advance(wait=True)
+        assert self._hashed == self._partial.spec.size, "finish() before every part was written"
+        self._buffer = None
+        return self._sha256.hexdigest(), self._sha1.hexdigest() if self._sha1 is not None else None
+
+    def _hash_to(self, end: int) -> None:
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(self.CHUNK))
+        while self._hashed < end:
+            view = self._buffer[: min(self.CHUNK, end - self._hashed)]
+            self._partial.read_into(self._hashed, view)
+            self._sha256.update(view)
+            if self._sha1 is not None:
+                self._sha1.update(view)
+            self._hashed += len(view)
 
 
 class _FileLock:
@@ -284,7 +379,7 @@ class _Flight:
 
 
 class Downloader:
-    """Fetches files into one store. Make one per daemon and share it: it owns the HTTP connection pool, the
+    """Fetches files into one store. Make one per daemon and share it: it owns the HTTP connection pools, the
     limit on parallel requests and the registry of downloads in flight (keyed by sha256)."""
 
     def __init__(self, store: Store, options: TransferOptions | None = None,
@@ -293,6 +388,11 @@ class Downloader:
         self.options = options or TransferOptions()
         self._client = client
         self._own_client = client is None
+        self._http = rangeget.Client(self.options.connect_timeout, self.options.stall_timeout)
+        # rangeget speaks to servers directly: with a proxy configured, or a client handed in (a mock transport,
+        # custom TLS), every part goes through httpx instead; so does a file whose server rangeget cannot handle.
+        self._direct = client is None and not _proxy_configured()
+        self._via_httpx: set[str] = set()  # URLs
         self._streams: asyncio.Semaphore | None = None
         self._flights: dict[str, _Flight] = {}
 
@@ -314,6 +414,7 @@ class Downloader:
         for flight in list(self._flights.values()):
             if flight.task is not None:
                 flight.task.cancel()
+        self._http.close()
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
@@ -386,9 +487,7 @@ class Downloader:
                         raise _disk_full(spec, tmp_dir / f"{spec.key}.partial", e) from None
                     raise
                 try:
-                    await self._fill(spec, partial, flight)
-                    want_sha1 = spec.git_sha1 is not None
-                    sha256, sha1 = await asyncio.to_thread(_hash_file, partial.path, spec.size, want_sha1)
+                    sha256, sha1 = await self._fill(spec, partial, flight)
                 finally:
                     partial.close()
                 problem = None
@@ -413,8 +512,39 @@ class Downloader:
         finally:
             lock.release(remove=success)
 
-    async def _fill(self, spec: FileSpec, partial: _PartialFile, flight: _Flight) -> None:
-        """Fetch every missing byte of the partial file; checkpoints on the way and on any exit."""
+    async def _fill(self, spec: FileSpec, partial: _PartialFile, flight: _Flight) -> tuple[str, str | None]:
+        """Fetch every missing byte of the partial file, checkpointing on the way and on any exit; returns its
+        digests: sha256, and the git blob sha1 where the hub gave only that."""
+        hasher = _PrefixHasher(partial, want_sha1=spec.git_sha1 is not None)
+        ticker = asyncio.create_task(self._checkpoints(partial))
+        try:
+            await self._fetch_parts(spec, partial, hasher, flight)
+            # In threads, side by side: the final fsync and the end of the hash, while other files' parts go on.
+            _, digests = await asyncio.gather(asyncio.to_thread(partial.checkpoint), asyncio.to_thread(hasher.finish))
+            return digests
+        except BaseException:
+            try:
+                partial.checkpoint()  # synchronous: it must happen even while we are being cancelled
+            except OSError as e:
+                if not _is_disk_full(e):
+                    raise
+            raise
+        finally:
+            ticker.cancel()
+
+    async def _checkpoints(self, partial: _PartialFile) -> None:
+        lock_path = partial.path.with_suffix(".lock")
+        while True:
+            await asyncio.sleep(self.options.checkpoint_interval)
+            try:
+                await asyncio.to_thread(partial.checkpoint)
+                # The store's garbage collection removes tmp files untouched for an hour; keep the lock fresh.
+                os.utime(lock_path)
+            except OSError:
+                return  # the data writes report a full disk themselves; the final checkpoint retries once
+
+    async def _fetch_parts(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher,
+                           flight: _Flight) -> None:
         queue = [p for p in partial.parts if p.done < p.length]
         flight.report(partial.completed, spec.size)
 
@@ -423,38 +553,17 @@ class Downloader:
 
         async def worker() -> None:
             while queue:
-                await self._fetch_part(spec, partial, queue.pop(0), advanced)
+                await self._fetch_part(spec, partial, hasher, queue.pop(0), advanced)
 
-        lock_path = partial.path.with_suffix(".lock")
-
-        async def checkpointer() -> None:
-            while True:
-                await asyncio.sleep(self.options.checkpoint_interval)
-                try:
-                    await asyncio.to_thread(partial.checkpoint)
-                    # The store's garbage collection removes tmp files untouched for an hour; keep the lock fresh.
-                    os.utime(lock_path)
-                except OSError:
-                    return  # the data writes report a full disk themselves; the final checkpoint retries once
-
-        ticker = asyncio.create_task(checkpointer())
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(self.options.connections, len(queue))):
                     group.create_task(worker())
         except BaseExceptionGroup as group_error:
             # Report the first real failure, not the group; the others are usually the same cause.
-            first = group_error.exceptions[0]
-            raise first from None
-        finally:
-            ticker.cancel()
-            try:
-                partial.checkpoint()  # synchronous: it must happen even when we are being cancelled
-            except OSError as e:
-                if not _is_disk_full(e):
-                    raise
+            raise group_error.exceptions[0] from None
 
-    async def _fetch_part(self, spec: FileSpec, partial: _PartialFile, part: _Part,
+    async def _fetch_part(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher, part: _Part,
                           advanced: Callable[[], None]) -> None:
         o = self.options
         if self._streams is None:
@@ -464,10 +573,10 @@ class Downloader:
             while part.done < part.length:
                 before = part.done
                 try:
-                    await self._stream_part(spec, partial, part, advanced)
+                    await self._stream_part(spec, partial, hasher, part, advanced)
                     if part.done < part.length:
                         raise _Retry(f"the connection closed after {part.done - before} bytes")
-                except (_Retry, httpx.TransportError) as e:
+                except (_Retry, httpx.TransportError, rangeget.TransportError) as e:
                     failures = 0 if part.done > before else failures + 1
                     if failures > o.retries:
                         raise TransferError(
@@ -479,65 +588,173 @@ class Downloader:
                         wait = min(o.max_backoff, o.backoff * 2 ** max(failures - 1, 0)) * random.uniform(0.5, 1.0)
                     await asyncio.sleep(wait)
 
-    async def _stream_part(self, spec: FileSpec, partial: _PartialFile, part: _Part,
+    async def _stream_part(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher, part: _Part,
                            advanced: Callable[[], None]) -> None:
+        """One Range request for the rest of the part: directly where we can, else through httpx."""
+        if self._direct and spec.url not in self._via_httpx:
+            try:
+                await self._stream_part_direct(spec, partial, hasher, part, advanced)
+                return
+            except rangeget.Unsupported:
+                self._via_httpx.add(spec.url)
+        await self._stream_part_httpx(spec, partial, part, advanced)
+
+    # -- the direct path: a worker thread per request --------------------------------------------------------
+    async def _stream_part_direct(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher,
+                                  part: _Part, advanced: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        abort = rangeget.Abort()
+
+        def notify() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: this thread was left behind by a cancel
+                loop.call_soon_threadsafe(advanced)
+
+        future = _in_thread(loop, self._receive_part, spec, partial, hasher, part, abort, notify)
+        try:
+            await asyncio.wait([future])  # unlike `await future`, being cancelled here leaves the future be
+        except asyncio.CancelledError:
+            abort.abort()
+            # The thread counts what it wrote before it stops; wait for it so that the final checkpoint has it.
+            await _outlast(future, _ABORT_GRACE)
+            raise
+        future.result()
+
+    def _receive_part(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher, part: _Part,
+                      abort: rangeget.Abort, advanced: Callable[[], None]) -> None:
+        """Worker thread: GET the rest of the part into the partial file, hashing as the file's prefix grows."""
+        offset = part.start + part.done
+        headers = {**spec.headers, "Range": f"bytes={offset}-{part.end - 1}", "Accept-Encoding": "identity"}
+        response = self._http.get(spec.url, headers, abort)
+        try:
+            skip = self._range_check(spec, offset, response.status, response.headers)
+            if skip is None:
+                raise _refused(spec, response.status, response.url, response.read(300))
+            buffer = memoryview(bytearray(min(_WRITE_BUFFER, part.length)))
+            while skip:  # the server ignored Range and sends the whole file: drop what we already have
+                n = response.readinto(buffer[:skip])
+                if not n:
+                    return
+                skip -= n
+            while part.done < part.length:
+                n = response.readinto(buffer[: part.length - part.done])
+                if not n:
+                    return  # the connection closed early: the caller tries again from here
+                self._store(spec, partial, part, buffer[:n])
+                advanced()
+                hasher.advance()
+        finally:
+            response.close()
+
+    # -- through httpx, on the event loop --------------------------------------------------------------------
+    async def _stream_part_httpx(self, spec: FileSpec, partial: _PartialFile, part: _Part,
+                                 advanced: Callable[[], None]) -> None:
         offset = part.start + part.done
         headers = {**spec.headers, "Range": f"bytes={offset}-{part.end - 1}", "Accept-Encoding": "identity"}
         async with self.client.stream("GET", spec.url, headers=headers) as response:
-            status = response.status_code
-            if status in _RETRY_STATUS:
-                wait = _retry_after(response.headers.get("Retry-After"), self.options.max_retry_after)
-                raise _Retry(f"HTTP {status}", wait)
-            skip = 0
-            if status == 206:
-                match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-                if not match or int(match.group(1)) != offset:
-                    raise TransferError(f"{spec.label}: asked for bytes from {offset}, the server sent "
-                                        f"{response.headers.get('Content-Range')!r}")
-                if match.group(3) != "*" and int(match.group(3)) != spec.size:
-                    raise TransferError(f"{spec.label} is {match.group(3)} bytes on the server but {spec.size} in "
-                                        "the listing: the repo changed during the pull; pull again")
-            elif status == 200:
-                skip = offset  # the server ignored Range and sends the whole file: drop what we already have
-                length = response.headers.get("Content-Length")
-                if length is not None and int(length) != spec.size:
-                    raise TransferError(f"{spec.label} is {length} bytes on the server but {spec.size} in the "
-                                        "listing: the repo changed during the pull; pull again")
-            else:
-                body = (await response.aread())[:300].decode(errors="replace")
-                hint = " (gated or private: give a token)" if status in (401, 403) else ""
-                raise TransferError(f"{spec.label}: HTTP {status} from {response.url}{hint}: {body}")
+            skip = self._range_check(spec, offset, response.status_code, response.headers)
+            if skip is None:
+                raise _refused(spec, response.status_code, response.url, await response.aread())
             buffer = bytearray()
-            buffer_at = offset
             try:
                 async for chunk in response.aiter_raw():
                     if skip:
                         dropped = min(skip, len(chunk))
                         chunk, skip = chunk[dropped:], skip - dropped
-                    room = part.length - part.done - len(buffer)
-                    chunk = chunk[:room]
-                    buffer += chunk
-                    if len(buffer) >= _WRITE_BUFFER or len(buffer) == part.length - part.done:
-                        self._flush(spec, partial, part, buffer, buffer_at)
-                        buffer_at, buffer = part.start + part.done, bytearray()
+                    buffer += chunk[: part.length - part.done - len(buffer)]
+                    if len(buffer) >= _WRITE_BUFFER or part.done + len(buffer) >= part.length:
+                        self._store(spec, partial, part, buffer)
+                        buffer = bytearray()
                         advanced()
-                    if part.done + len(buffer) >= part.length:
+                    if part.done >= part.length:
                         break
             finally:
                 # Whatever arrived before a drop or a cancel is kept: it is on disk before it is counted.
                 if buffer:
-                    self._flush(spec, partial, part, buffer, buffer_at)
+                    self._store(spec, partial, part, buffer)
                     advanced()
 
+    # -- shared ----------------------------------------------------------------------------------------------
+    def _range_check(self, spec: FileSpec, offset: int, status: int, headers: Mapping[str, str]) -> int | None:
+        """How many leading body bytes to drop: 0 for the 206 asked for, `offset` for a 200 with the whole file.
+        None for an error status not worth retrying. Raises _Retry, or TransferError when the file changed."""
+        if status in _RETRY_STATUS:
+            raise _Retry(f"HTTP {status}", _retry_after(headers.get("retry-after"), self.options.max_retry_after))
+        if status == 206:
+            match = _CONTENT_RANGE.match(headers.get("content-range", ""))
+            if not match or int(match.group(1)) != offset:
+                raise TransferError(f"{spec.label}: asked for bytes from {offset}, the server sent "
+                                    f"{headers.get('content-range')!r}")
+            if match.group(3) != "*" and int(match.group(3)) != spec.size:
+                raise TransferError(f"{spec.label} is {match.group(3)} bytes on the server but {spec.size} in "
+                                    "the listing: the repo changed during the pull; pull again")
+            return 0
+        if status == 200:
+            length = headers.get("content-length")
+            if length is not None and int(length) != spec.size:
+                raise TransferError(f"{spec.label} is {length} bytes on the server but {spec.size} in the "
+                                    "listing: the repo changed during the pull; pull again")
+            return offset
+        return None
+
     @staticmethod
-    def _flush(spec: FileSpec, partial: _PartialFile, part: _Part, buffer: bytearray, at: int) -> None:
+    def _store(spec: FileSpec, partial: _PartialFile, part: _Part, data: bytes | memoryview) -> None:
+        """Write the bytes that follow the part's done ones, then count them: a counted byte is in the file
+        (durable at the next checkpoint's fsync, which is what the state file records)."""
         try:
-            partial.write(at, bytes(buffer))
+            partial.write(part.start + part.done, data)
         except OSError as e:
             if _is_disk_full(e):
                 raise _disk_full(spec, partial.path, e) from None
             raise
-        part.done += len(buffer)
+        part.done += len(data)
+
+
+def _refused(spec: FileSpec, status: int, url: object, body: bytes) -> TransferError:
+    hint = " (gated or private: give a token)" if status in (401, 403) else ""
+    return TransferError(f"{spec.label}: HTTP {status} from {url}{hint}: {body[:300].decode(errors='replace')}")
+
+
+def _proxy_configured() -> bool:
+    """Whether httpx, which honours the environment (trust_env), could send a request through a proxy."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+    """Run `fn` in a thread of its own; its outcome arrives as a future of `loop`. Not a pool: a thread that a
+    cancel left behind in a DNS lookup must not hold up the next request."""
+    future: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        error = None
+        try:
+            fn(*args)
+        except BaseException as e:  # delivered to the event loop, which raises it where the part is awaited
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="mgr-transfer", daemon=True).start()
+    return future
+
+
+async def _outlast(future: asyncio.Future[None], grace: float) -> None:
+    """Wait, through further cancels, for an aborted worker thread to stop: at most `grace` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while not future.done() and (left := deadline - loop.time()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future], timeout=left)
+    # What it raises now (mostly the connection we shut down) is expected: retrieve it, so it is not logged as lost.
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def partial_state(store: Store, key: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import ApiError, BadRequest, ClientGone
 from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
+from ..scheduler import Lease, Scheduler
 
 T = TypeVar("T")
 
@@ -41,6 +42,16 @@ def require_str(body: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise BadRequest(f"missing or empty field {key!r}")
     return value
+
+
+async def lease_for(request: Request, scheduler: Scheduler, model: str, num_ctx: int | None = None,
+                    keep_alive: float | None = None) -> Lease:
+    """A lease on the model's runner: at once on the fast path; otherwise after waiting (load, queue),
+    unless the client leaves first."""
+    lease = scheduler.try_acquire(model, num_ctx, keep_alive)
+    if lease is not None:
+        return lease
+    return await unless_disconnected(request, scheduler.acquire(model, num_ctx, keep_alive))
 
 
 async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:

@@ -23,8 +23,8 @@ from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
 from ..scheduler import Instance, Lease, Scheduler, State
 from ..version import VERSION
 from .common import (
-    RUNNER_STOPPED, CleanupStreamingResponse, now_iso, open_runner_stream, read_json, require_str, sse_events,
-    unless_disconnected,
+    RUNNER_STOPPED, CleanupStreamingResponse, lease_for, now_iso, open_runner_stream, read_json, require_str,
+    sse_events, unless_disconnected,
 )
 from .options import map_format, map_options, parse_keep_alive
 
@@ -317,8 +317,7 @@ class OllamaApi:
     async def _embed(self, request: Request, model: str, inputs: list[str],
                      body: dict[str, Any]) -> tuple[dict[str, Any], Lease]:
         options = map_options(body.get("options"))
-        lease = await unless_disconnected(request, self.scheduler.acquire(
-            model, options.num_ctx, parse_keep_alive(body.get("keep_alive"))))
+        lease = await lease_for(request, self.scheduler, model, options.num_ctx, parse_keep_alive(body.get("keep_alive")))
         try:
             if not inputs:
                 return {"data": [], "usage": {"prompt_tokens": 0}}, lease
@@ -354,7 +353,7 @@ class OllamaApi:
     async def _generate(self, request: Request, model: str, path: str, runner_body: dict[str, Any],
                         num_ctx: int | None, keep_alive: float | None, stream: bool, chat: bool,
                         started: int) -> Response:
-        lease = await unless_disconnected(request, self.scheduler.acquire(model, num_ctx, keep_alive))
+        lease = await lease_for(request, self.scheduler, model, num_ctx, keep_alive)
         try:
             upstream = await open_runner_stream(self.runners, lease.base_url + path, runner_body)
         except BaseException:

@@ -20,7 +20,7 @@ from ..errors import ApiError, BadRequest
 from ..scheduler import Scheduler
 from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
 from .common import (
-    RUNNER_STOPPED, CleanupStreamingResponse, open_runner_stream, read_json, require_str, unless_disconnected,
+    RUNNER_STOPPED, CleanupStreamingResponse, lease_for, open_runner_stream, read_json, require_str,
 )
 
 
@@ -74,7 +74,7 @@ class OpenAIApi:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
-        lease = await unless_disconnected(request, self.scheduler.acquire(model))
+        lease = await lease_for(request, self.scheduler, model)
         # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
         body = {**body, "model": lease.spec.name}
         try:
