@@ -165,6 +165,18 @@ def test_load_and_unload_forms(daemon: Daemon, smollm2: str) -> None:
     assert httpx.get(daemon.base_url + "/api/ps").json()["models"] == []
 
 
+def test_explicit_load_unload_and_queue(daemon: Daemon, smollm2: str) -> None:
+    loaded = httpx.post(daemon.base_url + "/api/load", json={"model": smollm2, "keep_alive": "1m"}, timeout=120)
+    assert loaded.status_code == 200 and loaded.json()["done_reason"] == "load"
+    queue = httpx.get(daemon.base_url + "/api/queue").json()
+    assert queue["models"] == [{"name": smollm2, "state": "ready", "active": 0, "queued": 0, "num_parallel": 4}]
+    assert queue["queued"] == 0 and queue["max_queue"] == 512
+    unloaded = httpx.post(daemon.base_url + "/api/unload", json={"model": smollm2}, timeout=60)
+    assert unloaded.json()["done_reason"] == "unload"
+    assert httpx.get(daemon.base_url + "/api/queue").json()["models"] == []
+    assert httpx.post(daemon.base_url + "/api/load", json={"model": "nope"}).status_code == 404
+
+
 def test_keep_alive_zero_unloads_after_the_request(daemon: Daemon, smollm2: str) -> None:
     answer = httpx.post(daemon.base_url + "/api/chat", timeout=120, json={
         "model": smollm2, "stream": False, "keep_alive": 0, "options": GREEDY,

@@ -88,6 +88,9 @@ class OllamaApi:
             Route("/api/create", self.create, methods=["POST"]),
             Route("/api/blobs/{digest}", self.blob, methods=["HEAD", "POST"]),
             Route("/api/pull", self.pull, methods=["POST"]),
+            Route("/api/load", self.load, methods=["POST"]),
+            Route("/api/unload", self.unload, methods=["POST"]),
+            Route("/api/queue", self.queue, methods=["GET"]),
             Route("/api/embed", self.embed, methods=["POST"]),
             Route("/api/embeddings", self.embeddings, methods=["POST"]),
         ]
@@ -130,6 +133,24 @@ class OllamaApi:
             "state": instance.state.value, "gpus": list(instance.placement.gpus), "num_parallel": spec.num_parallel,
             "active": instance.active, "queued": len(instance.queue),
         }
+
+    async def queue(self, _: Request) -> Response:
+        """Who is waiting for what: per model, requests in flight and queued, and the bound over all."""
+        models = [{"name": i.spec.name, "state": i.state.value, "active": i.active, "queued": len(i.queue),
+                   "num_parallel": i.spec.num_parallel} for i in self.scheduler.snapshot()]
+        return JSONResponse({"models": models, "queued": sum(m["queued"] for m in models),
+                             "max_queue": self.scheduler.settings.max_queue})
+
+    async def load(self, request: Request) -> Response:
+        """Explicit load (mgr's; Ollama's form is an empty prompt): {"model", "keep_alive"?, "options"?}."""
+        body = await read_json(request)
+        options = map_options(body.get("options"))
+        return await self._load_or_unload(request, require_str(body, "model"),
+                                          parse_keep_alive(body.get("keep_alive")), options.num_ctx, False, chat=False)
+
+    async def unload(self, request: Request) -> Response:
+        body = await read_json(request)
+        return await self._load_or_unload(request, require_str(body, "model"), 0, None, False, chat=False)
 
     async def show(self, request: Request) -> Response:
         body = await read_json(request)
