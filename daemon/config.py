@@ -57,8 +57,11 @@ class Settings:
     vllm_python: str | None = None
     # The warm tier: idle vLLM models sleep (weights to host RAM) instead of being stopped.
     vllm_sleep: bool = True
-    # A Ray cluster for models that fit no single machine (vLLM --distributed-executor-backend ray).
+    # A Ray cluster for models that fit no single machine (vLLM --distributed-executor-backend ray):
+    # its address, how many machines, and GPUs per machine (None = as many as this one has).
     ray_address: str | None = None
+    ray_nodes: int = 1
+    ray_gpus_per_node: int | None = None
     # Hubs: the order a short name tries them, their endpoints, and tokens (never sent to another hub).
     sources: tuple[str, ...] = ("hf", "hf-mirror", "modelscope")
     hf_endpoint: str = "https://huggingface.co"
@@ -185,6 +188,8 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
     "vllm_python": (("MGR_VLLM_PYTHON",), str),
     "vllm_sleep": (("MGR_VLLM_SLEEP",), _boolean),
     "ray_address": (("MGR_RAY_ADDRESS",), str),
+    "ray_nodes": (("MGR_RAY_NODES",), _positive_int),
+    "ray_gpus_per_node": (("MGR_RAY_GPUS_PER_NODE",), _positive_int),
     "sources": (("MGR_SOURCES",), _sources),
     "hf_endpoint": (("MGR_HF_ENDPOINT", "HF_ENDPOINT"), _endpoint),
     "hf_mirror_endpoint": (("MGR_HF_MIRROR_ENDPOINT",), _endpoint),

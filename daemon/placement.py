@@ -26,6 +26,14 @@ class TooBig(Exception):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class RayCluster:
+    """A Ray cluster vLLM may spread a model over: `nodes` machines of `gpus_per_node` GPUs like ours."""
+
+    nodes: int
+    gpus_per_node: int
+
+
 class NeedsGpu(TooBig):
     """The engine cannot run on this machine at all (vLLM without a GPU)."""
 
@@ -39,6 +47,11 @@ class Placement:
     memory_fraction: float | None = None
     gpu_layers: int = -1
     pipeline_parallel: int = 1  # > 1 only across machines (Ray)
+    tensor_parallel: int | None = None  # None = len(gpus) // pipeline_parallel; set for Ray placements
+
+    @property
+    def tensor_size(self) -> int:
+        return self.tensor_parallel or max(1, len(self.gpus) // self.pipeline_parallel)
 
     @property
     def processor(self) -> str:
@@ -57,7 +70,7 @@ def _gib(n: float) -> str:
 
 
 def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...] | None = None,
-          layers: int | None = None) -> Placement | None:
+          layers: int | None = None, cluster: RayCluster | None = None) -> Placement | None:
     """A placement for a model that needs `need` bytes; None when it does not fit now but would once
     other models leave; TooBig when it never can."""
     candidates = [g for g in gpus if pinned is None or g.index in pinned]
@@ -95,8 +108,22 @@ def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...]
     totals = sorted((g.total for g in candidates), reverse=True)[:largest]
     if all(t * MAX_FRACTION >= need / largest for t in totals):
         return None  # fits once idle models leave
+    if cluster is not None:
+        return _across_machines(need, cluster, min(g.total for g in candidates))
     raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the largest group of GPUs vLLM can use "
                  f"({largest} x {_gib(min(totals))}) cannot hold it")
+
+
+def _across_machines(need: int, cluster: RayCluster, gpu_total: int) -> Placement:
+    """Tensor parallel within a machine, pipeline parallel over the fewest machines that hold the model."""
+    per_machine = cluster.gpus_per_node * gpu_total * MAX_FRACTION
+    machines = math.ceil(need / per_machine)
+    if machines > cluster.nodes:
+        raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the Ray cluster's {cluster.nodes} machines "
+                     f"x {cluster.gpus_per_node} GPUs hold about {_gib(cluster.nodes * per_machine)}")
+    share = need / (machines * cluster.gpus_per_node) / gpu_total
+    return Placement(tuple(range(cluster.gpus_per_node)), memory_fraction=min(share, MAX_FRACTION),
+                     pipeline_parallel=machines, tensor_parallel=cluster.gpus_per_node)
 
 
 def _single(model_format: str, need: int, gpu: Gpu) -> Placement:

@@ -42,7 +42,7 @@ from .config import Settings
 from .errors import ApiError, EngineUnavailable, LoadFailed, QueueFull
 from .gpus import Gpu, GpuInventory, NvmlGpus
 from .memory import estimate
-from .placement import CPU, NeedsGpu, Placement, TooBig, place
+from .placement import CPU, NeedsGpu, Placement, RayCluster, TooBig, place
 from .runners.base import LoadSpec, Runner
 from .runners.engines import DEFAULT_PARALLEL, make_runner
 
@@ -363,7 +363,8 @@ class Scheduler:
                 placement: Placement | None = instance.placement if self._fits_again(instance) else None
             else:
                 try:
-                    placement = place(spec.format, spec.estimate, self._free_gpus(), spec.pinned, spec.layers)
+                    placement = place(spec.format, spec.estimate, self._free_gpus(), spec.pinned, spec.layers,
+                                      self._ray_cluster())
                 except TooBig as e:
                     error = EngineUnavailable(str(e)) if isinstance(e, NeedsGpu) else LoadFailed(str(e))
                     self._fail(instance, str(e), error)
@@ -378,6 +379,12 @@ class Scheduler:
                 self._begin_wake(instance)
             else:
                 self._begin_load(instance, placement)
+
+    def _ray_cluster(self) -> RayCluster | None:
+        if self.settings.ray_address is None:
+            return None
+        per_node = self.settings.ray_gpus_per_node or len(self.gpus.gpus())
+        return RayCluster(self.settings.ray_nodes, per_node) if per_node else None
 
     def _evict_one(self, eligible: Callable[[Instance], bool]) -> bool:
         """Make room: the least recently used idle runner goes to sleep (or is unloaded when it cannot

@@ -14,7 +14,7 @@ from mgr.daemon.config import ModelOverrides
 from mgr.daemon.errors import LoadFailed
 from mgr.daemon.gpus import Gpu, StaticGpus
 from mgr.daemon.memory import GGUF_COMPUTE_BUFFER, VLLM_MIN_SHARE
-from mgr.daemon.placement import CPU, Placement, TooBig, place
+from mgr.daemon.placement import CPU, Placement, RayCluster, TooBig, place
 from mgr.daemon.scheduler import State
 from mgr.registry.store import Store
 from test_scheduler_policy import run, running, store, wait_until  # noqa: F401  (store: the fixture)
@@ -55,6 +55,21 @@ def test_vllm_tensor_parallel_over_the_fewest_gpus_that_fit() -> None:
     assert four is not None and four.gpus == (0, 1, 2, 3)
     with pytest.raises(TooBig, match=r"needs about 400\.0 GiB.*4 x 80\.0 GiB"):
         place("safetensors", 400 * GIB, gpus(80, 80, 80, 80))
+
+
+def test_a_model_too_big_for_this_machine_goes_over_the_ray_cluster() -> None:
+    cluster = RayCluster(nodes=4, gpus_per_node=8)
+    placement = place("safetensors", 1000 * GIB, gpus(*[80] * 8), cluster=cluster)
+    assert placement is not None and placement.pipeline_parallel == 2 and placement.tensor_size == 8
+    assert placement.memory_fraction == pytest.approx(1000 / 16 / 80)
+    with pytest.raises(TooBig, match="Ray cluster's 4 machines"):
+        place("safetensors", 4000 * GIB, gpus(*[80] * 8), cluster=cluster)
+    from mgr.daemon.runners.vllm import vllm_argv
+    from test_vllm_runner import SPEC, flag
+
+    argv = vllm_argv(SPEC, placement, 1, "/py", (0, 25, 0), ray_address="ray://head:10001")
+    assert flag(argv, "--tensor-parallel-size") == "8" and flag(argv, "--pipeline-parallel-size") == "2"
+    assert flag(argv, "--distributed-executor-backend") == "ray"
 
 
 def test_gguf_splits_layers_then_offloads_part_then_waits() -> None:

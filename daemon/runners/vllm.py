@@ -45,7 +45,7 @@ def vllm_version(python: str) -> tuple[int, ...]:
 def vllm_argv(spec: LoadSpec, placement: Placement, port: int, python: str, version: tuple[int, ...],
               extra_args: tuple[str, ...] = (), ray_address: str | None = None) -> list[str]:
     # GPUs are split into pipeline stages (one per machine with Ray); each stage is tensor parallel
-    tensor_parallel = max(1, len(placement.gpus) // placement.pipeline_parallel)
+    tensor_parallel = placement.tensor_size
     argv = [
         python, "-m", VLLM_ENTRYPOINT,
         "--model", str(spec.model_path),
