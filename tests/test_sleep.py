@@ -18,6 +18,13 @@ MIB = 1 << 20
 SLEEPER = {"alpha": StandinOptions(sleeps=True), "gamma": StandinOptions(sleeps=True)}
 
 
+async def put_to_sleep(h, model: str) -> int:  # type: ignore[no-untyped-def]
+    """Use the model once with a short keep_alive and wait until it is asleep; returns its runner's pid."""
+    (await h.scheduler.acquire(model, keep_alive=0.1)).release()
+    await wait_until(lambda: h.loaded() == {model: State.SLEEPING} and h.instance(model).transition is None)
+    return h.factory.pids(model)[0]
+
+
 def test_keep_alive_expiry_sleeps_and_a_request_wakes_the_same_process(store: Store, tmp_path: Path) -> None:
     cards = StaticGpus([1000 * MIB])
 
@@ -78,9 +85,7 @@ def test_unload_of_a_sleeping_model_ends_its_process(store: Store, tmp_path: Pat
 
     async def scenario() -> None:
         async with running(store, tmp_path, SLEEPER, gpus=cards) as h:
-            (await h.scheduler.acquire("alpha", keep_alive=0.1)).release()
-            await wait_until(lambda: h.loaded() == {"alpha": State.SLEEPING} and h.instance("alpha").transition is None)
-            pid = h.factory.pids("alpha")[0]
+            pid = await put_to_sleep(h, "alpha")
             assert await h.scheduler.unload("alpha")
             assert h.loaded() == {} and not group_alive(pid) and cards.used_by(pid) == {}
 
@@ -92,9 +97,7 @@ def test_a_sleeping_runner_that_crashes_is_forgotten(store: Store, tmp_path: Pat
 
     async def scenario() -> None:
         async with running(store, tmp_path, SLEEPER, gpus=cards) as h:
-            (await h.scheduler.acquire("alpha", keep_alive=0.1)).release()
-            await wait_until(lambda: h.loaded() == {"alpha": State.SLEEPING} and h.instance("alpha").transition is None)
-            pid = h.factory.pids("alpha")[0]
+            pid = await put_to_sleep(h, "alpha")
             os.kill(pid, 9)
             await wait_until(lambda: h.loaded() == {})
             lease = await h.scheduler.acquire("alpha")

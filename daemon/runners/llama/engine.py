@@ -55,7 +55,19 @@ class Event:
     usage: dict[str, Any] | None = None
 
 
-class Request:
+class Submission:
+    """What the asyncio side hands the engine thread: events come back on `events`, through the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False  # set by the asyncio side; read by the engine at every step
+
+    def emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Request(Submission):
     """One generation. Built on the asyncio side; the engine thread owns everything after `submit`.
 
     `shorter` yields (when the client allows truncation) shorter renderings of the same conversation, oldest
@@ -64,30 +76,20 @@ class Request:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, params: SamplingParams, prompt: str,
                  add_special: bool, shorter: Iterator[str] = iter(())) -> None:
-        self.loop = loop
+        super().__init__(loop)
         self.params = params
         self.prompt = prompt
         self.shorter = shorter
         self.add_special = add_special
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = False
-
-    def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-class EmbedRequest:
+class EmbedRequest(Submission):
     """Texts to embed; answered with one "embeddings" event (vectors in `usage["data"]`) or an error."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, inputs: list[str], truncate: bool) -> None:
-        self.loop = loop
+        super().__init__(loop)
         self.inputs = inputs
         self.truncate = truncate
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = False
-
-    def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class _Slot:
