@@ -329,7 +329,7 @@ class Scheduler:
 
     def _can_sleep(self, instance: Instance) -> bool:
         return self.settings.vllm_sleep and bool(instance.placement.gpus) \
-            and getattr(instance.runner, "supports_sleep", False)
+            and instance.runner is not None and instance.runner.supports_sleep
 
     @staticmethod
     def _asleep(instance: Instance) -> bool:
@@ -431,7 +431,8 @@ class Scheduler:
 
     async def _sleep(self, instance: Instance, level: int) -> None:
         try:
-            await instance.runner.sleep(self.client, level)  # type: ignore[union-attr]
+            assert instance.runner is not None
+            await instance.runner.sleep(self.client, level)
         except Exception as e:
             instance.transition = None
             log.warning("%s: could not sleep (%s); unloading instead", instance.spec.name, e)
@@ -455,7 +456,8 @@ class Scheduler:
 
     async def _wake(self, instance: Instance) -> None:
         try:
-            await instance.runner.wake(self.client, instance.sleep_level)  # type: ignore[union-attr]
+            assert instance.runner is not None
+            await instance.runner.wake(self.client, instance.sleep_level)
         except Exception as e:
             log.warning("%s: could not wake (%s); starting it again", instance.spec.name, e)
             if instance.state is State.WAKING:

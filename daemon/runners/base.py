@@ -40,12 +40,19 @@ class Runner(Protocol):
     spec: LoadSpec
     base_url: str
     process: RunnerProcess
+    supports_sleep: bool  # whether sleep()/wake() work (vLLM's sleep mode)
 
     async def start(self, client: httpx.AsyncClient, timeout: float) -> None:
         """Start the process and return once it is ready; raise LoadFailed otherwise."""
 
     async def stop(self) -> None:
         """Stop the process group and wait for it to be gone."""
+
+    async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
+        """Free the GPU but keep the process: level 1 keeps weights in host RAM, level 2 drops them."""
+
+    async def wake(self, client: httpx.AsyncClient, level: int) -> None:
+        """Undo sleep(level)."""
 
     @property
     def exited(self) -> asyncio.Future[int]:

@@ -279,7 +279,7 @@ class MgrProbe:
         self.checkpoint_loop_s = 0.0  # of which on the event-loop thread (the final one of each file): it blocks
         self.skip_hash = False  # --what-if only: pretend the hash was computed while downloading (an upper bound)
         self.lock = threading.Lock()
-        original_hash = transfer._hash_file
+        original_hash = getattr(transfer, "_hash_file", None)  # the engine before hashing while downloading
         original_checkpoint = transfer._PartialFile.checkpoint
         probe = self
 
@@ -288,7 +288,7 @@ class MgrProbe:
                 return args[0].name.split(".")[0], None  # tmp/<sha256>.partial: the expected digest
             t = time.perf_counter()
             try:
-                return original_hash(*args, **kwargs)
+                return original_hash(*args, **kwargs)  # type: ignore[misc]
             finally:
                 with probe.lock:
                     probe.hash_s += time.perf_counter() - t
@@ -304,8 +304,22 @@ class MgrProbe:
                     if threading.current_thread() is threading.main_thread():
                         probe.checkpoint_loop_s += took
 
-        transfer._hash_file = timed_hash
         transfer._PartialFile.checkpoint = timed_checkpoint  # type: ignore[method-assign]
+        if original_hash is not None:
+            transfer._hash_file = timed_hash
+            return
+        # The engine hashes while it downloads: time what is left of the hash once every byte is in.
+        original_finish = transfer._PrefixHasher.finish
+
+        def timed_finish(self: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return original_finish(self)
+            finally:
+                with probe.lock:
+                    probe.hash_s += time.perf_counter() - t
+
+        transfer._PrefixHasher.finish = timed_finish  # type: ignore[method-assign]
 
     def reset(self) -> None:
         self.hash_s = self.checkpoint_s = self.checkpoint_loop_s = 0.0
