@@ -197,7 +197,8 @@ class Response:
             return
         with contextlib.suppress(Aborted):
             self._abort.attach(None)
-        if self._reusable and self._remaining == 0 and not self._abort.aborted:
+        # Bytes past the body would be taken for the next response's: such a connection is not reused.
+        if self._reusable and self._remaining == 0 and not conn.pending and not self._abort.aborted:
             self._client.check_in(conn)
         else:
             conn.close()

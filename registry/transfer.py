@@ -11,8 +11,8 @@ own `Range` request, written in place (pwrite) into one preallocated partial fil
 id). The state file is written only after the data it describes has been fsynced, so a pull stopped any way
 (Ctrl+C, kill -9, power loss) resumes from what is really on disk and never fetches those bytes again.
 
-Each part's bytes travel in a worker thread of its own: a Range GET through `rangeget` (1 MiB per recv, the
-GIL released while the kernel copies), pwrite, and hashing, so the event loop only keeps the books. Where an
+Each part's bytes travel in a worker thread: a Range GET through `rangeget` (1 MiB per recv, the GIL
+released while the kernel copies), pwrite, and hashing, so the event loop only keeps the books. Where an
 HTTP(S) proxy is configured, a client was handed in, or a server answers in a way rangeget does not handle,
 parts go through httpx on the event loop instead, as they all did before.
 
@@ -27,6 +27,7 @@ in this process share one download.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
@@ -90,6 +91,9 @@ class TransferOptions:
     stall_timeout: float = 30.0  # seconds without a byte before the connection is dropped and retried
     connect_timeout: float = 20.0
     checkpoint_interval: float = 1.0  # seconds between fsync + state writes while downloading
+    # ... or sooner, once this many more bytes of the file are in: bounds what the last fsync, which the pull
+    # waits for, has left to write (a fast link fills the page cache with a second's worth otherwise).
+    checkpoint_bytes: int = 128 << 20
     max_retry_after: float = 120.0  # longest Retry-After honoured as given
 
 
@@ -167,6 +171,7 @@ class _PartialFile:
         self._closing = False
         self._checkpointing = threading.Lock()  # one checkpoint at a time: a later snapshot is never overwritten
         self.parts = self._load() or self._fresh(part_size)
+        self.checkpointed = self.completed  # bytes the last checkpoint recorded (or is recording)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if os.fstat(self.fd).st_size != spec.size:
@@ -252,6 +257,7 @@ class _PartialFile:
             try:
                 with self._fd() as fd:
                     snapshot = [[p.start, p.end, p.done] for p in self.parts]  # before the fsync: never claims more
+                    self.checkpointed = sum(done for _, _, done in snapshot)
                     os.fdatasync(fd)
                     tmp = self.state_path.with_suffix(".tmp")
                     with tmp.open("w") as f:
@@ -315,9 +321,9 @@ class _PrefixHasher:
         return self._sha256.hexdigest(), self._sha1.hexdigest() if self._sha1 is not None else None
 
     def _hash_to(self, end: int) -> None:
-        if self._buffer is None:
-            self._buffer = memoryview(bytearray(self.CHUNK))
         while self._hashed < end:
+            if self._buffer is None:
+                self._buffer = memoryview(bytearray(min(self.CHUNK, self._partial.spec.size)))
             view = self._buffer[: min(self.CHUNK, end - self._hashed)]
             self._partial.read_into(self._hashed, view)
             self._sha256.update(view)
@@ -389,6 +395,7 @@ class Downloader:
         self._client = client
         self._own_client = client is None
         self._http = rangeget.Client(self.options.connect_timeout, self.options.stall_timeout)
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None  # the direct path's workers
         # rangeget speaks to servers directly: with a proxy configured, or a client handed in (a mock transport,
         # custom TLS), every part goes through httpx instead; so does a file whose server rangeget cannot handle.
         self._direct = client is None and not _proxy_configured()
@@ -415,6 +422,9 @@ class Downloader:
             if flight.task is not None:
                 flight.task.cancel()
         self._http.close()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
@@ -516,26 +526,27 @@ class Downloader:
         """Fetch every missing byte of the partial file, checkpointing on the way and on any exit; returns its
         digests: sha256, and the git blob sha1 where the hub gave only that."""
         hasher = _PrefixHasher(partial, want_sha1=spec.git_sha1 is not None)
-        ticker = asyncio.create_task(self._checkpoints(partial))
+        due = asyncio.Event()  # set when `checkpoint_bytes` more are in
+        ticker = asyncio.create_task(self._checkpoints(partial, due))
         try:
-            await self._fetch_parts(spec, partial, hasher, flight)
-            # In threads, side by side: the final fsync and the end of the hash, while other files' parts go on.
-            _, digests = await asyncio.gather(asyncio.to_thread(partial.checkpoint), asyncio.to_thread(hasher.finish))
+            await self._fetch_parts(spec, partial, hasher, flight, due)
+            # In threads, side by side: the last fsync and the end of the hash, while other files' parts go on.
+            _, digests = await asyncio.gather(asyncio.to_thread(_last_checkpoint, partial),
+                                              asyncio.to_thread(hasher.finish))
             return digests
         except BaseException:
-            try:
-                partial.checkpoint()  # synchronous: it must happen even while we are being cancelled
-            except OSError as e:
-                if not _is_disk_full(e):
-                    raise
+            _last_checkpoint(partial)  # synchronous: it must happen even while we are being cancelled
             raise
         finally:
             ticker.cancel()
 
-    async def _checkpoints(self, partial: _PartialFile) -> None:
+    async def _checkpoints(self, partial: _PartialFile, due: asyncio.Event) -> None:
+        """Checkpoint every `checkpoint_interval` seconds, or as soon as `due` says enough bytes came in."""
         lock_path = partial.path.with_suffix(".lock")
         while True:
-            await asyncio.sleep(self.options.checkpoint_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(due.wait(), self.options.checkpoint_interval)
+            due.clear()
             try:
                 await asyncio.to_thread(partial.checkpoint)
                 # The store's garbage collection removes tmp files untouched for an hour; keep the lock fresh.
@@ -543,13 +554,16 @@ class Downloader:
             except OSError:
                 return  # the data writes report a full disk themselves; the final checkpoint retries once
 
-    async def _fetch_parts(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher,
-                           flight: _Flight) -> None:
+    async def _fetch_parts(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher, flight: _Flight,
+                           checkpoint_due: asyncio.Event) -> None:
         queue = [p for p in partial.parts if p.done < p.length]
         flight.report(partial.completed, spec.size)
 
         def advanced() -> None:
-            flight.report(partial.completed, spec.size)
+            completed = partial.completed
+            flight.report(completed, spec.size)
+            if completed - partial.checkpointed >= self.options.checkpoint_bytes:
+                checkpoint_due.set()
 
         async def worker() -> None:
             while queue:
@@ -599,7 +613,7 @@ class Downloader:
                 self._via_httpx.add(spec.url)
         await self._stream_part_httpx(spec, partial, part, advanced)
 
-    # -- the direct path: a worker thread per request --------------------------------------------------------
+    # -- the direct path: each request in a worker thread ------------------------------------------------------
     async def _stream_part_direct(self, spec: FileSpec, partial: _PartialFile, hasher: _PrefixHasher,
                                   part: _Part, advanced: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
@@ -609,7 +623,12 @@ class Downloader:
             with contextlib.suppress(RuntimeError):  # the loop is closed: this thread was left behind by a cancel
                 loop.call_soon_threadsafe(advanced)
 
-        future = _in_thread(loop, self._receive_part, spec, partial, hasher, part, abort, notify)
+        if self._threads is None:
+            # Reused threads: starting one blocks the event loop until the new thread runs (milliseconds on a
+            # busy machine, per part). Twice the streams, so that threads a cancel left behind in a DNS lookup
+            # (see _outlast) do not hold up the parts after them.
+            self._threads = concurrent.futures.ThreadPoolExecutor(self.options.max_streams * 2, "mgr-transfer")
+        future = loop.run_in_executor(self._threads, self._receive_part, spec, partial, hasher, part, abort, notify)
         try:
             await asyncio.wait([future])  # unlike `await future`, being cancelled here leaves the future be
         except asyncio.CancelledError:
@@ -709,6 +728,14 @@ class Downloader:
         part.done += len(data)
 
 
+def _last_checkpoint(partial: _PartialFile) -> None:
+    try:
+        partial.checkpoint()
+    except OSError as e:
+        if not _is_disk_full(e):  # a full disk is reported by the data writes, which it stopped
+            raise
+
+
 def _refused(spec: FileSpec, status: int, url: object, body: bytes) -> TransferError:
     hint = " (gated or private: give a token)" if status in (401, 403) else ""
     return TransferError(f"{spec.label}: HTTP {status} from {url}{hint}: {body[:300].decode(errors='replace')}")
@@ -718,32 +745,6 @@ def _proxy_configured() -> bool:
     """Whether httpx, which honours the environment (trust_env), could send a request through a proxy."""
     proxies = urllib.request.getproxies()
     return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
-
-
-def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> asyncio.Future[None]:
-    """Run `fn` in a thread of its own; its outcome arrives as a future of `loop`. Not a pool: a thread that a
-    cancel left behind in a DNS lookup must not hold up the next request."""
-    future: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-
-    def run() -> None:
-        error = None
-        try:
-            fn(*args)
-        except BaseException as e:  # delivered to the event loop, which raises it where the part is awaited
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, error)
-
-    threading.Thread(target=run, name="mgr-transfer", daemon=True).start()
-    return future
 
 
 async def _outlast(future: asyncio.Future[None], grace: float) -> None:
