@@ -49,6 +49,10 @@ from .runners.engines import DEFAULT_PARALLEL, make_runner
 log = logging.getLogger("mgr.scheduler")
 
 FAILED_BACKOFF_SECONDS = 5.0
+# A load kept waiting this long because every runner is busy stops the least recently used runner from taking
+# new requests ("draining"), so that it frees its place: without this, steady traffic to the loaded models
+# would keep another model waiting for ever. Shorter waits are left alone, so bursts cause no reload churn.
+STARVATION_SECONDS = 5.0
 
 RunnerFactory = Callable[[LoadSpec, Settings, Placement], Runner]
 MEMORY_RELEASE_SECONDS = 15.0  # how long an unloaded runner's GPU memory may take to show up as free
@@ -94,6 +98,8 @@ class Instance:
         self.error = ""
         self.failed_until = 0.0
         self.unloaded = asyncio.Event()
+        self.created = time.monotonic()
+        self.draining = False  # takes no new requests; unloads when its last one ends
 
     @property
     def idle(self) -> bool:
@@ -193,7 +199,7 @@ class Scheduler:
         spec = self.spec_for(name, num_ctx)
         instance = self.instances.get(spec.name.lower())
         if instance is not None and instance.state is State.READY and instance.spec == spec \
-                and instance.active < spec.num_parallel and not instance.queue:
+                and instance.active < spec.num_parallel and not instance.queue and not instance.draining:
             return self._grant(instance, self.keep_alive_for(spec.name, keep_alive), 0.0)
         return None
 
@@ -287,6 +293,10 @@ class Scheduler:
             return
         if instance.state is not State.READY:
             return
+        if instance.draining:
+            if instance.active == 0:
+                self._begin_unload(instance)  # its queue moves to a successor, which loads after the starved one
+            return
         while instance.queue:
             head = instance.queue[0]
             if head.future.done():  # its request was cancelled
@@ -356,6 +366,7 @@ class Scheduler:
                     promised -= 1
                     continue
                 if not self._evict_one(lambda _: True):
+                    self._drain_for(instance, lambda _: True)
                     return
                 continue
             spec = instance.spec
@@ -373,12 +384,35 @@ class Scheduler:
                 if self.unloading or any(i.transition is not None for i in self.instances.values()):
                     return  # memory is on its way back
                 if not self._evict_one(lambda i: bool(i.placement.gpus) and i is not instance):
+                    self._drain_for(instance, lambda i: bool(i.placement.gpus))
                     return
                 continue
             if instance.state is State.SLEEPING:
                 self._begin_wake(instance)
             else:
                 self._begin_load(instance, placement)
+
+    def _drain_for(self, waiting: Instance, eligible: Callable[[Instance], bool]) -> None:
+        """Every runner is busy: once `waiting` has waited STARVATION_SECONDS, stop feeding the least recently
+        used busy runner so that it frees its place. The check runs again at every release."""
+        if time.monotonic() - waiting.created < STARVATION_SECONDS:
+            if waiting.expiry is None:  # look again when the bound is reached, even if nothing is released
+                delay = STARVATION_SECONDS - (time.monotonic() - waiting.created) + 0.01
+                waiting.expiry = asyncio.get_running_loop().call_later(delay, self._recheck, waiting)
+            return
+        busy = [i for i in self.instances.values()
+                if i.state is State.READY and i is not waiting and eligible(i)]
+        if not busy or any(i.draining for i in busy):
+            return
+        victim = min(busy, key=lambda i: i.last_used)
+        log.info("%s: draining to make room for %s, which has waited %.1fs", victim.spec.name,
+                 waiting.spec.name, time.monotonic() - waiting.created)
+        victim.draining = True
+        self._advance(victim)
+
+    def _recheck(self, waiting: Instance) -> None:
+        waiting.expiry = None
+        self._start_loads()
 
     def _ray_cluster(self) -> RayCluster | None:
         if self.settings.ray_address is None:

@@ -650,3 +650,35 @@ def test_shutdown_stops_every_runner(store: Store, tmp_path: Path) -> None:
             held.release()  # a request finishing after shutdown is harmless
 
     run(scenario)
+
+
+def test_steady_traffic_to_loaded_models_does_not_starve_another(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every runner stays busy (overlapping requests, none ever idle); a third model must still load once it
+    has waited STARVATION_SECONDS: the least recently used runner stops taking requests and makes room."""
+    monkeypatch.setattr(scheduler_module, "STARVATION_SECONDS", 0.3)
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, max_loaded_models=2) as h:
+            stop = asyncio.Event()
+
+            async def client(model: str, offset: float) -> None:
+                await asyncio.sleep(offset)
+                while not stop.is_set():  # independent requests; with three clients one is always in flight
+                    lease = await h.scheduler.acquire(model)
+                    await asyncio.sleep(0.06)
+                    lease.release()
+
+            workers = [asyncio.create_task(client(m, i * 0.02)) for m in ("alpha", "beta") for i in range(3)]
+            await wait_until(lambda: h.loaded() == {"alpha": State.READY, "beta": State.READY})
+            started = time.monotonic()
+            lease = await asyncio.wait_for(h.scheduler.acquire("gamma"), 5)
+            waited = time.monotonic() - started
+            lease.release()
+            stop.set()
+            await asyncio.gather(*workers)
+            assert 0.3 <= waited < 3.0, waited  # not before the bound, and not for as long as the traffic lasts
+            assert len(h.factory.pids("gamma")) == 1  # (once idle, gamma may be evicted for the drained model)
+            assert h.scheduler.instances.get("gamma:latest") is None or not h.instance("gamma").draining
+
+    run(scenario)
