@@ -117,6 +117,22 @@ def test_max_tokens_and_ignore_eos(runner: str) -> None:
     assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
 
 
+def test_logit_bias_bans_a_token(runner: str, gguf_path: Path) -> None:
+    import gguf
+
+    vocab = gguf.GGUFReader(gguf_path).fields["tokenizer.ggml.tokens"].contents()
+    paris = vocab.index("\u0120Paris")  # GPT-2 byte-level BPE writes a leading space as U+0120
+    body = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    first = httpx.post(runner + "/v1/completions", timeout=60, json=body).json()["choices"][0]["text"]
+    assert first == " Paris"
+    banned = httpx.post(runner + "/v1/completions", timeout=60,
+                        json={**body, "logit_bias": {str(paris): -100}}).json()["choices"][0]["text"]
+    assert banned != " Paris"
+    bad = httpx.post(runner + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": "y"}})
+    assert bad.status_code == 400
+
+
 def test_json_schema_output_parses_and_validates(runner: str) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
               "required": ["city", "population"]}

@@ -34,6 +34,7 @@ class SamplingParams:
     stop: list[str] = dataclasses.field(default_factory=list)
     grammar: str | None = None
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_request(cls, body: dict[str, Any]) -> SamplingParams:
@@ -43,6 +44,8 @@ class SamplingParams:
             "repetition_penalty": float, "repeat_last_n": int, "presence_penalty": float,
             "frequency_penalty": float, "seed": int,
         }
+        if "repetition_penalty" not in body and "repeat_penalty" in body:
+            body = {**body, "repetition_penalty": body["repeat_penalty"]}  # llama-server's spelling
         for key, kind in numeric.items():
             value = body.get(key)
             if value is None:
@@ -64,6 +67,13 @@ class SamplingParams:
             raise BadRequest("stop must be a string or a list of strings")
         params.grammar = grammar_from_request(body)
         params.ignore_eos = bool(body.get("ignore_eos", False))
+        bias = body.get("logit_bias") or {}
+        if not isinstance(bias, dict):
+            raise BadRequest("logit_bias must map token ids to biases")
+        try:
+            params.logit_bias = {int(token): float(value) for token, value in bias.items()}
+        except (TypeError, ValueError):
+            raise BadRequest("logit_bias must map token ids to numbers") from None
         if params.top_k < 0:
             params.top_k = 0
         return params
@@ -72,10 +82,12 @@ class SamplingParams:
         """A llama.cpp sampler chain; the caller frees it with llama_sampler_free."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if self.ignore_eos and eog_tokens:  # vLLM's and llama-server's ignore_eos: never end on EOS
-            biases = (llama.llama_logit_bias * len(eog_tokens))(
-                *(llama.llama_logit_bias(token, float("-inf")) for token in eog_tokens))
-            add(llama.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
+        bias = {t: b for t, b in self.logit_bias.items() if 0 <= t < n_vocab}  # OpenAI's logit_bias
+        if self.ignore_eos:  # vLLM's and llama-server's ignore_eos: never end on EOS
+            bias.update({token: float("-inf") for token in eog_tokens})
+        if bias:
+            entries = (llama.llama_logit_bias * len(bias))(*(llama.llama_logit_bias(t, b) for t, b in bias.items()))
+            add(llama.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))
         if self.grammar:
             grammar = llama.llama_sampler_init_grammar(vocab, self.grammar.encode(), b"root")
             if not grammar:
