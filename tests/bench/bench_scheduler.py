@@ -102,25 +102,10 @@ def runner_port(daemon: Daemon) -> int:
     raise RuntimeError("no runner process with --port found")
 
 
+from test_scheduler_policy import write_tiny_gguf  # noqa: E402  (the tests' minimal valid GGUF)
+
+
 # (a) fast path, in process ---------------------------------------------------------------------------------
-def write_tiny_gguf(path: Path, name: str) -> None:
-    """A minimal valid GGUF (as tests/test_scheduler_policy.py makes): the stand-in never reads it."""
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(name)
-    writer.add_context_length(8192)
-    writer.add_block_count(1)
-    writer.add_embedding_length(8)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 async def fast_path(root: Path, iterations: int) -> dict[str, Any]:
     store = Store(root / "models")
     write_tiny_gguf(root / "bench.gguf", "bench")
