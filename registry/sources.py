@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote

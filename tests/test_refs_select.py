@@ -6,7 +6,7 @@ import pytest
 from mgr.registry.catalog import Catalog, UnknownModel, default_catalog
 from mgr.registry.refs import HubReference, InvalidReference, ShortReference, parse_reference
 from mgr.registry.select import NoModelFiles, TagNotFound, gguf_choices, select_files, select_gguf, select_safetensors
-from mgr.registry.sources import RemoteFile, SourceConfig
+from mgr.registry.sources import RemoteFile
 
 ALL = ("hf", "hf-mirror", "modelscope")
 

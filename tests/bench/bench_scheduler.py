@@ -36,7 +36,6 @@ import collections
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
