@@ -83,6 +83,8 @@ class NvmlGpus:
                 for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     if process.pid in pids and process.usedGpuMemory:
                         used[index] = used.get(index, 0) + int(process.usedGpuMemory)
+        if not used and not any(psutil.pid_exists(p) for p in pids):
+            del self._trees[pid]  # the runner is gone and holds nothing: nothing more to remember
         return used
 
 

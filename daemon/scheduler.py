@@ -140,7 +140,7 @@ class Scheduler:
         self.gpus: GpuInventory = gpus if gpus is not None else NvmlGpus()
         # What runners really used, by (digest, num_ctx, num_parallel): better than any estimate next time.
         self._learned: dict[tuple[str, int, int], int] = {}
-        self._specs: dict[tuple[str, int | None], tuple[tuple[int, int], LoadSpec]] = {}
+        self._specs: dict[tuple[str, int | None], tuple[int, LoadSpec]] = {}  # by the store's generation
         self.instances: dict[str, Instance] = {}  # by model key; at most one live instance per model
         self.unloading: set[Instance] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -156,10 +156,10 @@ class Scheduler:
         scheduler learned changes: the fast path must not read manifests from disk."""
         key = (name.lower(), num_ctx)
         cached = self._specs.get(key)
-        if cached is not None and cached[0] == (self.store.generation, len(self._learned)):
+        if cached is not None and cached[0] == self.store.generation:
             return cached[1]
         spec = self._build_spec(name, num_ctx)
-        self._specs[key] = ((self.store.generation, len(self._learned)), spec)
+        self._specs[key] = (self.store.generation, spec)
         return spec
 
     def _build_spec(self, name: str, num_ctx: int | None) -> LoadSpec:
@@ -553,6 +553,7 @@ class Scheduler:
         if instance.measured and instance.spec.format == "gguf":
             spec = instance.spec
             self._learned[(spec.digest, spec.num_ctx, spec.num_parallel)] = sum(instance.measured.values())
+            self._specs.clear()  # their estimates came from what we knew before
 
     def _fail(self, instance: Instance, message: str, error: ApiError | None) -> None:
         if not self._closed:  # at shutdown the runner was stopped on purpose

@@ -46,7 +46,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         data = self.f.read(n)
         if len(data) != n:
-            raise GGUFError("the file ends inside its GGUF header (truncated?)")
+            raise GGUFError("not a GGUF file: it ends inside its header (truncated?)")
         return data
 
     def unpack(self, fmt: str) -> Any:
@@ -89,7 +89,7 @@ def read_header(path: Path) -> GGUFHeader:
             raise GGUFError("not a GGUF file (it does not start with the GGUF magic bytes)")
         version = reader.unpack("<I")
         if version not in (2, 3):
-            raise GGUFError(f"unsupported GGUF version {version} (a big-endian file, or not GGUF)")
+            raise GGUFError(f"not a GGUF file this reads: version {version} (a big-endian file?)")
         n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
         if n_tensors > 1_000_000 or n_kv > 1_000_000:
             raise GGUFError("implausible GGUF header counts (corrupt file?)")

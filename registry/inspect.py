@@ -15,8 +15,6 @@ from typing import Any
 
 from .gguf_header import GGUFError, read_header
 
-GGUF_MAGIC = b"GGUF"
-
 
 class InvalidModel(ValueError):
     pass
@@ -30,18 +28,12 @@ def _size_label(parameters: int) -> str:
     return str(parameters)
 
 
-def is_gguf(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == GGUF_MAGIC
-
-
 def inspect_gguf(path: Path) -> dict[str, Any]:
     """Details and model_info of a GGUF file; InvalidModel when it is not a readable GGUF."""
     try:
         header = read_header(path)
     except GGUFError as e:
-        raise InvalidModel(f"{path.name} is not a GGUF file ({e})" if "magic" not in str(e) else
-                           f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes)") from None
+        raise InvalidModel(f"{path.name}: {e}") from None
     field = header.metadata.get
     arch = field("general.architecture") or "unknown"
     parameters = header.parameter_count

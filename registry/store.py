@@ -6,7 +6,8 @@
                                         source; written last and atomically, so a model is visible only
                                         when complete
     <models>/tmp/                       blobs being written; renamed into blobs/ only once verified
-    <models>/links/<model id>/          folders of symlinks into blobs/ for engines that want a directory
+    <models>/links/<model id>/          folders of symlinks into blobs/, named as the model's files, for engines
+                                        that want a directory (vLLM) or find files by name (split GGUFs)
 
 Every blob is hashed while it is written and lands under its digest only when the hash matches; a crash
 leaves at most a file in tmp/, never a wrong blob. Methods are synchronous and thread-safe (the daemon calls
@@ -340,10 +341,16 @@ class Store:
 
     # serving -----------------------------------------------------------------------------------------
     def model_path(self, manifest: Manifest) -> Path:
-        """What an engine opens: the (first) GGUF blob, or a folder of links for safetensors models."""
+        """What an engine opens: a GGUF blob; for a split GGUF the first part in a folder of links named as
+        the parts were (llama.cpp finds the others by name beside it); for safetensors the folder of links."""
         if manifest.format == "gguf":
-            first = sorted(f.path for f in manifest.files if f.path.lower().endswith(".gguf"))[0]
-            return self.blob_path(next(f.digest for f in manifest.files if f.path == first))
+            parts = sorted(f.path for f in manifest.files if f.path.lower().endswith(".gguf"))
+            if len(parts) == 1:
+                return self.blob_path(next(f.digest for f in manifest.files if f.path == parts[0]))
+            return self._linked(manifest) / parts[0]
+        return self._linked(manifest)
+
+    def _linked(self, manifest: Manifest) -> Path:
         folder = self.links_dir / manifest.digest
         if not folder.is_dir():
             staging = self.links_dir / f".{uuid.uuid4().hex}"

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,9 +69,24 @@ class Daemon:
         raise RuntimeError(f"mgr serve did not start: {self.log_path.read_text()}")
 
     def runner_processes(self) -> list[psutil.Process]:
+        """The daemon's live runner processes. One that exits while it is being looked at, or is a zombie,
+        is skipped: it no longer holds a model."""
         assert self.process is not None
-        return [p for p in psutil.Process(self.process.pid).children(recursive=True)
-                if "mgr.daemon.runners" in " ".join(p.cmdline())]
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        runners = []
+        for process in children:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE and "mgr.daemon.runners" in " ".join(process.cmdline()):
+                    runners.append(process)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        return runners
+
+    def runner_pids(self) -> list[int]:
+        return [p.pid for p in self.runner_processes()]
 
     def cli(self, *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -106,6 +122,33 @@ def smollm2(daemon: Daemon, gguf_path: Path) -> str:
     result = daemon.cli("create", "smollm2", "--from", str(gguf_path))
     assert result.returncode == 0, result.stderr
     return "smollm2:latest"
+
+
+class DaemonSampler(threading.Thread):
+    """Calls `sample(client)` every `interval` seconds against a daemon until `stop_event` is set; an error
+    in a sample is kept in `errors` (for the caller to report), never raised in the thread."""
+
+    def __init__(self, daemon: Daemon, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.target = daemon
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.samples = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.target.base_url, timeout=10, trust_env=False) as client:
+            while not self.stop_event.is_set():
+                started = time.monotonic()
+                try:
+                    self.sample(client)
+                    self.samples += 1
+                except Exception as e:  # noqa: BLE001 - kept for the caller
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                self.stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def sample(self, client: httpx.Client) -> None:
+        raise NotImplementedError
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -20,7 +20,6 @@ How "never two runners" is checked, without flakiness and without looking away f
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
-from conftest import QUESTION, Daemon
+from conftest import QUESTION, Daemon, DaemonSampler
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -56,55 +54,20 @@ def one_slot_daemon(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -
         daemon.stop()
 
 
-def live_runner_pids(daemon: Daemon) -> list[int]:
-    """The daemon's runner processes that are alive and not zombies. A process that exits while it is being
-    looked at is skipped (it is gone, or a zombie, either way no longer a runner holding a model)."""
-    assert daemon.process is not None
-    try:
-        children = psutil.Process(daemon.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    pids = []
-    for process in children:
-        try:
-            if process.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if "mgr.daemon.runners" in " ".join(process.cmdline()):
-                pids.append(process.pid)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return pids
-
-
-class Sampler(threading.Thread):
+class Sampler(DaemonSampler):
     """Every SAMPLE_INTERVAL: the live runner processes and the /api/ps states; keeps the worst moments."""
 
     def __init__(self, daemon: Daemon) -> None:
-        super().__init__(daemon=True)
-        self.daemon_under_test = daemon
-        self.stop_event = threading.Event()
-        self.samples = 0
+        super().__init__(daemon, SAMPLE_INTERVAL)
         self.max_processes = 0
         self.max_holding = 0
         self.max_live = 0  # loading/ready/waking only
         self.pids_seen: set[int] = set()
         self.violations: list[str] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.daemon_under_test.base_url, timeout=10, trust_env=False) as client:
-            while not self.stop_event.is_set():
-                started = time.monotonic()
-                try:
-                    self.sample(client)
-                except Exception as e:  # noqa: BLE001 - reported by the test, never swallowed silently
-                    self.errors.append(f"{type(e).__name__}: {e}")
-                self.stop_event.wait(max(0.0, SAMPLE_INTERVAL - (time.monotonic() - started)))
 
     def sample(self, client: httpx.Client) -> None:
-        pids = live_runner_pids(self.daemon_under_test)
+        pids = self.target.runner_pids()
         models = client.get("/api/ps").json()["models"]
-        self.samples += 1
         self.pids_seen.update(pids)
         holding = [(m["name"], m["state"]) for m in models if m["state"] in HOLDING_STATES]
         live = [m for m in models if m["state"] in ("loading", "ready", "waking")]
@@ -167,6 +130,6 @@ def test_one_runner_at_a_time_under_concurrency(one_slot_daemon: Daemon) -> None
     queue = httpx.get(daemon.base_url + "/api/queue", timeout=10, trust_env=False).json()
     assert queue["queued"] == 0, queue
     assert all(m["active"] == 0 and m["queued"] == 0 for m in queue["models"]), queue
-    assert len(live_runner_pids(daemon)) <= 1
+    assert len(daemon.runner_pids()) <= 1
     print(f"\n{len(results)} answers in {elapsed:.1f}s; {len(loads)} loads; {sampler.samples} samples; "
           f"max runner processes {sampler.max_processes}, max holding instances {sampler.max_holding}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +34,11 @@ class LoadSpec:
     estimate: int = dataclasses.field(default=0, compare=False)  # bytes it will take once loaded
     layers: int = dataclasses.field(default=0, compare=False)  # transformer blocks, for partial offload
     pinned: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)  # GPUs from the config
+
+
+def runner_log_path(log_dir: Path, spec: LoadSpec) -> Path:
+    """One log file per model, named after it (safe for a file system)."""
+    return log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name) + ".log")
 
 
 class Runner(Protocol):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import psutil
 
 from ..config import Settings
 from ..placement import Placement
-from .base import LoadSpec, ProcessRunner
+from .base import LoadSpec, ProcessRunner, runner_log_path
 from .process import free_port
 from .vllm import VllmRunner
 
@@ -19,10 +18,6 @@ DEFAULT_PARALLEL = {"gguf": 4, "safetensors": 256}  # vLLM's own max-num-seqs de
 
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
-def _log_name(spec: LoadSpec) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name) + ".log"
 
 
 class LlamaCppRunner(ProcessRunner):
@@ -42,7 +37,7 @@ class LlamaCppRunner(ProcessRunner):
         ]
         env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)  # "" = the CPU
-        super().__init__(spec, port, argv, env, settings.runner_log_dir / _log_name(spec))
+        super().__init__(spec, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
         self.placement = placement
 
 

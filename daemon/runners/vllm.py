@@ -24,7 +24,7 @@ import httpx
 from ..config import Settings
 from ..errors import ApiError, EngineUnavailable
 from ..placement import Placement
-from .base import LoadSpec, ProcessRunner
+from .base import LoadSpec, ProcessRunner, runner_log_path
 from .process import free_port
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -81,9 +81,8 @@ class VllmRunner(ProcessRunner):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)
         if ray_address is not None:
             env["RAY_ADDRESS"] = ray_address
-        log_name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name) + ".log"
         # The command line depends on vLLM's version, read (slowly: it imports vLLM) in start().
-        super().__init__(spec, free_port(), [], env, settings.runner_log_dir / log_name)
+        super().__init__(spec, free_port(), [], env, runner_log_path(settings.runner_log_dir, spec))
         self.placement = placement
 
     async def start(self, client: httpx.AsyncClient, timeout: float) -> None:

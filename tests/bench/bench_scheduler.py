@@ -38,7 +38,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ import psutil
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))  # conftest.Daemon (a real `mgr serve`) and standin/ (the stand-in runner)
 
-from conftest import DEFAULT_GGUF, Daemon  # noqa: E402
+from conftest import DEFAULT_GGUF, Daemon, DaemonSampler  # noqa: E402
 from standin.factory import StandinFactory  # noqa: E402
 
 from mgr.daemon.config import Settings  # noqa: E402
@@ -76,25 +75,8 @@ def machine() -> str:
             f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, Python {sys.version.split()[0]}")
 
 
-def runner_pids(daemon: Daemon) -> list[int]:
-    """Live (not zombie) runner processes of the daemon; ones that vanish while looked at are skipped."""
-    assert daemon.process is not None
-    try:
-        children = psutil.Process(daemon.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    pids = []
-    for process in children:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE and "mgr.daemon.runners" in " ".join(process.cmdline()):
-                pids.append(process.pid)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return pids
-
-
 def runner_port(daemon: Daemon) -> int:
-    for pid in runner_pids(daemon):
+    for pid in daemon.runner_pids():
         argv = psutil.Process(pid).cmdline()
         if "--port" in argv:
             return int(argv[argv.index("--port") + 1])
@@ -175,37 +157,23 @@ def end_to_end(root: Path, gguf: Path, requests: int) -> dict[str, Any]:
 
 
 # (b) stress -------------------------------------------------------------------------------------------------
-class Sampler(threading.Thread):
+class Sampler(DaemonSampler):
     """Every `interval`: /api/ps, /api/queue and the runner processes; keeps maxima and the bound violations."""
 
     def __init__(self, daemon: Daemon, max_loaded: int, max_queue: int, interval: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.target, self.max_loaded, self.max_queue, self.interval = daemon, max_loaded, max_queue, interval
-        self.stop_event = threading.Event()
-        self.samples = 0
+        super().__init__(daemon, interval)
+        self.max_loaded, self.max_queue = max_loaded, max_queue
         self.max_queued = 0
         self.max_holding = 0
         self.max_processes = 0
         self.pids: set[int] = set()
         self.loaded_sets: list[tuple[str, ...]] = []  # each change of which models are ready
         self.violations: list[str] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.target.base_url, timeout=10, trust_env=False) as client:
-            while not self.stop_event.is_set():
-                started = time.monotonic()
-                try:
-                    self.sample(client)
-                except Exception as e:  # noqa: BLE001 - counted and reported
-                    self.errors.append(f"{type(e).__name__}: {e}")
-                self.stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def sample(self, client: httpx.Client) -> None:
-        pids = runner_pids(self.target)
+        pids = self.target.runner_pids()
         ps = client.get("/api/ps").json()["models"]
         queue = client.get("/api/queue").json()
-        self.samples += 1
         self.pids.update(pids)
         holding = [m["name"] for m in ps if m["state"] in HOLDING_STATES]
         ready = tuple(sorted(m["name"] for m in ps if m["state"] == "ready"))
@@ -293,7 +261,7 @@ def stress(root: Path, gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
             sampler.join(timeout=15)
         after_queue = httpx.get(daemon.base_url + "/api/queue", timeout=10, trust_env=False).json()
         after_ps = httpx.get(daemon.base_url + "/api/ps", timeout=10, trust_env=False).json()["models"]
-        after_pids = runner_pids(daemon)
+        after_pids = daemon.runner_pids()
     finally:
         daemon.stop()
     log = daemon.log_path.read_text()

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 from pathlib import Path
 
 from mgr.daemon.config import Settings
 from mgr.daemon.gpus import StaticGpus
 from mgr.daemon.placement import CPU, Placement
-from mgr.daemon.runners.base import LoadSpec, ProcessRunner
+from mgr.daemon.runners.base import LoadSpec, ProcessRunner, runner_log_path
 from mgr.daemon.runners.process import free_port
 
 SCRIPT = Path(__file__).with_name("runner.py")
@@ -54,8 +53,7 @@ class StandinRunner(ProcessRunner):
         if options.fail_load:
             argv.append("--fail-load")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        log_name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name) + ".log"
-        super().__init__(spec, port, argv, env, settings.runner_log_dir / log_name)
+        super().__init__(spec, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
 
     @property
     def pid(self) -> int | None:
