@@ -1,6 +1,6 @@
 """The daemon's ASGI app: the store, the scheduler and one shared HTTP client to the runners, created at
-start-up and closed at shut-down, and the two API adapters' routes. Errors are rendered here, once, in the
-shape of the API that was called."""
+start-up and closed at shut-down, and the two API adapters' routes. Errors are rendered once, by api/render.py,
+in the shape of the API that was called."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mgr.registry.inspect import InvalidModel
 from mgr.registry.names import InvalidName
 from mgr.registry.store import ModelNotFound, Store
 
 from .api.ollama import OllamaApi
-from .api.openai import OpenAIApi, openai_error_body
+from .api.openai import OpenAIApi
+from .api.render import error_response
 from .config import Settings
-from .errors import ApiError, ClientGone
+from .errors import ApiError
 from .gpus import GpuInventory, NvmlGpus
 from .pulls import Pulls
 from .runner_http import RunnerHttp
@@ -30,28 +32,29 @@ from .runners.engines import make_runner
 log = logging.getLogger("mgr.daemon")
 
 
-def _status_and_message(exc: Exception) -> tuple[int, str, dict[str, str]]:
-    if isinstance(exc, ApiError):
-        return exc.status, exc.message, exc.headers
-    if isinstance(exc, ModelNotFound):
-        return 404, str(exc), {}
-    if isinstance(exc, (InvalidName, InvalidModel)):
-        return 400, str(exc), {}
-    log.exception("unexpected error", exc_info=exc)
-    return 500, f"internal error: {type(exc).__name__}: {exc}", {}
-
-
 async def _render_error(request: Request, exc: Exception) -> Response:
-    status, message, headers = _status_and_message(exc)
-    if isinstance(exc, ClientGone):
-        log.info("499 %s %s: %s", request.method, request.url.path, message)
-    if request.url.path.startswith("/v1/"):
-        return JSONResponse(openai_error_body(message, status), status, headers=headers)
-    return JSONResponse({"error": message}, status, headers=headers)
+    return error_response(request.method, request.url.path, exc)
+
+
+class DaemonApp:
+    """The ASGI app: the OpenAI relay endpoints first (plain ASGI, see api/openai.py), then the router."""
+
+    def __init__(self, router: Starlette, relay_routes: dict[str, ASGIApp]) -> None:
+        self.router = router
+        self.relay_routes = relay_routes
+        self.state = router.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            relay = self.relay_routes.get(scope["path"])
+            if relay is not None:
+                await relay(scope, receive, send)
+                return
+        await self.router(scope, receive, send)
 
 
 def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner,
-               gpus: GpuInventory | None = None) -> Starlette:
+               gpus: GpuInventory | None = None) -> DaemonApp:
     # Runners answer on loopback; generation can take minutes, so only connecting has a deadline.
     # trust_env=False: an HTTP(S)_PROXY in the environment must never route loopback runner traffic.
     client = httpx.AsyncClient(
@@ -77,12 +80,13 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner,
             runners.close()
             await client.aclose()
 
+    openai = OpenAIApi(scheduler, store, runners)
     app = Starlette(
-        routes=OllamaApi(scheduler, store, runners, pulls).routes() + OpenAIApi(scheduler, store, runners).routes(),
+        routes=OllamaApi(scheduler, store, runners, pulls).routes() + openai.routes(),
         exception_handlers={Exception: _render_error, ApiError: _render_error, ModelNotFound: _render_error,
                             InvalidName: _render_error, InvalidModel: _render_error},
         lifespan=lifespan,
     )
     app.state.scheduler = scheduler
     app.state.store = store
-    return app
+    return DaemonApp(app, openai.relay_routes())

@@ -339,6 +339,42 @@ def test_runner_killed_mid_answer(daemon: Daemon, smollm2: str) -> None:
     assert answer.status_code == 200 and "Paris" in answer.json()["message"]["content"]
 
 
+def test_openai_stream_closed_by_the_client_frees_its_slot(daemon: Daemon, smollm2: str) -> None:
+    """The OpenAI relay runs outside the router: a client that drops a stream must still release the
+    daemon's lease and make the runner stop generating."""
+    with httpx.stream("POST", daemon.base_url + "/v1/chat/completions", timeout=120, json={
+            "model": smollm2, "stream": True, "max_tokens": 2000, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.iter_lines()
+        assert sum(1 for _, line in zip(range(5), lines) if line.startswith("data: {")) >= 2
+    [runner] = daemon.runner_processes()
+    port = runner.cmdline()[runner.cmdline().index("--port") + 1]
+
+    def idle() -> bool:
+        [model] = httpx.get(daemon.base_url + "/api/ps").json()["models"]
+        return model["active"] == 0 and httpx.get(f"http://127.0.0.1:{port}/health").json()["active"] == 0
+    assert wait_for(idle, timeout=15)
+
+
+def test_openai_stream_from_a_runner_that_dies_ends_with_an_error_event(daemon: Daemon, smollm2: str) -> None:
+    events: list[str] = []
+    with httpx.stream("POST", daemon.base_url + "/v1/completions", timeout=120, json={
+            "model": smollm2, "prompt": "Once upon a time", "stream": True, "max_tokens": 2000,
+            "ignore_eos": True}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    for runner in daemon.runner_processes():
+                        os.kill(runner.pid, signal.SIGKILL)
+    assert len(events) > 3 and "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == 502
+    assert wait_for(lambda: httpx.get(daemon.base_url + "/api/ps").json()["models"] == [], timeout=10)
+
+
 def test_rm_removes_manifest_and_blobs(daemon: Daemon, smollm2: str) -> None:
     copy = httpx.post(daemon.base_url + "/api/copy", json={"source": smollm2, "destination": "smol-copy"})
     assert copy.status_code == 200

@@ -25,7 +25,22 @@ def now_iso() -> str:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    return parse_json(await request.body())
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body from ASGI messages (for handlers that run without a Request)."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("client closed the connection while sending its request")
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise BadRequest("missing request body: send a JSON object")
     try:
@@ -44,23 +59,23 @@ def require_str(body: dict[str, Any], key: str) -> str:
     return value
 
 
-async def lease_for(request: Request, scheduler: Scheduler, model: str, num_ctx: int | None = None,
+async def lease_for(receive: Receive, scheduler: Scheduler, model: str, num_ctx: int | None = None,
                     keep_alive: float | None = None) -> Lease:
     """A lease on the model's runner: at once on the fast path; otherwise after waiting (load, queue),
     unless the client leaves first."""
     lease = scheduler.try_acquire(model, num_ctx, keep_alive)
     if lease is not None:
         return lease
-    return await unless_disconnected(request, scheduler.acquire(model, num_ctx, keep_alive))
+    return await unless_disconnected(receive, scheduler.acquire(model, num_ctx, keep_alive))
 
 
-async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+async def unless_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
     """Await `awaitable` (a queue wait, a load) but give up with ClientGone if the client goes away first;
     the body has been read, so the next ASGI message can only be the disconnect."""
     task = asyncio.ensure_future(awaitable)
 
     async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
 
     watcher = asyncio.ensure_future(disconnected())

@@ -338,7 +338,8 @@ class OllamaApi:
     async def _embed(self, request: Request, model: str, inputs: list[str],
                      body: dict[str, Any]) -> tuple[dict[str, Any], Lease]:
         options = map_options(body.get("options"))
-        lease = await lease_for(request, self.scheduler, model, options.num_ctx, parse_keep_alive(body.get("keep_alive")))
+        lease = await lease_for(request.receive, self.scheduler, model, options.num_ctx,
+                                parse_keep_alive(body.get("keep_alive")))
         try:
             if not inputs:
                 return {"data": [], "usage": {"prompt_tokens": 0}}, lease
@@ -360,7 +361,7 @@ class OllamaApi:
             await self.scheduler.unload(model)
             reason = "unload"
         else:
-            await unless_disconnected(request, self.scheduler.load(model, num_ctx, keep_alive))
+            await unless_disconnected(request.receive, self.scheduler.load(model, num_ctx, keep_alive))
             reason = "load"
         answer: dict[str, Any] = {"model": model, "created_at": now_iso(), "done": True, "done_reason": reason}
         if chat:
@@ -374,7 +375,7 @@ class OllamaApi:
     async def _generate(self, request: Request, model: str, path: str, runner_body: dict[str, Any],
                         num_ctx: int | None, keep_alive: float | None, stream: bool, chat: bool,
                         started: int) -> Response:
-        lease = await lease_for(request, self.scheduler, model, num_ctx, keep_alive)
+        lease = await lease_for(request.receive, self.scheduler, model, num_ctx, keep_alive)
         try:
             upstream = await open_runner_stream(self.runners, lease.base_url + path, runner_body)
         except BaseException:

@@ -1,32 +1,52 @@
 """The OpenAI API (/v1/*). The runners speak this protocol already, so requests pass through almost as they
-are: the adapter only finds the runner (through the scheduler) and relays bytes, which keeps the daemon's
-added latency near zero."""
+are: the adapter finds the runner (through the scheduler) and relays bytes.
+
+The three relayed endpoints are plain ASGI handlers that the app serves ahead of Starlette's router: every
+request to a busy vLLM model crosses them, and at 256 concurrent streams the router, the middleware stack
+and StreamingResponse's per-response task group cost as much as the relay itself (tests/bench/
+relay_overhead.py measures it). They render errors exactly as the router's handlers do (api/render.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mgr.registry.store import Manifest, Store
 
 from ..errors import ApiError, BadRequest
-from ..scheduler import Scheduler
 from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
-from .common import (
-    RUNNER_STOPPED, CleanupStreamingResponse, lease_for, open_runner_stream, read_json, require_str,
-)
+from ..scheduler import Lease, Scheduler
+from .common import RUNNER_STOPPED, open_runner_stream, parse_json, read_body, require_str, unless_disconnected
+from .render import error_response
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+JSON_TYPE = (b"content-type", b"application/json")
 
 
 def _model_entry(manifest: Manifest) -> dict[str, Any]:
     created = int(dt.datetime.fromisoformat(manifest.modified_at).timestamp())
     return {"id": manifest.name, "object": "model", "created": created, "owned_by": "mgr"}
+
+
+def _check_chat(body: dict[str, Any]) -> None:
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise BadRequest("messages must be a non-empty list")
+
+
+def _requires(field: str) -> Callable[[dict[str, Any]], None]:
+    def check(body: dict[str, Any]) -> None:
+        if field not in body:
+            raise BadRequest(f"missing field {field!r}")
+    return check
 
 
 class OpenAIApi:
@@ -39,10 +59,15 @@ class OpenAIApi:
         return [
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
         ]
+
+    def relay_routes(self) -> dict[str, ASGIApp]:
+        """POST endpoints served as plain ASGI, ahead of the router."""
+        return {
+            "/v1/chat/completions": self._relay_endpoint("/v1/chat/completions", _check_chat),
+            "/v1/completions": self._relay_endpoint("/v1/completions", _requires("prompt")),
+            "/v1/embeddings": self._relay_endpoint("/v1/embeddings", _requires("input")),
+        }
 
     async def models(self, _: Request) -> Response:
         manifests = await asyncio.to_thread(self.store.list)
@@ -51,62 +76,71 @@ class OpenAIApi:
     async def model(self, request: Request) -> Response:
         return JSONResponse(_model_entry(await asyncio.to_thread(self.store.get, request.path_params["model"])))
 
-    async def chat_completions(self, request: Request) -> Response:
-        body = await read_json(request)
-        if not isinstance(body.get("messages"), list) or not body["messages"]:
-            raise BadRequest("messages must be a non-empty list")
-        return await self._relay(request, body, "/v1/chat/completions")
+    def _relay_endpoint(self, path: str, check: Callable[[dict[str, Any]], None]) -> ASGIApp:
+        async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                lease, upstream, stream = await self._open(path, check, receive)
+            except Exception as exc:
+                await error_response(scope["method"], path, exc)(scope, receive, send)
+                return
+            try:
+                if stream:
+                    await _relay_stream(upstream, receive, send)
+                else:
+                    try:
+                        content = await upstream.read()
+                    except RunnerGone:
+                        await error_response("POST", path, ApiError(RUNNER_STOPPED, 502))(scope, receive, send)
+                        return
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [JSON_TYPE, (b"content-length", str(len(content)).encode())]})
+                    await send({"type": "http.response.body", "body": content})
+            finally:
+                lease.release()
+                await upstream.aclose()
+        return endpoint
 
-    async def completions(self, request: Request) -> Response:
-        body = await read_json(request)
-        if "prompt" not in body:
-            raise BadRequest("missing field 'prompt'")
-        return await self._relay(request, body, "/v1/completions")
-
-    async def embeddings(self, request: Request) -> Response:
-        body = await read_json(request)
-        if "input" not in body:
-            raise BadRequest("missing field 'input'")
-        return await self._relay(request, body, "/v1/embeddings")
-
-    async def _relay(self, request: Request, body: dict[str, Any], path: str) -> Response:
+    async def _open(self, path: str, check: Callable[[dict[str, Any]], None],
+                    receive: Receive) -> tuple[Lease, RunnerResponse, bool]:
+        """Validate the request, take a lease on the model's runner (waiting for a load or a slot unless the
+        client leaves), and send the request to the runner; the caller owns the lease and the response."""
+        body = parse_json(await read_body(receive))
+        check(body)
         model = require_str(body, "model")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
-        lease = await lease_for(request, self.scheduler, model)
-        # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
-        body = {**body, "model": lease.spec.name}
+        lease = self.scheduler.try_acquire(model)
+        if lease is None:
+            lease = await unless_disconnected(receive, self.scheduler.acquire(model))
         try:
-            upstream = await open_runner_stream(self.runners, lease.base_url + path, body)
+            # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
+            body["model"] = lease.spec.name
+            return lease, await open_runner_stream(self.runners, lease.base_url + path, body), stream
         except BaseException:
             lease.release()
             raise
-        if stream:
-            return CleanupStreamingResponse(_relay_sse(upstream), "text/event-stream",
-                                            [lease.release, upstream.aclose])
-        try:
-            content = await upstream.read()
-        except RunnerGone:
-            raise ApiError(RUNNER_STOPPED, 502) from None
-        finally:
-            lease.release()
-            await upstream.aclose()
-        return Response(content, media_type="application/json")
 
 
-async def _relay_sse(upstream: RunnerResponse) -> AsyncIterator[bytes]:
+async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send) -> None:
+    """Relay the runner's SSE body as it arrives. A client that leaves closes the runner connection, which
+    is how the runner learns to stop generating; one watcher task per stream notices it."""
+    async def watch_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        upstream.abort()
+
+    watcher = asyncio.ensure_future(watch_disconnect())
     try:
-        async for chunk in upstream.iter_bytes():
-            yield chunk
-    except RunnerGone:
-        error = {"error": {"message": RUNNER_STOPPED, "type": "server_error", "code": 502}}
-        yield b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"
-
-
-def openai_error_body(message: str, status: int) -> dict[str, Any]:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            503: "server_busy"}.get(status, "server_error")
-    code = "model_not_found" if status == 404 else status
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        try:
+            async for chunk in upstream.iter_bytes():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except RunnerGone:
+            if not watcher.done():  # the runner failed, not the client: say so in the stream
+                error = {"error": {"message": RUNNER_STOPPED, "type": "server_error", "code": 502}}
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        watcher.cancel()

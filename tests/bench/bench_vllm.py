@@ -6,8 +6,10 @@
     python3 tests/bench/bench_vllm.py swap cold /tmp/smollm2-st      # the same with MGR_VLLM_SLEEP=0
 
 throughput: one model (no --enforce-eager), /v1/completions streaming, 128 new tokens per request
-(ignore_eos), N concurrent clients; each cell sent once straight to the vLLM runner's port and once through
-the daemon, alternating which goes first. Aggregate tok/s = tokens / wall time; TTFT = first streamed chunk.
+(ignore_eos), N concurrent clients from the multi-process load generator (tests/bench/loadgen.py: a
+single-process client saturated at 256 streams); each cell is run several times straight to the vLLM
+runner's port and through the daemon, alternating which goes first, after one warm-up of each at that
+concurrency; medians are reported. Aggregate tok/s = tokens / wall time; TTFT = first event with text.
 swap: max_loaded_models=1 and two models: with the warm tier (the evicted model sleeps) and without it
 (MGR_VLLM_SLEEP=0: the evicted model is stopped, the other cold-started); time to first token after a switch.
 """
@@ -26,9 +28,11 @@ from pathlib import Path
 import httpx
 import psutil
 
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import PROMPT, Cell, run_cell  # noqa: E402
+
 PORT = 11434
 URL = f"http://127.0.0.1:{PORT}"
-PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
 
 class Daemon:
@@ -65,39 +69,7 @@ class Daemon:
         self.process.wait(timeout=120)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[float, int]:
-    """(seconds to the first token, tokens generated) for one streamed completion."""
-    started = time.perf_counter()
-    first = 0.0
-    generated = 0
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0.8,
-            "stream": True, "stream_options": {"include_usage": True}}
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            if not first and '"text"' in line:
-                first = time.perf_counter() - started
-            if '"usage"' in line:
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    generated = usage["completion_tokens"]
-    return first, generated
-
-
-async def cell(url: str, model: str, clients: int, tokens: int) -> dict[str, float]:
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
-        await one_request(client, url, model, 8)  # warm the connection
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, url, model, tokens) for _ in range(clients)))
-        wall = time.perf_counter() - started
-    total = sum(n for _, n in results)
-    return {"tok_s": total / wall, "ttft_p50_ms": statistics.median(t for t, _ in results) * 1000, "tokens": total}
-
-
-def throughput(folder: str) -> None:
+def throughput(folder: str, runs: int = 3, processes: int = 8) -> None:
     daemon = Daemon(Path("/tmp/mgr-bench-vllm"))
     try:
         daemon.cli("create", "smol", "--from", folder)
@@ -105,17 +77,32 @@ def throughput(folder: str) -> None:
         httpx.post(URL + "/api/generate", json={"model": "smol", "keep_alive": -1}, timeout=600).raise_for_status()
         print(f"cold start (no --enforce-eager) through mgr: {time.monotonic() - started:.1f}s", flush=True)
         direct_url = f"http://127.0.0.1:{daemon.runner_port('smol')}"
-        print("| clients | direct tok/s | mgr tok/s | mgr/direct | direct TTFT p50 ms | mgr TTFT p50 ms | added ms |")
-        print("|---|---|---|---|---|---|---|")
-        for i, clients in enumerate((1, 16, 64, 256)):
-            order = [("direct", direct_url), ("mgr", URL)]
-            if i % 2:
-                order.reverse()
-            measured = {name: asyncio.run(cell(url, "smol:latest", clients, 128)) for name, url in order}
-            d, m = measured["direct"], measured["mgr"]
-            print(f"| {clients} | {d['tok_s']:.0f} | {m['tok_s']:.0f} | {m['tok_s'] / d['tok_s']:.3f} | "
-                  f"{d['ttft_p50_ms']:.1f} | {m['ttft_p50_ms']:.1f} | {m['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f} |",
-                  flush=True)
+        daemon_process = psutil.Process(daemon.process.pid)
+        print(f"load generator: {processes} processes; {runs} runs per cell, direct and mgr alternating; "
+              "medians over the runs", flush=True)
+        print("| clients | direct tok/s | mgr tok/s | mgr/direct | direct TTFT p50 ms | mgr TTFT p50 ms | added ms "
+              "| daemon CPU us/token | runs (direct / mgr tok/s; TTFT ms) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for clients in (1, 16, 64, 256):
+            for url in (direct_url, URL):  # warm both paths at this concurrency (connections, CUDA graphs)
+                run_cell(url, "smol:latest", clients, 16, processes)
+            cells: dict[str, list[Cell]] = {"direct": [], "mgr": []}
+            cpu = 0.0
+            for run in range(runs):
+                order = [("direct", direct_url), ("mgr", URL)]
+                for name, url in order if run % 2 == 0 else order[::-1]:
+                    before = sum(daemon_process.cpu_times()[:2])
+                    cells[name].append(run_cell(url, "smol:latest", clients, 128, processes))
+                    if name == "mgr":
+                        cpu += sum(daemon_process.cpu_times()[:2]) - before
+            d, m = cells["direct"], cells["mgr"]
+            d_tok, m_tok = statistics.median(c.tok_s for c in d), statistics.median(c.tok_s for c in m)
+            d_ttft, m_ttft = statistics.median(c.ttft_p50_ms for c in d), statistics.median(c.ttft_p50_ms for c in m)
+            per_run = "; ".join(f"{a.tok_s:.0f}/{b.tok_s:.0f}, {a.ttft_p50_ms:.1f}/{b.ttft_p50_ms:.1f}"
+                                for a, b in zip(d, m))
+            tokens = sum(c.tokens for c in m)
+            print(f"| {clients} | {d_tok:.0f} | {m_tok:.0f} | {m_tok / d_tok:.3f} | {d_ttft:.1f} | {m_ttft:.1f} | "
+                  f"{m_ttft - d_ttft:+.1f} | {cpu / tokens * 1e6:.1f} | {per_run} |", flush=True)
     finally:
         daemon.stop()
 
@@ -161,4 +148,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "swap":
         swap(sys.argv[3] if len(sys.argv) > 3 else "/tmp/smollm2-st", sys.argv[2])
     else:
-        throughput(sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st")
+        throughput(sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st",
+                   int(os.environ.get("BENCH_RUNS", "3")), int(os.environ.get("BENCH_PROCESSES", "8")))

@@ -1,0 +1,160 @@
+"""What the daemon costs on the vLLM data path, measured without a GPU (not a timed test: it prints what one
+run measured). The engine is a STAND-IN (tests/bench/paced_vllm.py: vLLM-shaped SSE, one token per stream per
+step, almost free per token), so the numbers are the daemon's: its CPU time per request and per relayed
+token, and throughput/TTFT through it vs straight to the stand-in, with the multi-process load generator the
+GPU benchmark uses (tests/bench/loadgen.py).
+
+    .venv/bin/python tests/bench/relay_overhead.py [--clients 1,16,64,256] [--tokens 128] [--step-ms 10]
+        [--processes 4] [--runs 2] [--profile FILE]
+
+On a 2-core machine the client, the stand-in and the daemon share the cores, so read the daemon's CPU cost
+per token first; the ratios are only meaningful where the cores are not saturated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import run_cell  # noqa: E402
+
+HERE = Path(__file__).parent
+GIB = 1 << 30
+
+DAEMON = """
+import sys, uvicorn
+from pathlib import Path
+from mgr.daemon.app import create_app
+from mgr.daemon.config import Settings
+from mgr.daemon.gpus import StaticGpus
+root, port, profile = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+settings = Settings(host=f"127.0.0.1:{port}", models_dir=root / "models", state_dir=root / "state", num_ctx=2048)
+app = create_app(settings, gpus=StaticGpus([80 << 30]))
+server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                       backlog=4096))
+if profile:
+    import cProfile, signal
+    profiler = cProfile.Profile()
+    signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
+    signal.signal(signal.SIGUSR2, lambda *_: (profiler.disable(), profiler.dump_stats(profile)))
+server.run()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_vllm_package(root: Path, step_ms: float) -> Path:
+    """A `vllm` package whose OpenAI server module runs the paced stand-in."""
+    package = root / "pkg" / "vllm"
+    (package / "entrypoints" / "openai").mkdir(parents=True)
+    (package / "__init__.py").write_text('__version__ = "0.25.0"  # STAND-IN\n')
+    (package / "entrypoints" / "__init__.py").write_text("")
+    (package / "entrypoints" / "openai" / "__init__.py").write_text("")
+    (package / "entrypoints" / "openai" / "api_server.py").write_text(
+        f"import runpy, sys\nsys.argv += ['--step-ms', '{step_ms}']\n"
+        f"runpy.run_path({str(HERE / 'paced_vllm.py')!r}, run_name='__main__')\n")
+    return root / "pkg"
+
+
+def model_folder(root: Path) -> Path:
+    model = root / "smol-st"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "max_position_embeddings": 8192}))
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(32))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,16,64,256")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--step-ms", type=float, default=10.0)
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--profile", default="", help="write a cProfile of the daemon during the mgr cells")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="mgr-relay-"))
+    from mgr.registry.store import Store
+
+    store = Store(root / "models")
+    folder = model_folder(root)
+    store.create("smol", {name: store.import_file(folder / name) for name in ("config.json", "model.safetensors")},
+                 {"type": "bench"})
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{fake_vllm_package(root, args.step_ms)}{os.pathsep}"
+               f"{os.environ.get('PYTHONPATH', '')}", MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(root), str(port), args.profile], env=env,
+                              stdout=(root / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError((root / "daemon.log").read_text()) from None
+                time.sleep(0.1)
+        httpx.post(url + "/api/generate", json={"model": "smol", "keep_alive": -1}, timeout=60).raise_for_status()
+        stand_in = next(p for p in psutil.Process(daemon.pid).children(recursive=True)
+                        if "--port" in p.cmdline())
+        direct = f"http://127.0.0.1:{stand_in.cmdline()[stand_in.cmdline().index('--port') + 1]}"
+        process = psutil.Process(daemon.pid)
+        print(f"paced stand-in: one token per stream every {args.step_ms:g} ms, {args.tokens} tokens; "
+              f"{args.processes} load-generator processes; {os.cpu_count()} cores\n")
+        print("| clients | direct tok/s | mgr tok/s | mgr/direct | direct TTFT p50 ms | mgr TTFT p50 ms | added ms "
+              "| daemon CPU us/request | daemon CPU us/token |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for clients in (int(c) for c in args.clients.split(",")):
+            for target in (direct, url):  # warm: connections, pools
+                run_cell(target, "smol:latest", clients, 8, args.processes)
+            cells: dict[str, list] = {"direct": [], "mgr": []}
+            cpu = 0.0
+            for run in range(args.runs):
+                order = [("direct", direct), ("mgr", url)]
+                for name, target in order if run % 2 == 0 else order[::-1]:
+                    if name == "mgr" and args.profile:
+                        daemon.send_signal(10)  # SIGUSR1: profile on
+                    before = sum(process.cpu_times()[:2])
+                    cells[name].append(run_cell(target, "smol:latest", clients, args.tokens, args.processes))
+                    if name == "mgr":
+                        cpu += sum(process.cpu_times()[:2]) - before
+            d_tok = statistics.median(c.tok_s for c in cells["direct"])
+            m_tok = statistics.median(c.tok_s for c in cells["mgr"])
+            d_ttft = statistics.median(c.ttft_p50_ms for c in cells["direct"])
+            m_ttft = statistics.median(c.ttft_p50_ms for c in cells["mgr"])
+            requests = clients * args.runs
+            print(f"| {clients} | {d_tok:.0f} | {m_tok:.0f} | {m_tok / d_tok:.3f} | {d_ttft:.1f} | {m_ttft:.1f} | "
+                  f"{m_ttft - d_ttft:+.1f} | {cpu / requests * 1e6:.0f} | "
+                  f"{cpu / (requests * args.tokens) * 1e6:.1f} |", flush=True)
+        if args.profile:
+            daemon.send_signal(12)  # SIGUSR2: dump
+            time.sleep(2)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
