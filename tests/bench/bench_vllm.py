@@ -69,7 +69,7 @@ class Daemon:
         self.process.wait(timeout=120)
 
 
-def throughput(folder: str, runs: int = 3, processes: int = 8) -> None:
+def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float = 8.0) -> None:
     daemon = Daemon(Path("/tmp/mgr-bench-vllm"))
     try:
         daemon.cli("create", "smol", "--from", folder)
@@ -78,21 +78,21 @@ def throughput(folder: str, runs: int = 3, processes: int = 8) -> None:
         print(f"cold start (no --enforce-eager) through mgr: {time.monotonic() - started:.1f}s", flush=True)
         direct_url = f"http://127.0.0.1:{daemon.runner_port('smol')}"
         daemon_process = psutil.Process(daemon.process.pid)
-        print(f"load generator: {processes} processes; {runs} runs per cell, direct and mgr alternating; "
-              "medians over the runs", flush=True)
+        print(f"load generator: {processes} processes, closed loop, {duration:g} s per run; {runs} runs per cell, "
+              "direct and mgr alternating; medians over the runs", flush=True)
         print("| clients | direct tok/s | mgr tok/s | mgr/direct | direct TTFT p50 ms | mgr TTFT p50 ms | added ms "
-              "| daemon CPU us/token | runs (direct / mgr tok/s; TTFT ms) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| mgr requests | daemon CPU us/token | runs (direct / mgr tok/s; TTFT ms) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for clients in (1, 16, 64, 256):
             for url in (direct_url, URL):  # warm both paths at this concurrency (connections, CUDA graphs)
-                run_cell(url, "smol:latest", clients, 16, processes)
+                run_cell(url, "smol:latest", clients, 16, processes, duration=2)
             cells: dict[str, list[Cell]] = {"direct": [], "mgr": []}
             cpu = 0.0
             for run in range(runs):
                 order = [("direct", direct_url), ("mgr", URL)]
                 for name, url in order if run % 2 == 0 else order[::-1]:
                     before = sum(daemon_process.cpu_times()[:2])
-                    cells[name].append(run_cell(url, "smol:latest", clients, 128, processes))
+                    cells[name].append(run_cell(url, "smol:latest", clients, 128, processes, duration))
                     if name == "mgr":
                         cpu += sum(daemon_process.cpu_times()[:2]) - before
             d, m = cells["direct"], cells["mgr"]
@@ -101,8 +101,9 @@ def throughput(folder: str, runs: int = 3, processes: int = 8) -> None:
             per_run = "; ".join(f"{a.tok_s:.0f}/{b.tok_s:.0f}, {a.ttft_p50_ms:.1f}/{b.ttft_p50_ms:.1f}"
                                 for a, b in zip(d, m))
             tokens = sum(c.tokens for c in m)
+            requests = sum(c.requests for c in m)
             print(f"| {clients} | {d_tok:.0f} | {m_tok:.0f} | {m_tok / d_tok:.3f} | {d_ttft:.1f} | {m_ttft:.1f} | "
-                  f"{m_ttft - d_ttft:+.1f} | {cpu / tokens * 1e6:.1f} | {per_run} |", flush=True)
+                  f"{m_ttft - d_ttft:+.1f} | {requests} | {cpu / tokens * 1e6:.1f} | {per_run} |", flush=True)
     finally:
         daemon.stop()
 
@@ -149,4 +150,5 @@ if __name__ == "__main__":
         swap(sys.argv[3] if len(sys.argv) > 3 else "/tmp/smollm2-st", sys.argv[2])
     else:
         throughput(sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st",
-                   int(os.environ.get("BENCH_RUNS", "3")), int(os.environ.get("BENCH_PROCESSES", "8")))
+                   int(os.environ.get("BENCH_RUNS", "3")), int(os.environ.get("BENCH_PROCESSES", "8")),
+                   float(os.environ.get("BENCH_SECONDS", "8")))

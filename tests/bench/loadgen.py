@@ -3,14 +3,20 @@
 One Python process relaying hundreds of SSE streams saturates its own core before a fast server does (on
 the H100, an httpx client at 256 streams swung vLLM's measured throughput between 6,000 and 11,000 tok/s
 from run to run). Here the clients are spread over several processes, each a plain asyncio loop (uvloop when
-installed) with a minimal HTTP/1.1 reader; every client opens its connection first, then all send together
-at one instant agreed through CLOCK_MONOTONIC, which every process on the machine shares.
+installed) with a minimal HTTP/1.1 reader; every client opens its keep-alive connection first, then all
+start together at one instant agreed through CLOCK_MONOTONIC, which every process on the machine shares.
+
+A cell is closed-loop for a fixed time, as vLLM's own serving benchmark runs at a fixed concurrency: each
+client sends its next request as soon as its previous one ends, until `duration` has passed (requests
+running then are finished and counted). A cell of several seconds averages the engine's own step-to-step
+jitter, which one burst of single requests does not (on the H100 the same burst swung by 20%).
 
     from loadgen import run_cell
-    cell = run_cell("http://127.0.0.1:8000", "smol:latest", clients=256, tokens=128, processes=8)
+    cell = run_cell("http://127.0.0.1:8000", "smol:latest", clients=256, tokens=128, duration=8)
     cell.tok_s, cell.ttft_p50_ms
 
-Time to first token counts from the moment a request is written to the first event that carries text.
+Aggregate tok/s = completion tokens of every request / (last end - first send). Time to first token counts
+from the moment a request is written to the first event that carries text.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Cell:
     ttft_p50_ms: float
     ttft_p90_ms: float
     tokens: int
+    requests: int
     wall_s: float
 
 
@@ -63,6 +70,12 @@ async def _read_stream(reader: asyncio.StreamReader) -> tuple[float, int]:
         while (line_end := pending.find(b"\r\n")) >= 0:
             size = int(bytes(pending[:line_end]), 16)
             if size == 0:
+                # the last chunk, then the empty trailer line: read all of it, the connection is reused
+                while not pending.endswith(b"\r\n\r\n"):
+                    more = await reader.read(16)
+                    if not more:
+                        raise RuntimeError("connection closed in the last chunk")
+                    pending += more
                 done = True
                 break
             if len(pending) < line_end + 2 + size + 2:
@@ -82,7 +95,7 @@ async def _read_stream(reader: asyncio.StreamReader) -> tuple[float, int]:
     return first, generated
 
 
-async def _clients(url: str, model: str, count: int, tokens: int, ready: object, go: object,
+async def _clients(url: str, model: str, count: int, tokens: int, duration: float, ready: object, go: object,
                    start_at: object) -> list[tuple[float, float, int, float]]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -94,40 +107,47 @@ async def _clients(url: str, model: str, count: int, tokens: int, ready: object,
     if delay > 0:
         await asyncio.sleep(delay)
 
-    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[float, float, int, float]:
-        sent = time.monotonic()
-        writer.write(payload)
-        first, generated = await _read_stream(reader)
-        if not first:
-            raise RuntimeError("the stream carried no text")
-        ended = time.monotonic()
+    deadline = start_at.value + duration  # type: ignore[attr-defined]
+
+    Row = tuple[float, float, int, float]  # sent, first text, completion tokens, ended
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[Row]:
+        done: list[Row] = []
+        while not done or time.monotonic() < deadline:
+            sent = time.monotonic()
+            writer.write(payload)
+            first, generated = await _read_stream(reader)
+            if not first:
+                raise RuntimeError("the stream carried no text")
+            done.append((sent, first, generated, time.monotonic()))
         writer.close()
-        return sent, first, generated, ended
+        return done
 
-    return await asyncio.gather(*(one(r, w) for r, w in connections))
+    return [row for rows in await asyncio.gather(*(client(r, w) for r, w in connections)) for row in rows]
 
 
-def _process_main(url: str, model: str, count: int, tokens: int, ready: object, go: object, start_at: object,
-                  results: object) -> None:
+def _process_main(url: str, model: str, count: int, tokens: int, duration: float, ready: object, go: object,
+                  start_at: object, results: object) -> None:
     try:
         import uvloop  # type: ignore[import-not-found]
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
     try:
-        results.put(runner(_clients(url, model, count, tokens, ready, go, start_at)))  # type: ignore[attr-defined]
+        results.put(runner(_clients(url, model, count, tokens, duration, ready, go, start_at)))  # type: ignore[attr-defined]
     except BaseException as e:  # report, so the parent does not wait forever
         results.put(f"{type(e).__name__}: {e}")  # type: ignore[attr-defined]
 
 
-def run_cell(url: str, model: str, clients: int, tokens: int = 128, processes: int = 8) -> Cell:
+def run_cell(url: str, model: str, clients: int, tokens: int = 128, processes: int = 8,
+             duration: float = 8.0) -> Cell:
     context = multiprocessing.get_context("fork")
     processes = max(1, min(processes, clients))
     ready, results, go = context.Queue(), context.Queue(), context.Event()
     start_at = context.Value("d", 0.0)
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
-    workers = [context.Process(target=_process_main, args=(url, model, n, tokens, ready, go, start_at, results),
-                               daemon=True) for n in shares]
+    workers = [context.Process(target=_process_main, daemon=True,
+                               args=(url, model, n, tokens, duration, ready, go, start_at, results)) for n in shares]
     for worker in workers:
         worker.start()
     opened = sum(ready.get(timeout=60) for _ in workers)
@@ -146,4 +166,5 @@ def run_cell(url: str, model: str, clients: int, tokens: int = 128, processes: i
     wall = max(ended for _, _, _, ended in rows) - started
     ttfts = sorted((first - sent) * 1000 for sent, first, _, _ in rows)
     total = sum(generated for _, _, generated, _ in rows)
-    return Cell(clients, total / wall, statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], total, wall)
+    return Cell(clients, total / wall, statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], total,
+                len(rows), wall)

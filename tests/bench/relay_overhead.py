@@ -5,7 +5,7 @@ token, and throughput/TTFT through it vs straight to the stand-in, with the mult
 GPU benchmark uses (tests/bench/loadgen.py).
 
     .venv/bin/python tests/bench/relay_overhead.py [--clients 1,16,64,256] [--tokens 128] [--step-ms 10]
-        [--processes 4] [--runs 2] [--profile FILE]
+        [--processes 4] [--runs 2] [--duration 4] [--profile FILE]
 
 On a 2-core machine the client, the stand-in and the daemon share the cores, so read the daemon's CPU cost
 per token first; the ratios are only meaningful where the cores are not saturated.
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=10.0)
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per closed-loop run")
     parser.add_argument("--profile", default="", help="write a cProfile of the daemon during the mgr cells")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mgr-relay-"))
@@ -128,7 +129,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         for clients in (int(c) for c in args.clients.split(",")):
             for target in (direct, url):  # warm: connections, pools
-                run_cell(target, "smol:latest", clients, 8, args.processes)
+                run_cell(target, "smol:latest", clients, 16, args.processes, duration=1)
             cells: dict[str, list] = {"direct": [], "mgr": []}
             cpu = 0.0
             for run in range(args.runs):
@@ -137,17 +138,18 @@ def main() -> None:
                     if name == "mgr" and args.profile:
                         daemon.send_signal(10)  # SIGUSR1: profile on
                     before = sum(process.cpu_times()[:2])
-                    cells[name].append(run_cell(target, "smol:latest", clients, args.tokens, args.processes))
+                    cells[name].append(run_cell(target, "smol:latest", clients, args.tokens, args.processes,
+                                                    args.duration))
                     if name == "mgr":
                         cpu += sum(process.cpu_times()[:2]) - before
             d_tok = statistics.median(c.tok_s for c in cells["direct"])
             m_tok = statistics.median(c.tok_s for c in cells["mgr"])
             d_ttft = statistics.median(c.ttft_p50_ms for c in cells["direct"])
             m_ttft = statistics.median(c.ttft_p50_ms for c in cells["mgr"])
-            requests = clients * args.runs
+            requests = sum(c.requests for c in cells["mgr"])
             print(f"| {clients} | {d_tok:.0f} | {m_tok:.0f} | {m_tok / d_tok:.3f} | {d_ttft:.1f} | {m_ttft:.1f} | "
                   f"{m_ttft - d_ttft:+.1f} | {cpu / requests * 1e6:.0f} | "
-                  f"{cpu / (requests * args.tokens) * 1e6:.1f} |", flush=True)
+                  f"{cpu / sum(c.tokens for c in cells['mgr']) * 1e6:.1f} |", flush=True)
         if args.profile:
             daemon.send_signal(12)  # SIGUSR2: dump
             time.sleep(2)
