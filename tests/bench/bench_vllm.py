@@ -69,7 +69,8 @@ class Daemon:
         self.process.wait(timeout=120)
 
 
-def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float = 8.0) -> None:
+def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float = 8.0,
+               concurrencies: tuple[int, ...] = (1, 16, 64, 256)) -> None:
     daemon = Daemon(Path("/tmp/mgr-bench-vllm"))
     try:
         daemon.cli("create", "smol", "--from", folder)
@@ -80,10 +81,14 @@ def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float =
         daemon_process = psutil.Process(daemon.process.pid)
         print(f"load generator: {processes} processes, closed loop, {duration:g} s per run; {runs} runs per cell, "
               "direct and mgr alternating; medians over the runs", flush=True)
-        print("| clients | direct tok/s | mgr tok/s | mgr/direct | direct TTFT p50 ms | mgr TTFT p50 ms | added ms "
-              "| mgr requests | daemon CPU us/token | runs (direct / mgr tok/s; TTFT ms) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for clients in (1, 16, 64, 256):
+        # Each run's direct and mgr cells are neighbours in time, so their ratio cancels the engine's slow
+        # drift (vLLM's own tok/s moved 15% between runs minutes apart at one client); "paired" = the median
+        # of those per-run ratios and differences.
+        print("| clients | direct tok/s | mgr tok/s | mgr/direct | mgr/direct paired | direct TTFT p50 ms "
+              "| mgr TTFT p50 ms | added ms | added ms paired | mgr requests | daemon CPU us/token "
+              "| runs (direct / mgr tok/s; TTFT ms) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for clients in concurrencies:
             for url in (direct_url, URL):  # warm both paths at this concurrency (connections, CUDA graphs)
                 run_cell(url, "smol:latest", clients, 16, processes, duration=2)
             cells: dict[str, list[Cell]] = {"direct": [], "mgr": []}
@@ -102,8 +107,11 @@ def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float =
                                 for a, b in zip(d, m))
             tokens = sum(c.tokens for c in m)
             requests = sum(c.requests for c in m)
-            print(f"| {clients} | {d_tok:.0f} | {m_tok:.0f} | {m_tok / d_tok:.3f} | {d_ttft:.1f} | {m_ttft:.1f} | "
-                  f"{m_ttft - d_ttft:+.1f} | {requests} | {cpu / tokens * 1e6:.1f} | {per_run} |", flush=True)
+            paired_ratio = statistics.median(b.tok_s / a.tok_s for a, b in zip(d, m))
+            paired_added = statistics.median(b.ttft_p50_ms - a.ttft_p50_ms for a, b in zip(d, m))
+            print(f"| {clients} | {d_tok:.0f} | {m_tok:.0f} | {m_tok / d_tok:.3f} | {paired_ratio:.3f} | {d_ttft:.1f} "
+                  f"| {m_ttft:.1f} | {m_ttft - d_ttft:+.1f} | {paired_added:+.1f} | {requests} "
+                  f"| {cpu / tokens * 1e6:.1f} | {per_run} |", flush=True)
     finally:
         daemon.stop()
 
@@ -151,4 +159,5 @@ if __name__ == "__main__":
     else:
         throughput(sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st",
                    int(os.environ.get("BENCH_RUNS", "3")), int(os.environ.get("BENCH_PROCESSES", "8")),
-                   float(os.environ.get("BENCH_SECONDS", "8")))
+                   float(os.environ.get("BENCH_SECONDS", "8")),
+                   tuple(int(c) for c in os.environ.get("BENCH_CLIENTS", "1,16,64,256").split(",")))
