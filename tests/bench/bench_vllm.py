@@ -29,20 +29,22 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import PROMPT, Cell, run_cell  # noqa: E402
+from loadgen import PROMPT, Cell, run_cell, split_cpus  # noqa: E402
 
 PORT = 11434
 URL = f"http://127.0.0.1:{PORT}"
 
 
 class Daemon:
-    def __init__(self, root: Path, **env: str) -> None:
+    def __init__(self, root: Path, cpus: set[int] | None = None, **env: str) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, MGR_HOST=f"127.0.0.1:{PORT}", MGR_MODELS=str(root / "models"),
                         MGR_STATE_DIR=str(root / "state"), MGR_CONFIG=str(root / "none.toml"),
                         MGR_CONTEXT_LENGTH="2048", **env)
-        self.process = subprocess.Popen([sys.executable, "-m", "mgr.cli", "serve"], env=self.env,
+        # the daemon's runners (vLLM) inherit its CPUs
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.process = subprocess.Popen([sys.executable, "-m", "mgr.cli", "serve"], env=self.env, preexec_fn=pin,
                                         stdout=(root / "daemon.log").open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -71,8 +73,10 @@ class Daemon:
 
 def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float = 8.0,
                concurrencies: tuple[int, ...] = (1, 16, 64, 256)) -> None:
-    daemon = Daemon(Path("/tmp/mgr-bench-vllm"))
+    server_cpus, client_cpus = split_cpus()
+    daemon = Daemon(Path("/tmp/mgr-bench-vllm"), cpus=server_cpus)
     try:
+        print(f"CPUs: daemon and vLLM on {sorted(server_cpus)}, load generator on {sorted(client_cpus)}", flush=True)
         daemon.cli("create", "smol", "--from", folder)
         started = time.monotonic()
         httpx.post(URL + "/api/generate", json={"model": "smol", "keep_alive": -1}, timeout=600).raise_for_status()
@@ -90,14 +94,15 @@ def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float =
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for clients in concurrencies:
             for url in (direct_url, URL):  # warm both paths at this concurrency (connections, CUDA graphs)
-                run_cell(url, "smol:latest", clients, 16, processes, duration=2)
+                run_cell(url, "smol:latest", clients, 16, processes, 2, client_cpus)
             cells: dict[str, list[Cell]] = {"direct": [], "mgr": []}
             cpu = 0.0
             for run in range(runs):
                 order = [("direct", direct_url), ("mgr", URL)]
                 for name, url in order if run % 2 == 0 else order[::-1]:
                     before = sum(daemon_process.cpu_times()[:2])
-                    cells[name].append(run_cell(url, "smol:latest", clients, 128, processes, duration))
+                    cells[name].append(run_cell(url, "smol:latest", clients, 128, processes, duration,
+                                                 client_cpus))
                     if name == "mgr":
                         cpu += sum(daemon_process.cpu_times()[:2]) - before
             d, m = cells["direct"], cells["mgr"]

@@ -24,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -41,6 +43,23 @@ class Cell:
     tokens: int
     requests: int
     wall_s: float
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """This process's CPUs in two halves of whole physical cores: (servers, load generator). Pinning each side
+    to its own cores keeps a busy client process from landing on the hyper-thread sibling of the engine's
+    Python loop, which is CPU-bound for a small model and slowed by such a neighbour at random."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cores: dict[str, list[int]] = {}
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        key = siblings.read_text().strip() if siblings.exists() else str(cpu)
+        cores.setdefault(key, []).append(cpu)
+    groups = list(cores.values())
+    if len(groups) < 2:
+        return set(cpus), set(cpus)
+    half = len(groups) // 2
+    return {c for g in groups[:half] for c in g}, {c for g in groups[half:] for c in g}
 
 
 def request_bytes(host: str, port: int, model: str, tokens: int, path: str = "/v1/completions") -> bytes:
@@ -127,7 +146,9 @@ async def _clients(url: str, model: str, count: int, tokens: int, duration: floa
 
 
 def _process_main(url: str, model: str, count: int, tokens: int, duration: float, ready: object, go: object,
-                  start_at: object, results: object) -> None:
+                  start_at: object, results: object, cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     try:
         import uvloop  # type: ignore[import-not-found]
         runner = uvloop.run
@@ -140,14 +161,15 @@ def _process_main(url: str, model: str, count: int, tokens: int, duration: float
 
 
 def run_cell(url: str, model: str, clients: int, tokens: int = 128, processes: int = 8,
-             duration: float = 8.0) -> Cell:
+             duration: float = 8.0, cpus: set[int] | None = None) -> Cell:
     context = multiprocessing.get_context("fork")
     processes = max(1, min(processes, clients))
     ready, results, go = context.Queue(), context.Queue(), context.Event()
     start_at = context.Value("d", 0.0)
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
     workers = [context.Process(target=_process_main, daemon=True,
-                               args=(url, model, n, tokens, duration, ready, go, start_at, results)) for n in shares]
+                               args=(url, model, n, tokens, duration, ready, go, start_at, results, cpus))
+               for n in shares]
     for worker in workers:
         worker.start()
     opened = sum(ready.get(timeout=60) for _ in workers)
