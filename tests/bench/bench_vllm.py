@@ -2,6 +2,7 @@
 
     export PYTHONPATH=<mgr shim>:/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
     python3 tests/bench/bench_vllm.py throughput /tmp/smollm2-st     # direct vs through mgr, 1/16/64/256 clients
+    python3 tests/bench/bench_vllm.py rounds /tmp/smollm2-st         # the same, paired round by round
     python3 tests/bench/bench_vllm.py swap warm /tmp/smollm2-st      # two models on one GPU, warm tier on
     python3 tests/bench/bench_vllm.py swap cold /tmp/smollm2-st      # the same with MGR_VLLM_SLEEP=0
 
@@ -29,7 +30,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import PROMPT, Cell, run_cell, split_cpus  # noqa: E402
+from loadgen import PROMPT, Cell, run_cell, run_paired_rounds, split_cpus  # noqa: E402
 
 PORT = 11434
 URL = f"http://127.0.0.1:{PORT}"
@@ -71,17 +72,49 @@ class Daemon:
         self.process.wait(timeout=120)
 
 
-def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float = 8.0,
-               concurrencies: tuple[int, ...] = (1, 16, 64, 256)) -> None:
-    server_cpus, client_cpus = split_cpus()
+def start_model(folder: str, server_cpus: set[int], client_cpus: set[int]) -> tuple[Daemon, str]:
+    """The daemon with `smol` loaded for good; returns it and the vLLM runner's own URL."""
     daemon = Daemon(Path("/tmp/mgr-bench-vllm"), cpus=server_cpus)
+    print(f"CPUs: daemon and vLLM on {sorted(server_cpus)}, load generator on {sorted(client_cpus)}", flush=True)
     try:
-        print(f"CPUs: daemon and vLLM on {sorted(server_cpus)}, load generator on {sorted(client_cpus)}", flush=True)
         daemon.cli("create", "smol", "--from", folder)
         started = time.monotonic()
         httpx.post(URL + "/api/generate", json={"model": "smol", "keep_alive": -1}, timeout=600).raise_for_status()
         print(f"cold start (no --enforce-eager) through mgr: {time.monotonic() - started:.1f}s", flush=True)
-        direct_url = f"http://127.0.0.1:{daemon.runner_port('smol')}"
+        return daemon, f"http://127.0.0.1:{daemon.runner_port('smol')}"
+    except BaseException:
+        daemon.stop()
+        raise
+
+
+def rounds(folder: str, plan: dict[int, int], processes: int = 8) -> None:
+    """Paired rounds: `clients` simultaneous requests per round, direct and mgr alternating A B B A ...; the
+    finest pairing, for an engine whose speed drifts between runs."""
+    server_cpus, client_cpus = split_cpus()
+    daemon, direct_url = start_model(folder, server_cpus, client_cpus)
+    try:
+        print(f"load generator: {processes} processes; rounds of simultaneous requests, 128 tokens each, "
+              "direct and mgr alternating A B B A")
+        print("| clients | rounds | direct tok/s | mgr tok/s | mgr/direct | mgr/direct paired | direct TTFT p50 ms "
+              "| mgr TTFT p50 ms | added ms | added ms paired |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        targets = {"direct": direct_url, "mgr": URL}
+        for clients, count in plan.items():
+            run_paired_rounds(targets, "smol:latest", clients, 4, 16, processes, client_cpus)  # warm
+            r = run_paired_rounds(targets, "smol:latest", clients, count, 128, processes, client_cpus)
+            d, m = r.tok_s["direct"], r.tok_s["mgr"]
+            dt, mt = r.ttft_p50_ms["direct"], r.ttft_p50_ms["mgr"]
+            print(f"| {clients} | {count} | {d:.0f} | {m:.0f} | {m / d:.3f} | {r.ratio_paired:.3f} | {dt:.1f} "
+                  f"| {mt:.1f} | {mt - dt:+.1f} | {r.added_ttft_paired_ms:+.1f} |", flush=True)
+    finally:
+        daemon.stop()
+
+
+def throughput(folder: str, runs: int = 3, processes: int = 8, duration: float = 8.0,
+               concurrencies: tuple[int, ...] = (1, 16, 64, 256)) -> None:
+    server_cpus, client_cpus = split_cpus()
+    daemon, direct_url = start_model(folder, server_cpus, client_cpus)
+    try:
         daemon_process = psutil.Process(daemon.process.pid)
         print(f"load generator: {processes} processes, closed loop, {duration:g} s per run; {runs} runs per cell, "
               "direct and mgr alternating; medians over the runs", flush=True)
@@ -159,7 +192,12 @@ def swap(folder: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "swap":
+    if sys.argv[1] == "rounds":
+        plan = dict(tuple(map(int, item.split(":"))) for item in
+                    os.environ.get("BENCH_ROUNDS", "1:60,16:40,64:30,256:16").split(","))
+        rounds(sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st", plan,
+               int(os.environ.get("BENCH_PROCESSES", "8")))
+    elif sys.argv[1] == "swap":
         swap(sys.argv[3] if len(sys.argv) > 3 else "/tmp/smollm2-st", sys.argv[2])
     else:
         throughput(sys.argv[2] if len(sys.argv) > 2 else "/tmp/smollm2-st",

@@ -190,3 +190,105 @@ def run_cell(url: str, model: str, clients: int, tokens: int = 128, processes: i
     total = sum(generated for _, _, generated, _ in rows)
     return Cell(clients, total / wall, statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], total,
                 len(rows), wall)
+
+
+@dataclass(frozen=True)
+class PairedRounds:
+    """Rounds of `clients` simultaneous requests, alternating between two targets A B B A A B ..., so that
+    both see the same engine within seconds of each other."""
+    clients: int
+    rounds: int
+    tok_s: dict[str, float]  # tokens / summed round walls, per target
+    ttft_p50_ms: dict[str, float]
+    ratio_paired: float  # median over neighbouring (first, second) round pairs of tok/s second / first
+    added_ttft_paired_ms: float  # median over the same pairs of the difference of their TTFT p50
+
+
+def _target_of(round_index: int) -> int:
+    return (round_index + round_index // 2) % 2  # 0 1 1 0 0 1 1 0 ...
+
+
+async def _round_clients(urls: list[str], model: str, count: int, tokens: int, rounds: int, ready: object,
+                         barrier: object) -> list[tuple[int, float, float, int, float]]:
+    targets = []
+    for url in urls:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        connections = [await asyncio.open_connection(host, port, limit=1 << 20) for _ in range(count)]
+        targets.append((request_bytes(host, port, model, tokens), connections))
+    ready.put(count)  # type: ignore[attr-defined]
+
+    async def one(r: int, payload: bytes, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> tuple[int, float, float, int, float]:
+        sent = time.monotonic()
+        writer.write(payload)
+        first, generated = await _read_stream(reader)
+        if not first:
+            raise RuntimeError("the stream carried no text")
+        return r, sent, first, generated, time.monotonic()
+
+    rows = []
+    for r in range(rounds):
+        await asyncio.to_thread(barrier.wait)  # type: ignore[attr-defined]
+        payload, connections = targets[_target_of(r)]
+        rows += await asyncio.gather(*(one(r, payload, reader, writer) for reader, writer in connections))
+    return rows
+
+
+def _round_process_main(urls: list[str], model: str, count: int, tokens: int, rounds: int, ready: object,
+                        barrier: object, results: object, cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        results.put(runner(_round_clients(urls, model, count, tokens, rounds, ready, barrier)))  # type: ignore
+    except BaseException as e:
+        results.put(f"{type(e).__name__}: {e}")  # type: ignore[attr-defined]
+
+
+def run_paired_rounds(targets: dict[str, str], model: str, clients: int, rounds: int, tokens: int = 128,
+                      processes: int = 8, cpus: set[int] | None = None) -> PairedRounds:
+    """`targets`: two names -> base URLs. Every client holds a keep-alive connection to each."""
+    (name_a, url_a), (name_b, url_b) = targets.items()
+    context = multiprocessing.get_context("fork")
+    processes = max(1, min(processes, clients))
+    ready, results = context.Queue(), context.Queue()
+    barrier = context.Barrier(processes)
+    shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    workers = [context.Process(target=_round_process_main, daemon=True,
+                               args=([url_a, url_b], model, n, tokens, rounds, ready, barrier, results, cpus))
+               for n in shares]
+    for worker in workers:
+        worker.start()
+    assert sum(ready.get(timeout=60) for _ in workers) == clients
+    rows: list[tuple[int, float, float, int, float]] = []
+    for _ in workers:
+        part = results.get(timeout=900)
+        if isinstance(part, str):
+            raise RuntimeError(f"load generator process failed: {part}")
+        rows += part
+    for worker in workers:
+        worker.join(timeout=10)
+    per_round: list[tuple[float, float, int]] = []  # wall, TTFT p50 ms, tokens
+    for r in range(rounds):
+        mine = [row for row in rows if row[0] == r]
+        wall = max(row[4] for row in mine) - min(row[1] for row in mine)
+        per_round.append((wall, statistics.median((row[2] - row[1]) * 1000 for row in mine),
+                          sum(row[3] for row in mine)))
+    names = (name_a, name_b)
+    tok_s, ttft = {}, {}
+    for index, name in enumerate(names):
+        picked = [r for r in range(rounds) if _target_of(r) == index]
+        tok_s[name] = sum(per_round[r][2] for r in picked) / sum(per_round[r][0] for r in picked)
+        ttft[name] = statistics.median((rows[i][2] - rows[i][1]) * 1000 for i in range(len(rows))
+                                       if _target_of(rows[i][0]) == index)
+    ratios, added = [], []
+    for r in range(0, rounds - 1, 2):  # (0,1) (2,3) ...: each pair holds one round of each target
+        a, b = (r, r + 1) if _target_of(r) == 0 else (r + 1, r)
+        ratios.append((per_round[b][2] / per_round[b][0]) / (per_round[a][2] / per_round[a][0]))
+        added.append(per_round[b][1] - per_round[a][1])
+    return PairedRounds(clients, rounds, tok_s, ttft, statistics.median(ratios), statistics.median(added))
