@@ -210,12 +210,13 @@ def _target_of(round_index: int) -> int:
 
 async def _round_clients(urls: list[str], model: str, count: int, tokens: int, rounds: int, ready: object,
                          barrier: object) -> list[tuple[int, float, float, int, float]]:
-    targets = []
+    targets, hosts = [], []
     for url in urls:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         connections = [await asyncio.open_connection(host, port, limit=1 << 20) for _ in range(count)]
         targets.append((request_bytes(host, port, model, tokens), connections))
+        hosts.append((host, port))
     ready.put(count)  # type: ignore[attr-defined]
 
     async def one(r: int, payload: bytes, reader: asyncio.StreamReader,
@@ -229,8 +230,14 @@ async def _round_clients(urls: list[str], model: str, count: int, tokens: int, r
 
     rows = []
     for r in range(rounds):
-        await asyncio.to_thread(barrier.wait)  # type: ignore[attr-defined]
         payload, connections = targets[_target_of(r)]
+        # A server closes keep-alive connections idle for a few seconds (uvicorn: 5 s), which the other
+        # target's rounds can outlast: reconnect those before the round starts, as an HTTP client would.
+        for i, (reader, writer) in enumerate(connections):
+            if reader.at_eof() or writer.is_closing():
+                writer.close()
+                connections[i] = await asyncio.open_connection(*hosts[_target_of(r)], limit=1 << 20)
+        await asyncio.to_thread(barrier.wait)  # type: ignore[attr-defined]
         rows += await asyncio.gather(*(one(r, payload, reader, writer) for reader, writer in connections))
     return rows
 
