@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from mgr.daemon.gpus import StaticGpus
 from mgr.daemon.placement import Placement
 from mgr.daemon.runners.base import LoadSpec
 from mgr.daemon.runners.vllm import vllm_argv, vllm_version
+from standin.models import write_tiny_safetensors_model
 
 FAKE_VLLM = Path(__file__).parent / "standin" / "fake_vllm"
 GIB = 1 << 30
@@ -79,13 +79,7 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real daemon app, in this process on a loopback port, with one imaginary 80 GiB GPU, whose vLLM
     runners come from the stand-in vllm package."""
     root = tmp_path_factory.mktemp("vllm")
-    model = root / "smol-st"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "max_position_embeddings": 8192}))
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
-    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(32))
+    model = write_tiny_safetensors_model(root / "smol-st")
     os.environ["PYTHONPATH"] = f"{FAKE_VLLM}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     vllm_version.cache_clear()
     port = _free_port()

@@ -27,8 +27,10 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -145,8 +147,13 @@ async def _clients(url: str, model: str, count: int, tokens: int, duration: floa
     return [row for rows in await asyncio.gather(*(client(r, w) for r, w in connections)) for row in rows]
 
 
-def _process_main(url: str, model: str, count: int, tokens: int, duration: float, ready: object, go: object,
-                  start_at: object, results: object, cpus: set[int] | None) -> None:
+FORK = multiprocessing.get_context("fork")  # the clients' closures and queues pass to the workers as they are
+
+
+def _in_process(make: Callable[[int], Awaitable[list[Any]]], share: int, results: Any,
+                cpus: set[int] | None) -> None:
+    """A load-generator process: pinned, its clients on uvloop when installed; it sends back its rows or its
+    error, so that the parent never waits forever."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     try:
@@ -155,35 +162,44 @@ def _process_main(url: str, model: str, count: int, tokens: int, duration: float
     except ImportError:
         runner = asyncio.run
     try:
-        results.put(runner(_clients(url, model, count, tokens, duration, ready, go, start_at)))  # type: ignore[attr-defined]
-    except BaseException as e:  # report, so the parent does not wait forever
-        results.put(f"{type(e).__name__}: {e}")  # type: ignore[attr-defined]
+        results.put(runner(make(share)))
+    except BaseException as e:
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def _fork_clients(clients: int, processes: int, cpus: set[int] | None,
+                  make: Callable[[int], Awaitable[list[Any]]]) -> Callable[[], list[Any]]:
+    """Start `processes` workers, each running `make(its share of the clients)`; returns the function that
+    waits for all their rows."""
+    results = FORK.Queue()
+    shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    workers = [FORK.Process(target=_in_process, args=(make, n, results, cpus), daemon=True) for n in shares]
+    for worker in workers:
+        worker.start()
+
+    def collect() -> list[Any]:
+        rows: list[Any] = []
+        for _ in workers:
+            part = results.get(timeout=900)
+            if isinstance(part, str):
+                raise RuntimeError(f"load generator process failed: {part}")
+            rows += part
+        for worker in workers:
+            worker.join(timeout=10)
+        return rows
+    return collect
 
 
 def run_cell(url: str, model: str, clients: int, tokens: int = 128, processes: int = 8,
              duration: float = 8.0, cpus: set[int] | None = None) -> Cell:
-    context = multiprocessing.get_context("fork")
     processes = max(1, min(processes, clients))
-    ready, results, go = context.Queue(), context.Queue(), context.Event()
-    start_at = context.Value("d", 0.0)
-    shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
-    workers = [context.Process(target=_process_main, daemon=True,
-                               args=(url, model, n, tokens, duration, ready, go, start_at, results, cpus))
-               for n in shares]
-    for worker in workers:
-        worker.start()
-    opened = sum(ready.get(timeout=60) for _ in workers)
-    assert opened == clients
+    ready, go, start_at = FORK.Queue(), FORK.Event(), FORK.Value("d", 0.0)
+    collect = _fork_clients(clients, processes, cpus, lambda share: _clients(
+        url, model, share, tokens, duration, ready, go, start_at))
+    assert sum(ready.get(timeout=60) for _ in range(processes)) == clients
     start_at.value = time.monotonic() + 0.2  # every process is awake and waiting by then
     go.set()
-    rows: list[tuple[float, float, int, float]] = []
-    for _ in workers:
-        part = results.get(timeout=900)
-        if isinstance(part, str):
-            raise RuntimeError(f"load generator process failed: {part}")
-        rows += part
-    for worker in workers:
-        worker.join(timeout=10)
+    rows: list[tuple[float, float, int, float]] = collect()
     started = min(sent for sent, _, _, _ in rows)
     wall = max(ended for _, _, _, ended in rows) - started
     ttfts = sorted((first - sent) * 1000 for sent, first, _, _ in rows)
@@ -242,44 +258,16 @@ async def _round_clients(urls: list[str], model: str, count: int, tokens: int, r
     return rows
 
 
-def _round_process_main(urls: list[str], model: str, count: int, tokens: int, rounds: int, ready: object,
-                        barrier: object, results: object, cpus: set[int] | None) -> None:
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    try:
-        import uvloop  # type: ignore[import-not-found]
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        results.put(runner(_round_clients(urls, model, count, tokens, rounds, ready, barrier)))  # type: ignore
-    except BaseException as e:
-        results.put(f"{type(e).__name__}: {e}")  # type: ignore[attr-defined]
-
-
 def run_paired_rounds(targets: dict[str, str], model: str, clients: int, rounds: int, tokens: int = 128,
                       processes: int = 8, cpus: set[int] | None = None) -> PairedRounds:
     """`targets`: two names -> base URLs. Every client holds a keep-alive connection to each."""
     (name_a, url_a), (name_b, url_b) = targets.items()
-    context = multiprocessing.get_context("fork")
     processes = max(1, min(processes, clients))
-    ready, results = context.Queue(), context.Queue()
-    barrier = context.Barrier(processes)
-    shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
-    workers = [context.Process(target=_round_process_main, daemon=True,
-                               args=([url_a, url_b], model, n, tokens, rounds, ready, barrier, results, cpus))
-               for n in shares]
-    for worker in workers:
-        worker.start()
-    assert sum(ready.get(timeout=60) for _ in workers) == clients
-    rows: list[tuple[int, float, float, int, float]] = []
-    for _ in workers:
-        part = results.get(timeout=900)
-        if isinstance(part, str):
-            raise RuntimeError(f"load generator process failed: {part}")
-        rows += part
-    for worker in workers:
-        worker.join(timeout=10)
+    ready, barrier = FORK.Queue(), FORK.Barrier(processes)
+    collect = _fork_clients(clients, processes, cpus, lambda share: _round_clients(
+        [url_a, url_b], model, share, tokens, rounds, ready, barrier))
+    assert sum(ready.get(timeout=60) for _ in range(processes)) == clients
+    rows: list[tuple[int, float, float, int, float]] = collect()
     per_round: list[tuple[float, float, int]] = []  # wall, TTFT p50 ms, tokens
     for r in range(rounds):
         mine = [row for row in rows if row[0] == r]

@@ -14,11 +14,9 @@ per token first; the ratios are only meaningful where the cores are not saturate
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,8 +26,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from loadgen import run_cell  # noqa: E402
+from standin.models import write_tiny_safetensors_model  # noqa: E402
 
 HERE = Path(__file__).parent
 GIB = 1 << 30
@@ -73,17 +72,6 @@ def fake_vllm_package(root: Path, step_ms: float) -> Path:
     return root / "pkg"
 
 
-def model_folder(root: Path) -> Path:
-    model = root / "smol-st"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "max_position_embeddings": 8192}))
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
-    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(32))
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,16,64,256")
@@ -98,7 +86,7 @@ def main() -> None:
     from mgr.registry.store import Store
 
     store = Store(root / "models")
-    folder = model_folder(root)
+    folder = write_tiny_safetensors_model(root / "smol-st")
     store.create("smol", {name: store.import_file(folder / name) for name in ("config.json", "model.safetensors")},
                  {"type": "bench"})
     port = free_port()
