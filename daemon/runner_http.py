@@ -54,6 +54,9 @@ class RunnerHttp:
                 if reused and attempt == 1:
                     continue  # a pooled keep-alive connection the runner had closed: once more, fresh
                 raise RunnerGone(f"the model runner did not answer: {e}") from None
+            except BaseException:  # cancelled (the client left): closing the connection stops the runner
+                writer.close()
+                raise
             return RunnerResponse(self, (host, port), reader, writer, status_line, raw_headers)
         raise AssertionError("unreachable")
 

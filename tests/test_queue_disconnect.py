@@ -67,3 +67,23 @@ def test_a_client_that_leaves_the_queue_is_forgotten(single_slot: Daemon, path: 
         "model": "smollm2", "max_tokens": 20, "temperature": 0, "messages": [{"role": "user", "content": QUESTION}]})
     assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
     assert queue_of(single_slot) | {"active": 0, "queued": 0} == queue_of(single_slot)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "smollm2", "max_tokens": 1500, "ignore_eos": True,
+                              "messages": [{"role": "user", "content": "Write a very long story."}]}),
+    ("/api/generate", {"model": "smollm2", "prompt": "Write a very long story.", "stream": False,
+                       "options": {"num_predict": 1500}}),
+], ids=["openai", "ollama"])
+def test_a_client_that_leaves_a_non_streamed_answer_stops_it(single_slot: Daemon, path: str,
+                                                             body: dict) -> None:  # type: ignore[type-arg]
+    """1,500 tokens take this machine over 10 s; the slot must come back within seconds of the client leaving,
+    which only happens if the daemon closed the runner connection and the runner stopped generating."""
+    waiting = send_and_keep_open(single_slot, path, body)
+    assert wait_for(lambda: queue_of(single_slot)["active"] == 1, timeout=30)
+    [runner] = single_slot.runner_processes()
+    port = runner.cmdline()[runner.cmdline().index("--port") + 1]
+    assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").json()["active"] == 1, timeout=10)
+    waiting.close()
+    assert wait_for(lambda: queue_of(single_slot)["active"] == 0, timeout=4)
+    assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").json()["active"] == 0, timeout=4)

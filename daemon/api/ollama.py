@@ -376,35 +376,30 @@ class OllamaApi:
                         num_ctx: int | None, keep_alive: float | None, stream: bool, chat: bool,
                         started: int) -> Response:
         lease = await lease_for(request.receive, self.scheduler, model, num_ctx, keep_alive)
+        url = lease.base_url + path
+        if not stream:
+            try:
+                # A runner sends a whole answer's headers only when it is done: the client may leave before
+                # that, and then the runner must stop (the connection to it is closed).
+                return JSONResponse(await unless_disconnected(
+                    request.receive, self._answer(url, runner_body, lease, chat, started)))
+            finally:
+                lease.release()
         try:
-            upstream = await open_runner_stream(self.runners, lease.base_url + path, runner_body)
+            upstream = await open_runner_stream(self.runners, url, runner_body)
         except BaseException:
             lease.release()
             raise
         chunks = self._chunks(upstream, lease, chat, started)
-        if stream:
-            return CleanupStreamingResponse(_ndjson(chunks), NDJSON, [lease.release, upstream.aclose])
+        return CleanupStreamingResponse(_ndjson(chunks), NDJSON, [lease.release, upstream.aclose])
+
+    async def _answer(self, url: str, runner_body: dict[str, Any], lease: Lease, chat: bool,
+                      started: int) -> dict[str, Any]:
+        """A whole answer: the runner's stream gathered into one final chunk."""
+        upstream = await open_runner_stream(self.runners, url, runner_body)
         try:
-            parts: list[str] = []
-            tool_calls: list[dict[str, Any]] = []
-            final: dict[str, Any] = {}
-            async for chunk in chunks:
-                if chunk["done"]:
-                    final = chunk
-                elif chat:
-                    parts.append(chunk["message"]["content"])
-                    tool_calls += chunk["message"].get("tool_calls", [])
-                else:
-                    parts.append(chunk["response"])
-            if chat:
-                final["message"] = {"role": "assistant", "content": "".join(parts)}
-                if tool_calls:
-                    final["message"]["tool_calls"] = tool_calls
-            else:
-                final["response"] = "".join(parts)
-            return JSONResponse(final)
+            return await _collect(self._chunks(upstream, lease, chat, started), chat)
         finally:
-            lease.release()
             await upstream.aclose()
 
     async def _chunks(self, upstream: RunnerResponse, lease: Lease, chat: bool,
@@ -455,6 +450,28 @@ class OllamaApi:
             "eval_count": int(usage.get("completion_tokens", 0)), "eval_duration": eval_ns,
         }
         yield final
+
+
+async def _collect(chunks: AsyncIterator[dict[str, Any]], chat: bool) -> dict[str, Any]:
+    """One answer from the chunks of a stream: the final chunk with the whole text (and tool calls)."""
+    parts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    final: dict[str, Any] = {}
+    async for chunk in chunks:
+        if chunk["done"]:
+            final = chunk
+        elif chat:
+            parts.append(chunk["message"]["content"])
+            tool_calls += chunk["message"].get("tool_calls", [])
+        else:
+            parts.append(chunk["response"])
+    if chat:
+        final["message"] = {"role": "assistant", "content": "".join(parts)}
+        if tool_calls:
+            final["message"]["tool_calls"] = tool_calls
+    else:
+        final["response"] = "".join(parts)
+    return final
 
 
 def _json_object(text: str) -> Any:

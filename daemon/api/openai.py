@@ -78,32 +78,38 @@ class OpenAIApi:
 
     def _relay_endpoint(self, path: str, check: Callable[[dict[str, Any]], None]) -> ASGIApp:
         async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+            lease: Lease | None = None
             try:
-                lease, upstream, stream = await self._open(path, check, receive)
-            except Exception as exc:
-                await error_response(scope["method"], path, exc)(scope, receive, send)
-                return
-            try:
-                if stream:
-                    await _relay_stream(upstream, receive, send)
-                else:
-                    try:
-                        content = await upstream.read()
-                    except RunnerGone:
-                        await error_response("POST", path, ApiError(RUNNER_STOPPED, 502))(scope, receive, send)
-                        return
+                lease, body, stream = await self._admit(check, receive)
+                url = lease.base_url + path
+                if not stream:
+                    # A runner sends a whole answer's headers only when it is done: the client may leave
+                    # before that, and then the runner must stop (the connection to it is closed).
+                    content = await unless_disconnected(receive, self._answer(url, body))
+                    lease.release()
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": [JSON_TYPE, (b"content-length", str(len(content)).encode())]})
                     await send({"type": "http.response.body", "body": content})
+                    return
+                upstream = await open_runner_stream(self.runners, url, body)
+            except BaseException as exc:  # nothing has been sent yet
+                if lease is not None:
+                    lease.release()
+                if not isinstance(exc, Exception):
+                    raise  # cancelled
+                await error_response(scope["method"], path, exc)(scope, receive, send)
+                return
+            try:
+                await _relay_stream(upstream, receive, send)
             finally:
                 lease.release()
                 await upstream.aclose()
         return endpoint
 
-    async def _open(self, path: str, check: Callable[[dict[str, Any]], None],
-                    receive: Receive) -> tuple[Lease, RunnerResponse, bool]:
-        """Validate the request, take a lease on the model's runner (waiting for a load or a slot unless the
-        client leaves), and send the request to the runner; the caller owns the lease and the response."""
+    async def _admit(self, check: Callable[[dict[str, Any]], None],
+                     receive: Receive) -> tuple[Lease, dict[str, Any], bool]:
+        """Validate the request and take a lease on the model's runner (waiting for a load or a slot unless
+        the client leaves); returns the lease, the body for the runner and whether it streams."""
         body = parse_json(await read_body(receive))
         check(body)
         model = require_str(body, "model")
@@ -113,13 +119,19 @@ class OpenAIApi:
         lease = self.scheduler.try_acquire(model)
         if lease is None:
             lease = await unless_disconnected(receive, self.scheduler.acquire(model))
+        # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
+        body["model"] = lease.spec.name
+        return lease, body, stream
+
+    async def _answer(self, url: str, body: dict[str, Any]) -> bytes:
+        """A whole (not streamed) answer from the runner."""
+        upstream = await open_runner_stream(self.runners, url, body)
         try:
-            # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
-            body["model"] = lease.spec.name
-            return lease, await open_runner_stream(self.runners, lease.base_url + path, body), stream
-        except BaseException:
-            lease.release()
-            raise
+            return await upstream.read()
+        except RunnerGone:
+            raise ApiError(RUNNER_STOPPED, 502) from None
+        finally:
+            await upstream.aclose()
 
 
 async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send) -> None:
