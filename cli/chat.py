@@ -29,6 +29,7 @@ Use """ to begin a multi-line message.
 '''
 
 MULTILINE = '"""'
+SET_USAGE = "Usage: /set parameter <key> <value> | /set system <text> | /set verbose | /set quiet\n"
 
 
 def parse_value(text: str) -> Any:
@@ -192,9 +193,9 @@ def _command(text: str, session: Session, history: list[dict[str, str]], out: Te
             session.verbose = what == "verbose"
             out.write(f"Set '{what}' mode.\n")
         else:
-            out.write("Usage: /set parameter <key> <value> | /set system <text> | /set verbose | /set quiet\n")
+            out.write(SET_USAGE)
     elif name == "/set":
-        out.write("Usage: /set parameter <key> <value> | /set system <text> | /set verbose | /set quiet\n")
+        out.write(SET_USAGE)
     else:
         out.write(f"Unknown command '{words[0]}'. Type /? for help\n")
     out.flush()

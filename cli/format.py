@@ -91,17 +91,18 @@ def short_id(digest: str | None) -> str:
     return digest.split(":", 1)[-1][:12]
 
 
+def columns(rows: Sequence[Sequence[str]], first_width: int = 0) -> list[str]:
+    """Rows padded into columns three spaces apart (the first at least `first_width` wide), no trailing blanks."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) + len(COLUMN_GAP) for i in range(len(rows[0]))]
+    widths[0] = max(widths[0], first_width)
+    return ["".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns padded to the widest cell, three spaces apart, without trailing blanks."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    lines = []
-    for row in [list(headers), *rows]:
-        cells = [str(cell).ljust(widths[i]) for i, cell in enumerate(row)]
-        lines.append(COLUMN_GAP.join(cells).rstrip())
-    return "\n".join(lines)
+    return "\n".join(columns([list(headers), *rows]))
 
 
 # -- `mgr list` and `mgr ps` rows --------------------------------------------------------------------------

@@ -169,8 +169,9 @@ def cmd_run(args: argparse.Namespace, client: Client) -> int:
         verbose=args.verbose,
     )
     prompt = " ".join(args.prompt)
-    if args.prompt or not is_tty(sys.stdin):
-        if not is_tty(sys.stdin):
+    stdin_piped = not is_tty(sys.stdin)
+    if args.prompt or stdin_piped:
+        if stdin_piped:
             piped = sys.stdin.read()
             prompt = f"{prompt}\n\n{piped}" if prompt and piped else (prompt or piped)
         return run_once(client, session, prompt)

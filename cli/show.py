@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .format import COLUMN_GAP, human_size, short_id
+from .format import columns, human_size, short_id
 
 KEY_WIDTH = 20  # Ollama's first column is 20 wide ("architecture        llama")
 
@@ -25,15 +25,6 @@ def human_count(count: int) -> str:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
-
-
-def columns(rows: Sequence[Sequence[str]], first_width: int = 0) -> list[str]:
-    """Rows padded into columns three spaces apart (the first at least `first_width` wide), no trailing blanks."""
-    if not rows:
-        return []
-    widths = [max(len(row[i]) for row in rows) + len(COLUMN_GAP) for i in range(len(rows[0]))]
-    widths[0] = max(widths[0], first_width)
-    return ["".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def section(title: str, rows: Sequence[Sequence[str]], first_width: int = KEY_WIDTH) -> list[str]:

@@ -35,9 +35,9 @@ def kv_bytes_per_token(model_info: Mapping[str, Any]) -> int:
 
 
 def estimate(model_format: str, weights: int, model_info: Mapping[str, Any], num_ctx: int, num_parallel: int) -> int:
-    kv = kv_bytes_per_token(model_info) * num_ctx * num_parallel
+    per_sequence = kv_bytes_per_token(model_info) * num_ctx
     if model_format == "gguf":
-        return weights + kv + GGUF_COMPUTE_BUFFER
+        return weights + per_sequence * num_parallel + GGUF_COMPUTE_BUFFER
     # vLLM fills the share it is granted with KV blocks and pages them among sequences
     sequences = min(num_parallel, VLLM_KV_SEQUENCES)
-    return max(VLLM_MIN_SHARE, weights + kv_bytes_per_token(model_info) * num_ctx * sequences + VLLM_OVERHEAD)
+    return max(VLLM_MIN_SHARE, weights + per_sequence * sequences + VLLM_OVERHEAD)

@@ -28,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import httpx
 import psutil
@@ -148,7 +149,12 @@ class Scheduler:
 
     @property
     def max_loaded(self) -> int:
-        return self.settings.max_loaded_models or 3 * max(1, len(self.gpus.gpus()))
+        return self.settings.max_loaded_models or 3 * max(1, self._gpu_count)
+
+    @functools.cached_property
+    def _gpu_count(self) -> int:
+        """How many GPUs this machine has: fixed for the daemon's life, so NVML is asked once."""
+        return len(self.gpus.gpus())
 
     # requests ----------------------------------------------------------------------------------------
     def spec_for(self, name: str, num_ctx: int | None = None) -> LoadSpec:
@@ -200,7 +206,7 @@ class Scheduler:
         instance = self.instances.get(spec.name.lower())
         if instance is not None and instance.state is State.READY and instance.spec == spec \
                 and instance.active < spec.num_parallel and not instance.queue and not instance.draining:
-            return self._grant(instance, self.keep_alive_for(spec.name, keep_alive), 0.0)
+            return self._grant(instance, self.keep_alive_for(spec.name, keep_alive))
         return None
 
     async def acquire(self, name: str, num_ctx: int | None = None, keep_alive: float | None = None) -> Lease:
@@ -266,15 +272,27 @@ class Scheduler:
         return True
 
     # transitions -------------------------------------------------------------------------------------
-    def _grant(self, instance: Instance, keep_alive: float, load_seconds: float) -> Lease:
+    def _grant(self, instance: Instance, keep_alive: float) -> Lease:
+        """A lease on a READY instance; `acquire` sets load_seconds on it when the request waited for a load."""
         instance.active += 1
         instance.keep_alive = keep_alive
         instance.last_used = time.monotonic()
+        self._cancel_expiry(instance)
+        instance.expires_at = None
+        return Lease(self, instance, 0.0)
+
+    @staticmethod
+    def _cancel_expiry(instance: Instance) -> None:
         if instance.expiry is not None:
             instance.expiry.cancel()
             instance.expiry = None
-        instance.expires_at = None
-        return Lease(self, instance, load_seconds)
+
+    @staticmethod
+    def _reject(queue: Iterable[Waiter], error: Exception) -> None:
+        """Answer every waiter that is still waiting with `error`."""
+        for waiter in queue:
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
 
     def _release(self, instance: Instance) -> None:
         instance.active -= 1
@@ -309,12 +327,10 @@ class Scheduler:
             if instance.active >= instance.spec.num_parallel:
                 return
             instance.queue.popleft()
-            head.future.set_result(self._grant(instance, head.keep_alive, 0.0))
+            head.future.set_result(self._grant(instance, head.keep_alive))
 
     def _schedule_expiry(self, instance: Instance) -> None:
-        if instance.expiry is not None:
-            instance.expiry.cancel()
-            instance.expiry = None
+        self._cancel_expiry(instance)
         if instance.keep_alive < 0:
             instance.expires_at = None
         elif instance.keep_alive == 0:
@@ -417,7 +433,7 @@ class Scheduler:
     def _ray_cluster(self) -> RayCluster | None:
         if self.settings.ray_address is None:
             return None
-        per_node = self.settings.ray_gpus_per_node or len(self.gpus.gpus())
+        per_node = self.settings.ray_gpus_per_node or self._gpu_count
         return RayCluster(self.settings.ray_nodes, per_node) if per_node else None
 
     def _evict_one(self, eligible: Callable[[Instance], bool]) -> bool:
@@ -439,21 +455,29 @@ class Scheduler:
 
     def _fits_again(self, instance: Instance) -> bool:
         """Whether a sleeping runner's GPUs have room for what waking takes back."""
-        need = max(0, instance.spec.estimate - sum(instance.measured.values()))
-        share = need // max(1, len(instance.placement.gpus))
+        share = self._waking_share(instance)
         free = {g.index: g.free for g in self._free_gpus()}
         return all(free.get(index, 0) >= share for index in instance.placement.gpus)
+
+    @staticmethod
+    def _waking_share(instance: Instance) -> int:
+        """What waking takes back on each of its GPUs: the estimate less what the sleeper still holds."""
+        need = max(0, instance.spec.estimate - sum(instance.measured.values()))
+        return need // max(1, len(instance.placement.gpus))
 
     def _free_gpus(self) -> list[Gpu]:
         """GPUs with what is free for a new runner: NVML's free memory less what loading runners will take
         (NVML does not show it yet)."""
         reserved: dict[int, int] = {}
         for instance in self.instances.values():
-            if instance.state in (State.LOADING, State.WAKING) and instance.placement.gpus:
-                taking = instance.spec.estimate - (sum(instance.measured.values()) if instance.state is State.WAKING else 0)
-                share = max(0, taking) // len(instance.placement.gpus)
-                for index in instance.placement.gpus:
-                    reserved[index] = reserved.get(index, 0) + share
+            if instance.state is State.LOADING and instance.placement.gpus:
+                share = instance.spec.estimate // len(instance.placement.gpus)
+            elif instance.state is State.WAKING and instance.placement.gpus:
+                share = self._waking_share(instance)
+            else:
+                continue
+            for index in instance.placement.gpus:
+                reserved[index] = reserved.get(index, 0) + share
         return [Gpu(g.index, g.name, g.total, max(0, g.free - reserved.get(g.index, 0))) for g in self.gpus.gpus()]
 
     def _begin_sleep(self, instance: Instance) -> None:
@@ -553,7 +577,8 @@ class Scheduler:
         if instance.measured and instance.spec.format == "gguf":
             spec = instance.spec
             self._learned[(spec.digest, spec.num_ctx, spec.num_parallel)] = sum(instance.measured.values())
-            self._specs.clear()  # their estimates came from what we knew before
+            # the cached specs of this model estimated from what we knew before; other models' stay right
+            self._specs = {key: cached for key, cached in self._specs.items() if cached[1].digest != spec.digest}
 
     def _fail(self, instance: Instance, message: str, error: ApiError | None) -> None:
         if not self._closed:  # at shutdown the runner was stopped on purpose
@@ -561,9 +586,7 @@ class Scheduler:
         instance.state = State.FAILED
         instance.error = message
         instance.failed_until = time.monotonic() + FAILED_BACKOFF_SECONDS
-        for waiter in instance.queue:
-            if not waiter.future.done():
-                waiter.future.set_exception(error if error is not None else LoadFailed(message))
+        self._reject(instance.queue, error if error is not None else LoadFailed(message))
         instance.queue.clear()
         instance.unloaded.set()
         self._start_loads()
@@ -580,9 +603,7 @@ class Scheduler:
         self._start_loads()
 
     def _begin_unload(self, instance: Instance) -> None:
-        if instance.expiry is not None:
-            instance.expiry.cancel()
-            instance.expiry = None
+        self._cancel_expiry(instance)
         instance.state = State.UNLOADING
         self._forget(instance)
         self.unloading.add(instance)
@@ -614,8 +635,7 @@ class Scheduler:
         queue = deque(w for w in instance.queue if not w.future.done())
         instance.queue.clear()
         if not queue or self._closed:
-            for waiter in queue:
-                waiter.future.set_exception(ApiError("the server is shutting down", 503))
+            self._reject(queue, ApiError("the server is shutting down", 503))
             return
         key = instance.spec.name.lower()
         successor = self.instances.get(key)
@@ -643,12 +663,9 @@ class Scheduler:
         self._closed = True
         instances = list(self.instances.values()) + list(self.unloading)
         for instance in instances:
-            for waiter in instance.queue:
-                if not waiter.future.done():
-                    waiter.future.set_exception(ApiError("the server is shutting down", 503))
+            self._reject(instance.queue, ApiError("the server is shutting down", 503))
             instance.queue.clear()
-            if instance.expiry is not None:
-                instance.expiry.cancel()
+            self._cancel_expiry(instance)
             instance.state = State.UNLOADING
         await asyncio.gather(*(i.runner.stop() for i in instances if i.runner is not None), return_exceptions=True)
         for task in list(self._tasks):

@@ -89,9 +89,6 @@ class Catalog:
     def load(cls, path: Path | None = None) -> Catalog:
         return cls.from_toml((path or DEFAULT_CATALOG).read_text())
 
-    def names(self) -> list[str]:
-        return sorted(self.entries)
-
     def _entry(self, ref: ShortReference) -> tuple[CatalogEntry, str | None]:
         """The entry a short name means, and its variant (a quantization or a format), if any."""
         family, tag = ref.family, ref.tag

@@ -103,10 +103,6 @@ class Manifest:
         return h.hexdigest()
 
     @property
-    def short_id(self) -> str:
-        return self.digest[:12]
-
-    @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
 
@@ -160,12 +156,7 @@ class BlobWriter:
         if expected is not None and digest != expected:
             self.tmp_path.unlink(missing_ok=True)
             raise DigestMismatch(f"the uploaded bytes hash to {digest}, not {expected}")
-        target = self._store.blob_path(digest)
-        if target.exists():
-            self.tmp_path.unlink(missing_ok=True)  # deduplicated: the store already had these bytes
-            os.utime(target)  # restart its upload grace period
-        else:
-            os.replace(self.tmp_path, target)
+        self._store.adopt_blob(self.tmp_path, digest)
         return digest
 
     def abort(self) -> None:

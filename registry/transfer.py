@@ -171,6 +171,7 @@ class _PartialFile:
         self._closing = False
         self._checkpointing = threading.Lock()  # one checkpoint at a time: a later snapshot is never overwritten
         self.parts = self._load() or self._fresh(part_size)
+        self._front = 0  # parts before this one are complete: `done` only grows, so the cursor only moves on
         self.checkpointed = self.completed  # bytes the last checkpoint recorded (or is recording)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -215,11 +216,13 @@ class _PartialFile:
         return sum(p.done for p in self.parts)
 
     def frontier(self) -> int:
-        """Where the contiguous prefix of written bytes ends: what the hasher may read."""
-        for p in self.parts:
-            if p.done < p.length:
-                return p.start + p.done
-        return self.spec.size
+        """Where the contiguous prefix of written bytes ends: what the hasher may read. Called twice per MiB
+        received: it resumes from the first incomplete part instead of walking every part again."""
+        front = self._front
+        while front < len(self.parts) and self.parts[front].done >= self.parts[front].length:
+            front += 1
+        self._front = front  # threads may race here; a stale value only means a longer walk next time
+        return self.parts[front].start + self.parts[front].done if front < len(self.parts) else self.spec.size
 
     @contextlib.contextmanager
     def _fd(self) -> Iterator[int]:

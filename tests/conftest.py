@@ -16,6 +16,8 @@ import httpx
 import psutil
 import pytest
 
+from serving import NotServing, wait_until_serving
+
 DEFAULT_GGUF = Path.home() / ".cache" / "mgr-test" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France? Answer with one short sentence."
 
@@ -56,17 +58,10 @@ class Daemon:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mgr.cli", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.base_url + "/", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mgr serve exited: {self.log_path.read_text()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"mgr serve did not start: {self.log_path.read_text()}")
+        try:
+            wait_until_serving(self.base_url + "/", self.process, 30)
+        except NotServing as e:
+            raise RuntimeError(f"mgr serve {e}:\n{self.log_path.read_text()}") from None
 
     def runner_processes(self) -> list[psutil.Process]:
         """The daemon's live runner processes. One that exits while it is being looked at, or is a zombie,

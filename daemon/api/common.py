@@ -69,16 +69,17 @@ async def lease_for(receive: Receive, scheduler: Scheduler, model: str, num_ctx:
     return await unless_disconnected(receive, scheduler.acquire(model, num_ctx, keep_alive))
 
 
+async def client_disconnected(receive: Receive) -> None:
+    """Return when the client has gone; the request body must have been read already."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def unless_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
     """Await `awaitable` (a queue wait, a load) but give up with ClientGone if the client goes away first;
     the body has been read, so the next ASGI message can only be the disconnect."""
     task = asyncio.ensure_future(awaitable)
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(client_disconnected(receive))
     try:
         done, _ = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -127,6 +128,18 @@ async def open_runner_stream(runners: RunnerHttp, url: str, body: dict[str, Any]
     except RunnerGone as e:
         raise ApiError(str(e), 502) from None
     return response
+
+
+async def runner_answer(runners: RunnerHttp, url: str, body: dict[str, Any]) -> bytes:
+    """A whole (not streamed) answer from a runner; cancelling the wait closes the runner connection, which
+    stops the runner."""
+    response = await open_runner_stream(runners, url, body)
+    try:
+        return await response.read()
+    except RunnerGone:
+        raise ApiError(RUNNER_STOPPED, 502) from None
+    finally:
+        await response.aclose()
 
 
 def runner_error_message(raw: bytes) -> str:

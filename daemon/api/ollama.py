@@ -19,11 +19,11 @@ from mgr.registry.store import BlobNotFound, DigestMismatch, Store, check_digest
 
 from ..errors import ApiError, BadRequest
 from ..pulls import Pulls
-from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
+from ..runner_http import RunnerHttp, RunnerResponse
 from ..scheduler import Instance, Lease, Scheduler, State
 from ..version import VERSION
 from .common import (
-    RUNNER_STOPPED, CleanupStreamingResponse, lease_for, now_iso, open_runner_stream, read_json, require_str,
+    CleanupStreamingResponse, lease_for, now_iso, open_runner_stream, read_json, require_str, runner_answer,
     sse_events, unless_disconnected,
 )
 from .options import map_format, map_options, parse_keep_alive
@@ -343,14 +343,9 @@ class OllamaApi:
         try:
             if not inputs:
                 return {"data": [], "usage": {"prompt_tokens": 0}}, lease
-            response = await open_runner_stream(self.runners, lease.base_url + "/v1/embeddings", {
+            answer = await runner_answer(self.runners, lease.base_url + "/v1/embeddings", {
                 "input": inputs, "truncate": body.get("truncate", True) is not False})
-            try:
-                return json.loads(await response.read()), lease
-            except RunnerGone:
-                raise ApiError(RUNNER_STOPPED, 502) from None
-            finally:
-                await response.aclose()
+            return json.loads(answer), lease
         finally:
             lease.release()
 

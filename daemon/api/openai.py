@@ -22,10 +22,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mgr.registry.store import Manifest, Store
 
-from ..errors import ApiError, BadRequest
+from ..errors import BadRequest
 from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
 from ..scheduler import Lease, Scheduler
-from .common import RUNNER_STOPPED, open_runner_stream, parse_json, read_body, require_str, unless_disconnected
+from .common import (
+    RUNNER_STOPPED, client_disconnected, lease_for, open_runner_stream, parse_json, read_body, require_str,
+    runner_answer, unless_disconnected,
+)
 from .render import error_response
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
@@ -85,7 +88,7 @@ class OpenAIApi:
                 if not stream:
                     # A runner sends a whole answer's headers only when it is done: the client may leave
                     # before that, and then the runner must stop (the connection to it is closed).
-                    content = await unless_disconnected(receive, self._answer(url, body))
+                    content = await unless_disconnected(receive, runner_answer(self.runners, url, body))
                     lease.release()
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": [JSON_TYPE, (b"content-length", str(len(content)).encode())]})
@@ -116,33 +119,20 @@ class OpenAIApi:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
-        lease = self.scheduler.try_acquire(model)
-        if lease is None:
-            lease = await unless_disconnected(receive, self.scheduler.acquire(model))
+        lease = await lease_for(receive, self.scheduler, model)
         # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
         body["model"] = lease.spec.name
         return lease, body, stream
-
-    async def _answer(self, url: str, body: dict[str, Any]) -> bytes:
-        """A whole (not streamed) answer from the runner."""
-        upstream = await open_runner_stream(self.runners, url, body)
-        try:
-            return await upstream.read()
-        except RunnerGone:
-            raise ApiError(RUNNER_STOPPED, 502) from None
-        finally:
-            await upstream.aclose()
 
 
 async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send) -> None:
     """Relay the runner's SSE body as it arrives. A client that leaves closes the runner connection, which
     is how the runner learns to stop generating; one watcher task per stream notices it."""
-    async def watch_disconnect() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+    async def abort_when_the_client_leaves() -> None:
+        await client_disconnected(receive)
         upstream.abort()
 
-    watcher = asyncio.ensure_future(watch_disconnect())
+    watcher = asyncio.ensure_future(abort_when_the_client_leaves())
     try:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         try:

@@ -38,7 +38,6 @@ class LlamaCppRunner(ProcessRunner):
         env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)  # "" = the CPU
         super().__init__(spec, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
-        self.placement = placement
 
 
 def make_runner(spec: LoadSpec, settings: Settings, placement: Placement) -> ProcessRunner:

@@ -99,10 +99,6 @@ class VllmRunner(ProcessRunner):
         if level == 2:  # level 2 dropped the weights: read them again from the model folder
             await self._post(client, "/collective_rpc", {"method": "reload_weights"})
 
-    async def is_sleeping(self, client: httpx.AsyncClient) -> bool:
-        response = await client.get(self.base_url + "/is_sleeping", timeout=30)
-        return bool(response.json().get("is_sleeping"))
-
     async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, object] | None = None) -> None:
         for attempt in (1, 2):
             try:

@@ -47,6 +47,9 @@ from typing import Any
 import httpx
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serving import NotServing, wait_until_serving  # noqa: E402
+
 DEFAULT_GGUF = Path.home() / ".cache" / "mgr-test" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 THINGS = [
     "a dragon who is afraid of fire", "a lighthouse keeper on a distant planet", "a clockmaker's apprentice",
@@ -106,17 +109,10 @@ class Server:
 
     def wait_http(self, path: str, timeout: float) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.base_url + path, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not answer {path} within {timeout:.0f}s:\n{self.log_tail()}")
+        try:
+            wait_until_serving(self.base_url + path, self.process, timeout, interval=0.2)
+        except NotServing as e:
+            raise RuntimeError(f"{self.name} {e}:\n{self.log_tail()}") from None
 
     def log_tail(self, n: int = 30) -> str:
         try:

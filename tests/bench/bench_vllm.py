@@ -29,8 +29,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from loadgen import PROMPT, Cell, run_cell, run_paired_rounds, split_cpus  # noqa: E402
+from serving import NotServing, wait_until_serving  # noqa: E402
 
 PORT = 11434
 URL = f"http://127.0.0.1:{PORT}"
@@ -47,14 +48,10 @@ class Daemon:
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.process = subprocess.Popen([sys.executable, "-m", "mgr.cli", "serve"], env=self.env, preexec_fn=pin,
                                         stdout=(root / "daemon.log").open("ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(URL + "/", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("daemon did not start")
+        try:
+            wait_until_serving(URL + "/", self.process, 60, interval=0.2)
+        except NotServing as e:
+            raise RuntimeError(f"mgr serve {e}:\n{(root / 'daemon.log').read_text()}") from None
 
     def cli(self, *args: str) -> None:
         subprocess.run([sys.executable, "-m", "mgr.cli", *args], env=self.env, check=True, capture_output=True,

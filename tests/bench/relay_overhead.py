@@ -28,6 +28,7 @@ import psutil
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from loadgen import run_cell  # noqa: E402
+from serving import NotServing, wait_until_serving  # noqa: E402
 from standin.models import write_tiny_safetensors_model  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -96,15 +97,10 @@ def main() -> None:
                               stdout=(root / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url + "/", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError((root / "daemon.log").read_text()) from None
-                time.sleep(0.1)
+        try:
+            wait_until_serving(url + "/", daemon, 30)
+        except NotServing as e:
+            raise RuntimeError(f"the daemon {e}:\n{(root / 'daemon.log').read_text()}") from None
         httpx.post(url + "/api/generate", json={"model": "smol", "keep_alive": -1}, timeout=60).raise_for_status()
         stand_in = next(p for p in psutil.Process(daemon.pid).children(recursive=True)
                         if "--port" in p.cmdline())

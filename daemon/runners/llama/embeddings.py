@@ -19,6 +19,15 @@ MAX_SEQUENCES = 16
 MAX_TOKENS_PER_INPUT = 2048
 
 
+
+def put_token(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    """Write entry i of a llama_batch: one token of one sequence at a position (logits: output wanted)."""
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
+
 class Embedder:
     def __init__(self, model: Any, config: Any, tokenize: Callable[[str, bool], list[int]]) -> None:
         self.tokenize = tokenize
@@ -82,11 +91,7 @@ class Embedder:
         batch, n = self.batch, 0
         for seq_id, tokens in enumerate(group):
             for pos, token in enumerate(tokens):
-                batch.token[n] = token
-                batch.pos[n] = pos
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq_id
-                batch.logits[n] = pos == len(tokens) - 1
+                put_token(batch, n, token, pos, seq_id, pos == len(tokens) - 1)
                 n += 1
         batch.n_tokens = n
         llama.llama_memory_clear(self.memory, True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import llama_cpp as llama
 
-from .embeddings import Embedder
+from .embeddings import Embedder, put_token
 from .sampling import BadRequest, SamplingParams, StopMatcher
 
 log = logging.getLogger("mgr.runner")
@@ -359,7 +359,7 @@ class Engine:
             for slot in sorted(self._slots, key=lambda s: s.seq_id):
                 slot.logit_index = -1
                 if not slot.prefilling:
-                    self._put(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
+                    put_token(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
                     slot.logit_index = n
                     slot.n_past += 1
                     n += 1
@@ -367,7 +367,7 @@ class Engine:
                 take = chunk.get(slot.seq_id, 0)
                 for i in range(take):
                     last = slot.n_prompt_done + i == len(slot.prompt) - 1
-                    self._put(batch, n, slot.prompt[slot.n_prompt_done + i], slot.n_past, slot.seq_id, last)
+                    put_token(batch, n, slot.prompt[slot.n_prompt_done + i], slot.n_past, slot.seq_id, last)
                     if last:
                         slot.logit_index = n
                     slot.n_past += 1
@@ -383,13 +383,6 @@ class Engine:
                 if slot.logit_index >= 0:
                     self._sample(slot)
 
-    @staticmethod
-    def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        batch.token[i] = token
-        batch.pos[i] = pos
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = seq_id
-        batch.logits[i] = logits
 
     def _sample(self, slot: _Slot) -> None:
         token = llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index)

@@ -192,33 +192,29 @@ class RunnerApp:
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": ident, "object": kind, "created": created, "model": self.model_name}
 
-        def chunk(content: str | None, finish: str | None) -> bytes:
+        def chunk(content: str | None, finish: str | None) -> dict[str, Any]:
             if chat:
                 delta = {} if content is None else {"content": content}
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
-            return b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
+            return {**head, "choices": [choice]}
 
         try:
             if chat:
-                yield b"data: " + json.dumps({**head, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                ]}).encode() + b"\n\n"
+                yield _sse({**head, "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
             while True:
                 event = await request.events.get()
                 if event.kind == "text":
-                    yield chunk(event.text, None)
+                    yield _sse(chunk(event.text, None))
                 elif event.kind == "error":
-                    yield b"data: " + json.dumps({"error": {"message": event.text, "type": "server_error",
-                                                            "code": event.status}}).encode() + b"\n\n"
+                    yield _sse({"error": {"message": event.text, "type": "server_error", "code": event.status}})
                     return
                 elif event.kind == "done":
-                    final = json.loads(chunk(None, event.finish_reason)[6:])
-                    final["timings"] = _timings(event)
-                    yield b"data: " + json.dumps(final).encode() + b"\n\n"
+                    yield _sse({**chunk(None, event.finish_reason), "timings": _timings(event)})
                     if include_usage:
-                        yield b"data: " + json.dumps({**head, "choices": [], "usage": _usage(event)}).encode() + b"\n\n"
+                        yield _sse({**head, "choices": [], "usage": _usage(event)})
                     yield b"data: [DONE]\n\n"
                     return
         finally:
@@ -239,6 +235,11 @@ def _shorter_conversations(messages: list[dict[str, Any]], allowed: bool) -> Ite
 def _base64_floats(vector: list[float]) -> str:
     """OpenAI's encoding_format=base64: little-endian float32, base64 encoded."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON object."""
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 def _usage(event: Event) -> dict[str, int]:
