@@ -1,7 +1,7 @@
 """The `mgr` command: argparse, one handler per subcommand, and the mapping of failures to exit codes.
 
 Start-up time matters (every `mgr ps` pays it), so this module imports only the stdlib, the CLI's own
-stdlib-only modules and mgr.daemon.config; the daemon's server stack is imported by `mgr serve` alone.
+stdlib-only modules and mgr.registry.config; the daemon's server stack is imported by `mgr serve` alone.
 Expected failures (daemon down, HTTP errors, bad input) print one `Error: ...` line and exit 1, never a traceback.
 """
 
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mgr.daemon.config import ConfigError, load_settings, parse_duration
+from mgr.registry.config import ConfigError, load_settings, parse_duration
 
 from .chat import Session, interactive, parse_option, run_once
 from .client import APIError, Client, DaemonUnreachable
@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "num_ctx": args.context_length,
     }
     # The heavy import (starlette, uvicorn), paid by this command only.
-    from mgr.daemon.server import serve  # type: ignore[import-not-found,unused-ignore]
+    from mgr.daemon.server import serve
 
     return int(serve(overrides) or 0)
 

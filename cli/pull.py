@@ -15,7 +15,7 @@ import dataclasses
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from .client import APIError, Client
@@ -148,12 +148,6 @@ class PlainRenderer:
         if finished:
             out.append(f"pulled {name} ({size})")
         return out
-
-
-def render_plain(events: Iterable[Mapping[str, Any]]) -> list[str]:
-    """All the plain lines for a sequence of events (what a non-terminal run prints, summary aside)."""
-    renderer = PlainRenderer()
-    return [line for event in events for line in renderer.lines(event)]
 
 
 def summary(name: str, tally: PullTally, seconds: float) -> str:

@@ -1,6 +1,6 @@
-"""The daemon's ASGI app: the store, the scheduler and one shared HTTP client to the runners, created at
-start-up and closed at shut-down, and the two API adapters' routes. Errors are rendered once, by api/render.py,
-in the shape of the API that was called."""
+"""The daemon's ASGI app: the store, the scheduler, the connection pool to the runners and the pulls,
+created at start-up and closed at shut-down, and the API adapters' routes. Errors are rendered once, by
+api/render.py, in the shape of the API that was called."""
 
 from __future__ import annotations
 
@@ -8,26 +8,24 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mgr.registry.inspect import InvalidModel
-from mgr.registry.names import InvalidName
-from mgr.registry.store import ModelNotFound, Store
+from mgr.registry.config import Settings
+from mgr.registry.errors import MgrError
+from mgr.registry.store import Store
 
-from .api.ollama import OllamaApi
+from .api.ollama import OllamaGeneration
+from .api.ollama_models import OllamaModels
 from .api.openai import OpenAIApi
 from .api.render import error_response
-from .config import Settings
-from .errors import ApiError
 from .gpus import GpuInventory, NvmlGpus
 from .pulls import Pulls
-from .runner_http import RunnerHttp
+from .runners.engines import EngineRunners
+from .runners.http import RunnerPool
 from .scheduler import RunnerFactory, Scheduler
-from .runners.engines import make_runner
 
 log = logging.getLogger("mgr.daemon")
 
@@ -39,10 +37,12 @@ async def _render_error(request: Request, exc: Exception) -> Response:
 class DaemonApp:
     """The ASGI app: the OpenAI relay endpoints first (plain ASGI, see api/openai.py), then the router."""
 
-    def __init__(self, router: Starlette, relay_routes: dict[str, ASGIApp]) -> None:
+    def __init__(self, router: Starlette, relay_routes: dict[str, ASGIApp], scheduler: Scheduler,
+                 store: Store) -> None:
         self.router = router
         self.relay_routes = relay_routes
-        self.state = router.state
+        self.scheduler = scheduler
+        self.store = store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -53,20 +53,13 @@ class DaemonApp:
         await self.router(scope, receive, send)
 
 
-def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner,
+def create_app(settings: Settings, runner_factory: RunnerFactory | None = None,
                gpus: GpuInventory | None = None) -> DaemonApp:
-    # Runners answer on loopback; generation can take minutes, so only connecting has a deadline.
-    # trust_env=False: an HTTP(S)_PROXY in the environment must never route loopback runner traffic.
-    client = httpx.AsyncClient(
-        trust_env=False,
-        timeout=httpx.Timeout(None, connect=10.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-    )
     store = Store(settings.models_dir)
     gpus = gpus if gpus is not None else NvmlGpus()
-    scheduler = Scheduler(settings, store, client, runner_factory, gpus)
+    pool = RunnerPool()  # the data path to every runner; each runner owns its control client
+    scheduler = Scheduler(settings, store, runner_factory or EngineRunners(settings, pool), gpus)
     pulls = Pulls(store, settings, gpus)
-    runners = RunnerHttp()  # the data path to runners; `client` (httpx) carries control calls
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -77,16 +70,14 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = make_runner,
         finally:
             await scheduler.shutdown()
             await pulls.aclose()
-            runners.close()
-            await client.aclose()
+            pool.close()
 
-    openai = OpenAIApi(scheduler, store, runners)
+    generation = OllamaGeneration(scheduler, store)
+    openai = OpenAIApi(scheduler, store)
     app = Starlette(
-        routes=OllamaApi(scheduler, store, runners, pulls).routes() + openai.routes(),
-        exception_handlers={Exception: _render_error, ApiError: _render_error, ModelNotFound: _render_error,
-                            InvalidName: _render_error, InvalidModel: _render_error},
+        routes=OllamaModels(scheduler, store, pulls, generation).routes() + generation.routes() + openai.routes(),
+        # MgrError through the exception middleware (answered, not re-raised); anything else is a logged 500
+        exception_handlers={MgrError: _render_error, Exception: _render_error},
         lifespan=lifespan,
     )
-    app.state.scheduler = scheduler
-    app.state.store = store
-    return DaemonApp(app, openai.relay_routes())
+    return DaemonApp(app, openai.relay_routes(), scheduler, store)

@@ -1,29 +1,16 @@
-"""Errors the daemon answers with, each carrying its HTTP status. The API adapters render them in their own
-shape (Ollama: {"error": "..."}; OpenAI: {"error": {"message", "type", "code"}})."""
+"""The daemon's own errors: subclasses of the one hierarchy (`mgr.registry.errors.MgrError`, drawn there), each
+with the HTTP status it answers with. api/render.py renders any MgrError in the called API's shape."""
 
 from __future__ import annotations
 
-
-class ApiError(Exception):
-    status = 500
-
-    def __init__(self, message: str, status: int | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        self.headers = headers or {}
+from mgr.registry.errors import MgrError
 
 
-class BadRequest(ApiError):
+class BadRequest(MgrError):
     status = 400
 
 
-class NotFound(ApiError):
-    status = 404
-
-
-class QueueFull(ApiError):
+class QueueFull(MgrError):
     status = 503
 
     def __init__(self) -> None:
@@ -31,13 +18,26 @@ class QueueFull(ApiError):
                          headers={"Retry-After": "1"})
 
 
-class ClientGone(ApiError):
+class ShuttingDown(MgrError):
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
+class ClientGone(MgrError):
     status = 499  # nginx's "client closed request"; the client never sees it, the log does
 
 
-class LoadFailed(ApiError):
+class LoadFailed(MgrError):
     status = 500
 
 
-class EngineUnavailable(ApiError):
+class EngineUnavailable(MgrError):
     status = 501
+
+
+class RunnerFailed(MgrError):
+    """The runner stopped, broke its connection or refused a control call."""
+
+    status = 502

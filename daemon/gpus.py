@@ -1,6 +1,6 @@
 """What GPUs there are, how much memory each has free, and how much each process really uses.
 
-The scheduler sees GPUs only through `GpuInventory`, so tests can hand it imaginary ones (`StaticGpus`).
+The scheduler sees GPUs only through `GpuInventory`, so tests can hand it imaginary ones (tests/standin/gpus.py).
 `NvmlGpus` reads NVIDIA's management library (nvidia-ml-py); without a driver it reports no GPUs, and
 models run on the CPU. NVML numbers are the truth the scheduler learns from: a runner's estimate is replaced
 by what its processes use once it is loaded.
@@ -86,25 +86,3 @@ class NvmlGpus:
         if not used and not any(psutil.pid_exists(p) for p in pids):
             del self._trees[pid]  # the runner is gone and holds nothing: nothing more to remember
         return used
-
-
-class StaticGpus:
-    """Imaginary GPUs for tests: memory is taken by `allocate(pid, index, bytes)` and given back by `free`."""
-
-    def __init__(self, totals: list[int], name: str = "Imaginary GPU") -> None:
-        self.totals = totals
-        self.name = name
-        self.allocations: dict[int, dict[int, int]] = {}  # pid -> gpu index -> bytes
-
-    def allocate(self, pid: int, index: int, size: int) -> None:
-        self.allocations.setdefault(pid, {})[index] = size
-
-    def free(self, pid: int) -> None:
-        self.allocations.pop(pid, None)
-
-    def gpus(self) -> list[Gpu]:
-        used = [sum(a.get(i, 0) for a in self.allocations.values()) for i in range(len(self.totals))]
-        return [Gpu(i, self.name, total, total - used[i]) for i, total in enumerate(self.totals)]
-
-    def used_by(self, pid: int) -> dict[int, int]:
-        return dict(self.allocations.get(pid, {}))

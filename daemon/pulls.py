@@ -1,32 +1,22 @@
 """Pulls as the daemon runs them: hub settings from the one Settings object, and one shared Downloader, so
-that two pulls of a model (or of models sharing a file) download each file once."""
+that two pulls of a model (or of models sharing a file) download each file once.
+
+A pull is planned first (`plan`: every 4xx is raised there, before anything downloads), then fetched as a
+stream of events (`fetch`: the planning events, then the download's, ending in "success" or raising its error)."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
 
-from mgr.registry.pull import pull_events
-from mgr.registry.sources import SourceConfig
+from mgr.registry.catalog import Format
+from mgr.registry.config import Settings
+from mgr.registry.pull import PullEvent, PullPlan, plan_pull
 from mgr.registry.store import Store
 from mgr.registry.transfer import Downloader
 
-from .config import Settings
 from .gpus import GpuInventory
-
-
-def source_config(settings: Settings) -> SourceConfig:
-    return SourceConfig(
-        hf_endpoint=settings.hf_endpoint,
-        hf_mirror_endpoint=settings.hf_mirror_endpoint,
-        modelscope_endpoint=settings.modelscope_endpoint,
-        hf_token=settings.hf_token,
-        hf_mirror_token=settings.hf_mirror_token,
-        modelscope_token=settings.modelscope_token,
-        order=settings.sources,  # type: ignore[arg-type]
-    )
 
 
 class Pulls:
@@ -34,19 +24,26 @@ class Pulls:
         self.store = store
         self.settings = settings
         self.gpus = gpus
-        self.sources = source_config(settings)
         self.downloader = Downloader(store)
 
     @functools.cached_property
-    def preferred_format(self) -> str:
+    def preferred_format(self) -> Format:
         """What a short name without a format means: safetensors where vLLM can run (a GPU and vLLM),
         GGUF otherwise."""
         vllm_here = self.settings.vllm_python is not None or importlib.util.find_spec("vllm") is not None
         return "safetensors" if vllm_here and self.gpus.gpus() else "gguf"
 
-    def events(self, reference: str) -> AsyncIterator[dict[str, Any]]:
-        return pull_events(self.store, reference, sources=self.sources, downloader=self.downloader,
-                           prefer=self.preferred_format)
+    async def plan(self, reference: str) -> PullPlan:
+        """Resolve, list and select; raises PullError (InvalidReference 400, UnknownModel/RepoNotFound/TagNotFound
+        404, AccessDenied 403, NoModelFiles 422, SourceUnreachable 502) with its `status`."""
+        return await plan_pull(self.store, reference, sources=self.settings.hubs, prefer=self.preferred_format)
+
+    def fetch(self, plan: PullPlan) -> AsyncGenerator[PullEvent, None]:
+        """Fetch a planned pull through the shared downloader, as its events: the planning ones, then progress up
+        to "success"; raises the fetch's error (TransferError 502, DiskFull 507, InvalidModel 400) after the last
+        event. Nothing downloads until the first step; closing the iterator (aclose) cancels the download, and
+        what it fetched stays resumable."""
+        return plan.events(self.downloader)
 
     async def aclose(self) -> None:
         await self.downloader.aclose()

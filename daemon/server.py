@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 import uvicorn
 
+from mgr.registry.config import ConfigError, load_settings
+
 from .app import create_app
-from .config import ConfigError, load_settings
 
 
 def serve(overrides: Mapping[str, str | None] | None = None) -> int:

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import PullError
-from .refs import ShortReference, Source
+from .hubs import APIS, HUBS, Api, Source
+from .refs import ShortReference
 
 Format = Literal["gguf", "safetensors"]
 FORMATS: tuple[Format, ...] = ("gguf", "safetensors")
+_FORMAT_NAMES: Mapping[str, Format] = {f: f for f in FORMATS}
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
 
 # Variant parts that say nothing in a catalog of instruct models.
@@ -34,8 +36,13 @@ _NOISE = {"instruct", "it", "chat"}
 _QUANT_LIKE = re.compile(r"^(ud-)?(i?q\d.*|f16|f32|bf16)$", re.IGNORECASE)
 
 
+def as_format(text: str) -> Format | None:
+    """The format `text` names (case-insensitively), or None."""
+    return _FORMAT_NAMES.get(text.lower())
+
+
 class UnknownModel(PullError, LookupError):
-    http_status = 404
+    status = 404
 
 
 class InvalidCatalog(ValueError):
@@ -45,7 +52,7 @@ class InvalidCatalog(ValueError):
 @dataclasses.dataclass(frozen=True)
 class CatalogEntry:
     name: str  # "qwen2.5:7b"
-    repos: Mapping[Format, Mapping[str, str]]  # format -> {"hf": repo, "modelscope": repo}
+    repos: Mapping[Format, Mapping[Api, str]]  # format -> {"hf": repo, "modelscope": repo}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +80,12 @@ class Catalog:
         for name, formats in data.get("models", {}).items():
             if name != name.lower() or name.count(":") != 1:
                 raise InvalidCatalog(f"catalog name {name!r} must be lower-case family:size")
-            repos: dict[Format, dict[str, str]] = {}
-            for fmt, hubs in formats.items():
-                if fmt not in FORMATS or not isinstance(hubs, dict) or not set(hubs) <= {"hf", "modelscope"}:
+            repos: dict[Format, dict[Api, str]] = {}
+            for key, hubs in formats.items():
+                fmt = _FORMAT_NAMES.get(key)
+                if fmt is None or not isinstance(hubs, dict) or not set(hubs) <= set(APIS):
                     raise InvalidCatalog(f"{name}: expected gguf/safetensors = {{ hf = ..., modelscope = ... }}")
-                repos[fmt] = {hub: str(repo) for hub, repo in hubs.items()}
+                repos[fmt] = {api: str(hubs[api]) for api in APIS if api in hubs}
             entries[name] = CatalogEntry(name, repos)
         latest = {str(k).lower(): str(v).lower() for k, v in data.get("latest", {}).items()}
         for family, size in latest.items():
@@ -117,10 +125,11 @@ class Catalog:
         """Where to pull a short name from, in source order. `prefer` applies when the name names no format."""
         entry, variant = self._entry(ref)
         tag: str | None = None
+        fmt: Format
         if variant is None:
             fmt = prefer if prefer in entry.repos else next(iter(entry.repos))
-        elif variant.lower() in FORMATS:
-            fmt = variant.lower()  # type: ignore[assignment]
+        elif (named := as_format(variant)) is not None:
+            fmt = named
         else:
             fmt, tag = "gguf", variant
         if fmt not in entry.repos:
@@ -128,7 +137,7 @@ class Catalog:
         repos = entry.repos[fmt]
         result = []
         for source in sources:
-            repo = repos.get("modelscope" if source == "modelscope" else "hf")
+            repo = repos.get(HUBS[source].api)
             if repo:
                 result.append(Candidate(source, repo, fmt, tag))
         if not result:

@@ -1,12 +1,38 @@
-"""The one base class of everything a pull can fail with.
+"""The one error hierarchy of mgr: every failure a client can be told about is an `MgrError` carrying the HTTP
+status it answers with. The API layer renders any of them in the called API's shape, in one place.
 
-Each step of a pull (reference, catalog, source listing, file choice, transfer) raises its own subclass, defined
-next to the code that raises it; they share this base so that the daemon can catch one type and answer with
-`http_status` and `str(error)`, which always says what to do next.
+    MgrError (status 500)
+    ├── registry: InvalidName (400), InvalidModel (400), ModelNotFound (404), BlobNotFound (400),
+    │             DigestMismatch (400), and the pull's steps:
+    │   └── PullError
+    │       ├── InvalidReference (400), UnknownModel (404), TagNotFound (404), NoModelFiles (422)
+    │       ├── SourceError: RepoNotFound (404), AccessDenied (403), SourceUnreachable (502)
+    │       └── TransferError (502): ChecksumMismatch, DiskFull (507)
+    └── daemon (daemon/errors.py): BadRequest (400), QueueFull (503), ShuttingDown (503), ClientGone (499),
+        LoadFailed (500), EngineUnavailable (501), RunnerFailed (502)
+
+Each class is defined next to the code that raises it; they share this base so that the daemon catches one type
+and answers with `status`, `headers` and `str(error)`, which always says what to do next. The registry never
+imports the daemon, so the base lives here, in the lower layer.
 """
 
 from __future__ import annotations
 
 
-class PullError(Exception):
-    http_status: int = 500
+class MgrError(Exception):
+    status: int = 500
+
+    def __init__(self, message: str = "", status: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = headers or {}
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class PullError(MgrError):
+    """Anything a pull can fail with, before or while it fetches."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from .errors import MgrError
+
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 MAX_NAME_LENGTH = 200
 
 
-class InvalidName(ValueError):
-    pass
+class InvalidName(MgrError, ValueError):
+    status = 400
 
 
 @dataclasses.dataclass(frozen=True)

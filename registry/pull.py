@@ -1,4 +1,10 @@
-"""Pull a model: resolve the reference, list the repo, choose the files, fetch and verify them, write the manifest.
+"""Pull a model in two steps: plan it (resolve the reference, list the repo, choose the files), then fetch it
+(download and verify the files, write the manifest).
+
+Every failure that is the caller's to fix or to ask again about (a bad reference 400; an unknown model, repo or
+tag 404; a gated or private repo 401/403; a repo without model files 422; every hub unreachable 502) is raised
+by `plan_pull`, before a byte is downloaded. What fetching can fail with (TransferError, ChecksumMismatch,
+DiskFull; InvalidModel when the files are not a model the store accepts) happens once the download is under way.
 
 The model becomes visible (store.create writes its manifest) only after every file is verified and in blobs/;
 a failed pull leaves no model, only verified blobs (reused by the next attempt, collected later if unused) and
@@ -6,14 +12,20 @@ resumable partial files in tmp/.
 
 Progress goes out as Ollama's /api/pull stream does:
     {"status": "pulling manifest"}
+    {"status": "pulling from <source> (<endpoint>): <repo>@<commit>", "source": ..., "repo": ..., "commit": ...}
     {"status": "pulling <12 hex>", "digest": "sha256:<hex>", "total": N, "completed": M}   per file, ~every 60 ms
     {"status": "verifying sha256 digest"}
     {"status": "writing manifest"}
     {"status": "success"}
-plus plain status lines saying which source serves the pull and why an earlier one was skipped.
+plus a status line for each source skipped while planning, saying why ("...; trying hf-mirror (owner/repo)").
+The planning events are kept in the plan (`PullPlan.planned`), so a stream that starts after planning still
+begins with them.
 
-Two ways to call it from an async handler: `await pull(..., progress=callback)` (callback sync or async), or
-`async for event in pull_events(...)`, which raises the pull's error after the last event.
+Three ways to call it:
+    manifest = await pull(store, reference, progress=callback)      plan and fetch; callback sync or async
+    plan = await plan_pull(store, reference)                         plan only: raises the 4xx errors
+    manifest = await plan.fetch(downloader, progress=callback)       then fetch
+    async for event in plan.events(downloader): ...                  or fetch as a stream (planning events first)
 """
 
 from __future__ import annotations
@@ -21,18 +33,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, TypedDict
 
 from .catalog import Candidate, Catalog, Format, default_catalog
-from .refs import SOURCE_HOSTS, HubReference, Reference, parse_reference
-from .select import Selection, select_files
+from .hubs import HUBS, Source, SourceConfig
+from .refs import HubReference, Reference, parse_reference
+from .selection import Selection, select_files
 from .sources import (
     AccessDenied,
     RemoteFile,
     RepoListing,
     RepoNotFound,
-    SourceConfig,
     SourceError,
     SourceUnreachable,
     describe_attempts,
@@ -41,37 +53,46 @@ from .sources import (
 from .store import Manifest, Store
 from .transfer import Downloader, FileSpec, TransferOptions
 
-PullEvent = dict[str, Any]
-EventSink = Callable[[PullEvent], Awaitable[None] | None]
 PROGRESS_INTERVAL = 0.06  # seconds between progress events of one file, as Ollama sends them
 
 
-@dataclasses.dataclass
-class _FileProgress:
-    file: RemoteFile
-    digest: str | None  # known up front for LFS / ModelScope files, after the download for small HF files
-    completed: int = 0
-    sent: int = -1
+class StatusEvent(TypedDict):
+    """A step of the pull, or a note on the way ("...; trying hf-mirror (owner/repo)")."""
 
-    def event(self) -> PullEvent | None:
-        if self.digest is None:
-            return None
-        return {"status": f"pulling {self.digest[7:19]}", "digest": self.digest, "total": self.file.size,
-                "completed": self.completed}
+    status: str
 
 
-class _Events:
-    def __init__(self, sink: EventSink | None) -> None:
-        self._sink = sink
+class SourceEvent(TypedDict):
+    """Where the files come from: sent once, after planning."""
 
-    async def emit(self, event: PullEvent) -> None:
-        if self._sink is None:
-            return
-        result = self._sink(event)
-        if inspect.isawaitable(result):
-            await result
+    status: str
+    source: Source
+    repo: str
+    commit: str | None
 
 
+class FileEvent(TypedDict):
+    """One file's progress."""
+
+    status: str  # "pulling <12 hex of the digest>"
+    digest: str  # "sha256:<hex>"
+    total: int
+    completed: int
+
+
+PullEvent = StatusEvent | SourceEvent | FileEvent
+EventSink = Callable[[PullEvent], Awaitable[None] | None]
+
+
+async def _emit(sink: EventSink | None, event: PullEvent) -> None:
+    if sink is None:
+        return
+    result = sink(event)
+    if inspect.isawaitable(result):
+        await result
+
+
+# -- planning -----------------------------------------------------------------------------------------------------
 def _candidates(ref: Reference, catalog: Catalog | None, prefer: Format, config: SourceConfig) -> list[Candidate]:
     if isinstance(ref, HubReference):
         return [Candidate(ref.source, ref.repo, None, ref.tag)]
@@ -79,7 +100,7 @@ def _candidates(ref: Reference, catalog: Catalog | None, prefer: Format, config:
 
 
 async def _list_first(candidates: Sequence[Candidate], config: SourceConfig, revision: str | None,
-                      events: _Events) -> tuple[Candidate, RepoListing]:
+                      note: Callable[[PullEvent], Awaitable[None]]) -> tuple[Candidate, RepoListing]:
     """The first candidate whose source answers. For a short name every kind of source failure moves on: a repo
     gated on one hub is often free on another, and the hubs' copies are not always named alike."""
     errors: list[SourceError] = []
@@ -90,7 +111,7 @@ async def _list_first(candidates: Sequence[Candidate], config: SourceConfig, rev
             errors.append(e)
             if i + 1 < len(candidates):
                 nxt = candidates[i + 1]
-                await events.emit({"status": f"{str(e).splitlines()[0]}; trying {nxt.source} ({nxt.repo})"})
+                await note({"status": f"{str(e).splitlines()[0]}; trying {nxt.source} ({nxt.repo})"})
     if len(errors) == 1:
         raise errors[0]
     summary = describe_attempts(errors)
@@ -102,16 +123,66 @@ async def _list_first(candidates: Sequence[Candidate], config: SourceConfig, rev
     raise SourceUnreachable(f"no source could serve it: {summary}")
 
 
+async def plan_pull(
+    store: Store,
+    reference: str,
+    *,
+    sources: SourceConfig | None = None,
+    catalog: Catalog | None = None,
+    prefer: Format = "gguf",
+    progress: EventSink | None = None,
+) -> PullPlan:
+    """Decide what pulling `reference` into `store` means: which source, which repo at which commit, which files.
+
+    prefer: the format a short name gets when it names none ("gguf" without a usable GPU, "safetensors" where
+    vLLM runs). progress: receives the planning events as they happen (they are in the plan's `planned` too).
+    Raises a PullError subclass, each with its HTTP `status`: InvalidReference (400), UnknownModel (404),
+    RepoNotFound (404), AccessDenied (403), SourceUnreachable (502), TagNotFound (404), NoModelFiles (422).
+    """
+    config = sources or SourceConfig()
+    planned: list[PullEvent] = []
+
+    async def note(event: PullEvent) -> None:
+        planned.append(event)
+        await _emit(progress, event)
+
+    await note({"status": "pulling manifest"})
+    ref = parse_reference(reference)
+    revision = ref.revision if isinstance(ref, HubReference) else None
+    candidate, listing = await _list_first(_candidates(ref, catalog, prefer, config), config, revision, note)
+    selection = select_files(listing.files, candidate.tag, prefer=prefer, format=candidate.format,
+                             repo=f"{HUBS[listing.source].host}/{listing.repo}")
+    at = (listing.commit or listing.revision)[:12]
+    await note({"status": f"pulling from {listing.source} ({listing.endpoint}): {listing.repo}@{at}",
+                "source": listing.source, "repo": listing.repo, "commit": listing.commit})
+    return PullPlan(store, reference, ref.name, listing, selection, config, tuple(planned))
+
+
+# -- fetching -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _FileProgress:
+    file: RemoteFile
+    digest: str | None  # known up front for LFS / ModelScope files, after the download for small HF files
+    completed: int = 0
+    sent: int = -1
+
+    def event(self) -> FileEvent | None:
+        if self.digest is None:
+            return None
+        return {"status": f"pulling {self.digest[7:19]}", "digest": self.digest, "total": self.file.size,
+                "completed": self.completed}
+
+
 def _store_path(selection: Selection, file: RemoteFile) -> str:
     # GGUF files are stored by base name (a quantization may sit in a folder); safetensors keep their layout.
     return file.path.rsplit("/", 1)[-1] if selection.format == "gguf" else file.path
 
 
 async def _fetch_all(downloader: Downloader, listing: RepoListing, selection: Selection, config: SourceConfig,
-                     events: _Events) -> dict[str, str]:
+                     progress: EventSink | None) -> dict[str, str]:
     headers = config.download_headers(listing.source)
-    progress = [_FileProgress(f, f"sha256:{f.sha256}" if f.sha256 else None) for f in selection.files]
-    where = SOURCE_HOSTS[listing.source]
+    files = [_FileProgress(f, f"sha256:{f.sha256}" if f.sha256 else None) for f in selection.files]
+    where = HUBS[listing.source].host
 
     async def one(p: _FileProgress) -> str:
         spec = FileSpec(p.file.url, p.file.size, p.file.sha256, p.file.git_sha1,
@@ -129,25 +200,96 @@ async def _fetch_all(downloader: Downloader, listing: RepoListing, selection: Se
             # Sleep first: by then a resumed download has reported the bytes it already has, so the first
             # event of a file says where it starts rather than 0.
             await asyncio.sleep(PROGRESS_INTERVAL)
-            for p in progress:
+            for p in files:
                 event = p.event()
                 if event is not None and p.completed != p.sent:
                     p.sent = p.completed
-                    await events.emit(event)
+                    await _emit(progress, event)
 
     ticker = asyncio.create_task(report())
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(p)) for p in progress]
+            tasks = [group.create_task(one(p)) for p in files]
     except BaseExceptionGroup as group_error:
         raise group_error.exceptions[0] from None
     finally:
         ticker.cancel()
-    for p in progress:  # every file's last event says completed == total
+    for p in files:  # every file's last event says completed == total
         event = p.event()
         if event is not None and p.sent != p.completed:
-            await events.emit(event)
-    return {_store_path(selection, p.file): t.result() for p, t in zip(progress, tasks, strict=True)}
+            await _emit(progress, event)
+    return {_store_path(selection, p.file): t.result() for p, t in zip(files, tasks, strict=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PullPlan:
+    """A pull decided by `plan_pull`: the model's name, the source and commit, the files. Fetch it once."""
+
+    store: Store
+    reference: str  # as asked: recorded in the manifest
+    name: str  # the model's name in the store: "hf.co/owner/repo:Q4_K_M"
+    listing: RepoListing
+    selection: Selection
+    sources: SourceConfig
+    planned: tuple[PullEvent, ...]  # the events of planning, in order: "pulling manifest" ... "pulling from ..."
+
+    async def fetch(self, downloader: Downloader | None = None, *, progress: EventSink | None = None,
+                    transfer: TransferOptions | None = None) -> Manifest:
+        """Download and verify the files, then write the manifest; `progress` gets the events after planning.
+
+        downloader: share one across pulls (the daemon does) so that concurrent pulls of one file share a
+        download; without it this pull makes its own (with `transfer`). Raises TransferError, ChecksumMismatch,
+        DiskFull, or InvalidModel (from the store) when the files are not a loadable model.
+        """
+        store, listing, selection = self.store, self.listing, self.selection
+        had = {f"sha256:{f.sha256}" for f in selection.files if f.sha256 and store.has_blob(f"sha256:{f.sha256}")}
+        own = downloader is None
+        fetcher = downloader or Downloader(store, transfer)
+        try:
+            files = await _fetch_all(fetcher, listing, selection, self.sources, progress)
+        finally:
+            if own:
+                await fetcher.aclose()
+        await _emit(progress, {"status": "verifying sha256 digest"})  # each file was verified as it landed
+        await _emit(progress, {"status": "writing manifest"})
+        source: dict[str, Any] = {
+            "hub": listing.source,
+            "endpoint": listing.endpoint,
+            "repo": listing.repo,
+            "revision": listing.revision,
+            "commit": listing.commit,
+            "files": [f.path for f in selection.files],
+            "reference": self.reference,
+            "format": selection.format,
+            "quantization": selection.quant,
+        }
+        try:
+            manifest = await asyncio.to_thread(store.create, self.name, files, source)
+        except Exception:
+            # The files are not a model the store accepts: drop the blobs this pull added that no model uses.
+            await asyncio.to_thread(store.discard_unreferenced, [d for d in files.values() if d not in had])
+            raise
+        await _emit(progress, {"status": "success"})
+        return manifest
+
+    async def events(self, downloader: Downloader | None = None, *,
+                     transfer: TransferOptions | None = None) -> AsyncGenerator[PullEvent, None]:
+        """The whole pull's events, the planning ones first, as `fetch` makes progress; raises fetch's error
+        after the last event. The download starts at the first step of the iteration; stopping the iteration
+        (aclose: a client that disconnects) cancels it, and what it fetched stays resumable."""
+        queue: asyncio.Queue[PullEvent | None] = asyncio.Queue()  # None: the fetch is over
+        task = asyncio.create_task(self.fetch(downloader, progress=queue.put_nowait, transfer=transfer))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            for event in self.planned:
+                yield event
+            while (item := await queue.get()) is not None:
+                yield item
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])  # let it checkpoint its partial files; its CancelledError is expected
 
 
 async def pull(
@@ -161,71 +303,7 @@ async def pull(
     downloader: Downloader | None = None,
     transfer: TransferOptions | None = None,
 ) -> Manifest:
-    """Pull `reference` into `store` and return its manifest.
-
-    prefer: the format a short name gets when it names none ("gguf" without a usable GPU, "safetensors" where
-    vLLM runs). downloader: share one across pulls (the daemon should) so that concurrent pulls of one file
-    share a download; without it this pull makes its own. Raises a PullError subclass: InvalidReference,
-    UnknownModel, RepoNotFound, AccessDenied, SourceUnreachable, TagNotFound, NoModelFiles, TransferError,
-    ChecksumMismatch, DiskFull; InvalidModel (from the store) when the files are not a loadable model.
-    """
-    config = sources or SourceConfig()
-    events = _Events(progress)
-    await events.emit({"status": "pulling manifest"})
-    ref = parse_reference(reference)
-    revision = ref.revision if isinstance(ref, HubReference) else None
-    candidate, listing = await _list_first(_candidates(ref, catalog, prefer, config), config, revision, events)
-    selection = select_files(listing.files, candidate.tag, prefer=prefer, format=candidate.format,
-                             repo=f"{SOURCE_HOSTS[listing.source]}/{listing.repo}")
-    at = (listing.commit or listing.revision)[:12]
-    await events.emit({"status": f"pulling from {listing.source} ({listing.endpoint}): {listing.repo}@{at}",
-                       "source": listing.source, "repo": listing.repo, "commit": listing.commit})
-
-    had = {f"sha256:{f.sha256}" for f in selection.files if f.sha256 and store.has_blob(f"sha256:{f.sha256}")}
-    own = downloader is None
-    downloader = downloader or Downloader(store, transfer)
-    try:
-        files = await _fetch_all(downloader, listing, selection, config, events)
-    finally:
-        if own:
-            await downloader.aclose()
-    await events.emit({"status": "verifying sha256 digest"})  # each file was verified as it landed
-    await events.emit({"status": "writing manifest"})
-    source = {
-        "hub": listing.source,
-        "endpoint": listing.endpoint,
-        "repo": listing.repo,
-        "revision": listing.revision,
-        "commit": listing.commit,
-        "files": [f.path for f in selection.files],
-        "reference": reference,
-        "format": selection.format,
-        "quantization": selection.quant,
-    }
-    try:
-        manifest = await asyncio.to_thread(store.create, ref.name, files, source)
-    except Exception:
-        # The files are not a model the store accepts: drop the blobs this pull added that no model uses.
-        await asyncio.to_thread(store.discard_unreferenced, [d for d in files.values() if d not in had])
-        raise
-    await events.emit({"status": "success"})
-    return manifest
-
-
-_DONE = object()
-
-
-async def pull_events(store: Store, reference: str, **kwargs: Any) -> AsyncIterator[PullEvent]:
-    """`pull` as an async iterator of its events; raises the pull's error after the last event. Stopping the
-    iteration (a client that disconnects) cancels the pull; what it fetched stays resumable."""
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    task = asyncio.create_task(pull(store, reference, progress=queue.put, **kwargs))
-    task.add_done_callback(lambda _: queue.put_nowait(_DONE))
-    try:
-        while (item := await queue.get()) is not _DONE:
-            yield item
-        task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait([task])  # let it checkpoint its partial files; its CancelledError is expected
+    """Plan and fetch: pull `reference` into `store` and return its manifest. `progress` gets every event as it
+    happens; errors are those of `plan_pull`, then those of `PullPlan.fetch`."""
+    plan = await plan_pull(store, reference, sources=sources, catalog=catalog, prefer=prefer, progress=progress)
+    return await plan.fetch(downloader, progress=progress, transfer=transfer)

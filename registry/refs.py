@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
 
 from .errors import PullError
+from .hubs import HUBS, Source
 from .names import InvalidName, parse_name
-
-Source = Literal["hf", "hf-mirror", "modelscope"]
 
 ACCEPTED_FORMS = (
     "hf.co/{owner}/{repo}[:{tag}], huggingface.co/{owner}/{repo}[:{tag}], hf-mirror.com/{owner}/{repo}[:{tag}], "
@@ -30,17 +28,7 @@ ACCEPTED_FORMS = (
 )
 
 # Hosts as users type them -> the source that serves them.
-HOSTS: dict[str, Source] = {
-    "hf.co": "hf",
-    "huggingface.co": "hf",
-    "www.huggingface.co": "hf",
-    "hf-mirror.com": "hf-mirror",
-    "modelscope.cn": "modelscope",
-    "www.modelscope.cn": "modelscope",
-}
-
-# How each source is written in a reference, for messages and labels.
-SOURCE_HOSTS: dict[Source, str] = {"hf": "hf.co", "hf-mirror": "hf-mirror.com", "modelscope": "modelscope.cn"}
+HOSTS: dict[str, Source] = {host: hub.id for hub in HUBS.values() for host in hub.hosts}
 
 # Hub owner and repo names: letters, digits, '.', '_', '-', not starting with '.' (so never '.' or '..').
 _REPO_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,95}$")
@@ -52,7 +40,7 @@ _FAMILY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class InvalidReference(PullError, ValueError):
-    http_status = 400
+    status = 400
 
     def __init__(self, text: str, why: str) -> None:
         super().__init__(f"invalid model reference {text!r}: {why}; accepted forms: {ACCEPTED_FORMS}")
@@ -136,8 +124,9 @@ def parse_reference(text: str) -> Reference:
     if any(c.isspace() or c == "\\" for c in text):
         raise InvalidReference(text, "it contains spaces or backslashes")
     body = re.sub(r"^https?://", "", text, flags=re.IGNORECASE)
-    if body.lower().startswith("ms:"):
-        return _parse_hub(text, "modelscope", "modelscope.cn", body[3:])
+    for hub in HUBS.values():
+        if hub.prefix and body.lower().startswith(hub.prefix):
+            return _parse_hub(text, hub.id, hub.host, body[len(hub.prefix):])
     if "/" in body:
         host, _, rest = body.partition("/")
         source = HOSTS.get(host.lower())

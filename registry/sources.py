@@ -14,86 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
 from .errors import PullError
-from .refs import Source
-
-SOURCES: tuple[Source, ...] = ("hf", "hf-mirror", "modelscope")
-DEFAULT_ENDPOINTS: Mapping[Source, str] = {
-    "hf": "https://huggingface.co",
-    "hf-mirror": "https://hf-mirror.com",
-    "modelscope": "https://modelscope.cn",
-}
-# Listing is a few small requests: a source that does not answer in this long is treated as unreachable.
-LIST_TIMEOUT = 20.0
-USER_AGENT = "mgr/0.1"
+from .hubs import HUBS, Source, SourceConfig
 
 
 class SourceError(PullError):
-    http_status = 502
-
-    def __init__(self, message: str, *, source: str = "", repo: str = "") -> None:
-        super().__init__(message)
-        self.source = source
-        self.repo = repo
+    status = 502
 
 
 class RepoNotFound(SourceError):
-    http_status = 404
+    status = 404
 
 
 class AccessDenied(SourceError):
-    http_status = 403
+    status = 403
 
 
 class SourceUnreachable(SourceError):
-    http_status = 502
-
-
-def _saved_hf_token() -> str | None:
-    """The token `hf auth login` saved, so that a logged-in user can pull gated models without more setup."""
-    try:
-        from huggingface_hub import get_token
-
-        return get_token()
-    except Exception:  # an unreadable token file must not stop pulls of public models
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceConfig:
-    """Endpoints, tokens and the order in which a short name tries the sources."""
-
-    hf_endpoint: str = DEFAULT_ENDPOINTS["hf"]
-    hf_mirror_endpoint: str = DEFAULT_ENDPOINTS["hf-mirror"]
-    modelscope_endpoint: str = DEFAULT_ENDPOINTS["modelscope"]
-    hf_token: str | None = None
-    # A separate token for the mirror: sending the Hugging Face token to a third party must be a choice.
-    hf_mirror_token: str | None = None
-    modelscope_token: str | None = None
-    order: tuple[Source, ...] = SOURCES
-    list_timeout: float = LIST_TIMEOUT
-
-    def endpoint(self, source: Source) -> str:
-        value = {"hf": self.hf_endpoint, "hf-mirror": self.hf_mirror_endpoint, "modelscope": self.modelscope_endpoint}
-        return value[source].rstrip("/")
-
-    def token(self, source: Source) -> str | None:
-        if source == "hf":
-            return self.hf_token or _saved_hf_token()  # a user logged in with `hf auth login` needs nothing more
-        return {"hf-mirror": self.hf_mirror_token, "modelscope": self.modelscope_token}[source]
-
-    def download_headers(self, source: Source) -> dict[str, str]:
-        token = self.token(source)
-        headers = {"User-Agent": USER_AGENT}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
+    status = 502
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,35 +59,21 @@ class RepoListing:
     files: tuple[RemoteFile, ...]
 
 
-_TOKEN_HINT = {
-    "hf": "set HF_TOKEN (or MGR_HF_TOKEN) to a token from https://huggingface.co/settings/tokens of an account "
-    "that has accepted the model's licence on its page",
-    "hf-mirror": "set MGR_HF_MIRROR_TOKEN to a Hugging Face token (the mirror passes it on; it is not sent there "
-    "unless you set it) after accepting the model's licence on huggingface.co",
-    "modelscope": "set MGR_MODELSCOPE_TOKEN (or MODELSCOPE_API_TOKEN) to a token from "
-    "https://modelscope.cn/my/myaccesstoken of an account that has access",
-}
-
-
-def _unreachable(source: Source, endpoint: str, repo: str, why: object) -> SourceUnreachable:
-    return SourceUnreachable(f"{source} ({endpoint}) is unreachable: {why}", source=source, repo=repo)
+def _unreachable(source: Source, endpoint: str, why: object) -> SourceUnreachable:
+    return SourceUnreachable(f"{source} ({endpoint}) is unreachable: {why}")
 
 
 def _by_status(source: Source, endpoint: str, repo: str, status: int, message: str) -> SourceError:
     if status in (401, 403):
         return AccessDenied(
             f"{source} ({endpoint}) refused access to {repo} (HTTP {status}): {message.strip()}\n"
-            f"If the repo is gated or private, {_TOKEN_HINT[source]}.",
-            source=source,
-            repo=repo,
+            f"If the repo is gated or private, {HUBS[source].token_hint}."
         )
     if status == 404:
-        return RepoNotFound(f"{repo} was not found on {source} ({endpoint}): {message.strip()}",
-                            source=source, repo=repo)
+        return RepoNotFound(f"{repo} was not found on {source} ({endpoint}): {message.strip()}")
     if status == 429 or status >= 500:
-        return _unreachable(source, endpoint, repo, f"HTTP {status} {message.strip()}")
-    return SourceError(f"{source} ({endpoint}) answered HTTP {status} for {repo}: {message.strip()}",
-                       source=source, repo=repo)
+        return _unreachable(source, endpoint, f"HTTP {status} {message.strip()}")
+    return SourceError(f"{source} ({endpoint}) answered HTTP {status} for {repo}: {message.strip()}")
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -166,14 +96,12 @@ def hf_file_url(endpoint: str, repo: str, commit: str, path: str) -> str:
 
 
 def _list_hf(config: SourceConfig, source: Source, repo: str, revision: str | None) -> RepoListing:
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_hf_file_metadata
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
     from huggingface_hub.hf_api import RepoFile
 
     endpoint = config.endpoint(source)
     # token=False keeps huggingface_hub from sending a locally saved token anywhere we did not choose.
-    from huggingface_hub import get_hf_file_metadata
-
     token = config.token(source) or False
     api = HfApi(endpoint=endpoint, token=token, library_name="mgr")
     revision = revision or "main"
@@ -191,13 +119,12 @@ def _list_hf(config: SourceConfig, source: Source, repo: str, revision: str | No
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else 0
         if isinstance(e, RevisionNotFoundError):
-            raise RepoNotFound(f"{repo} has no revision {revision!r} on {source} ({endpoint})",
-                               source=source, repo=repo) from None
+            raise RepoNotFound(f"{repo} has no revision {revision!r} on {source} ({endpoint})") from None
         raise _by_status(source, endpoint, repo, status, e.server_message or str(e).strip().splitlines()[0]) from None
     except OfflineModeIsEnabled as e:
-        raise _unreachable(source, endpoint, repo, f"{e} (HF_HUB_OFFLINE is set)") from None
+        raise _unreachable(source, endpoint, f"{e} (HF_HUB_OFFLINE is set)") from None
     except _transport_errors() as e:
-        raise _unreachable(source, endpoint, repo, f"{type(e).__name__}: {e}") from None
+        raise _unreachable(source, endpoint, f"{type(e).__name__}: {e}") from None
     listed = []
     for entry in files:
         lfs = entry.lfs
@@ -218,53 +145,53 @@ def modelscope_file_url(endpoint: str, repo: str, revision: str, path: str) -> s
     return f"{endpoint}/api/v1/models/{repo}/repo?Revision={quote(revision, safe='')}&FilePath={quote(path, safe='')}"
 
 
-def _modelscope_entries(config: SourceConfig, repo: str, revision: str) -> list[dict[str, Any]]:
+def _modelscope_entries(config: SourceConfig, source: Source, repo: str, revision: str) -> list[dict[str, Any]]:
     """Raw file entries (Path, Type, Size, Sha256), through modelscope's own client where installed."""
-    endpoint = config.endpoint("modelscope")
+    endpoint = config.endpoint(source)
     try:
         from modelscope_hub import HubApi
         from modelscope_hub import errors as ms_errors
     except ImportError:
-        return _modelscope_entries_httpx(config, repo, revision)
-    api = HubApi(endpoint=endpoint, token=config.token("modelscope"), user_agent={"invoked_by": "mgr"})
+        return _modelscope_entries_httpx(config, source, repo, revision)
+    api = HubApi(endpoint=endpoint, token=config.token(source), user_agent={"invoked_by": "mgr"})
     try:
         infos = api.list_repo_files(repo, "model", revision=revision, recursive=True)
     except (ms_errors.NetworkError, ms_errors.ServerError, ms_errors.RateLimitError) as e:
-        raise _unreachable("modelscope", endpoint, repo, e) from None
+        raise _unreachable(source, endpoint, e) from None
     except ms_errors.APIError as e:
         status = getattr(getattr(e, "response", None), "status_code", None) or {
             ms_errors.NotExistError: 404, ms_errors.AuthenticationError: 401, ms_errors.PermissionDeniedError: 403,
         }.get(type(e), 400)
-        raise _by_status("modelscope", endpoint, repo, status, str(e)) from None
+        raise _by_status(source, endpoint, repo, status, str(e)) from None
     except _transport_errors() as e:
-        raise _unreachable("modelscope", endpoint, repo, e) from None
+        raise _unreachable(source, endpoint, e) from None
     return [{"Path": f.path, "Type": f.type, "Size": f.size, "Sha256": f.sha256} for f in infos]
 
 
-def _modelscope_entries_httpx(config: SourceConfig, repo: str, revision: str) -> list[dict[str, Any]]:
-    endpoint = config.endpoint("modelscope")
-    headers = config.download_headers("modelscope")
+def _modelscope_entries_httpx(config: SourceConfig, source: Source, repo: str, revision: str) -> list[dict[str, Any]]:
+    endpoint = config.endpoint(source)
+    headers = config.download_headers(source)
     url = f"{endpoint}/api/v1/models/{repo}/repo/files"
     try:
         r = httpx.get(url, params={"Revision": revision, "Recursive": "True"}, headers=headers,
                       timeout=config.list_timeout, follow_redirects=True)
     except httpx.TransportError as e:
-        raise _unreachable("modelscope", endpoint, repo, e) from None
+        raise _unreachable(source, endpoint, e) from None
     try:
         body = r.json()
     except ValueError:
         body = {}
     if r.status_code >= 400 or body.get("Success") is False:
-        raise _by_status("modelscope", endpoint, repo, r.status_code if r.status_code >= 400 else 404,
+        raise _by_status(source, endpoint, repo, r.status_code if r.status_code >= 400 else 404,
                          str(body.get("Message") or r.reason_phrase))
     return list((body.get("Data") or {}).get("Files") or [])
 
 
-def _list_modelscope(config: SourceConfig, repo: str, revision: str | None) -> RepoListing:
-    endpoint = config.endpoint("modelscope")
+def _list_modelscope(config: SourceConfig, source: Source, repo: str, revision: str | None) -> RepoListing:
+    endpoint = config.endpoint(source)
     revision = revision or "master"
     files = []
-    for item in _modelscope_entries(config, repo, revision):
+    for item in _modelscope_entries(config, source, repo, revision):
         if item.get("Type", "blob") != "blob":
             continue
         sha256 = item.get("Sha256")
@@ -278,13 +205,13 @@ def _list_modelscope(config: SourceConfig, repo: str, revision: str | None) -> R
             )
         )
     # ModelScope's file listing names no repo-wide commit; the revision asked for is what we record.
-    return RepoListing("modelscope", endpoint, repo, revision, None, tuple(files))
+    return RepoListing(source, endpoint, repo, revision, None, tuple(files))
 
 
 def list_repo(config: SourceConfig, source: Source, repo: str, revision: str | None = None) -> RepoListing:
     """List one repo on one source. Raises RepoNotFound, AccessDenied, SourceUnreachable or SourceError."""
-    if source == "modelscope":
-        return _list_modelscope(config, repo, revision)
+    if HUBS[source].api == "modelscope":
+        return _list_modelscope(config, source, repo, revision)
     return _list_hf(config, source, repo, revision)
 
 

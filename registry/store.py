@@ -16,6 +16,7 @@ them from worker threads); the lock guards manifest writes against garbage colle
 
 from __future__ import annotations
 
+import builtins  # `list` in the class body below is Store.list
 import dataclasses
 import datetime as dt
 import hashlib
@@ -26,12 +27,14 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .inspect import InvalidModel, inspect_gguf, inspect_safetensors
+from .catalog import Format, as_format
+from .errors import MgrError
+from .metadata import InvalidModel, inspect_gguf, inspect_safetensors
 from .names import ModelName, parse_name
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -43,22 +46,24 @@ UPLOAD_GRACE_SECONDS = 3600.0
 RESUMABLE_GRACE_SECONDS = 86400.0
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(MgrError, LookupError):
+    status = 404
+
     def __init__(self, name: str) -> None:
         super().__init__(f'model "{name}" not found, try pulling it first')
         self.name = name
 
 
-class BlobNotFound(LookupError):
-    pass
+class BlobNotFound(MgrError, LookupError):
+    status = 400  # a create that names a blob never uploaded
 
 
-class DigestMismatch(ValueError):
-    pass
+class DigestMismatch(MgrError, ValueError):
+    status = 400
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+    return dt.datetime.now(dt.UTC).isoformat()
 
 
 def check_digest(digest: str) -> str:
@@ -75,6 +80,13 @@ def check_file_path(path: str) -> str:
     return path
 
 
+def _format(value: object) -> Format:
+    fmt = as_format(value) if isinstance(value, str) else None
+    if fmt is None:
+        raise ValueError(f"unknown model format {value!r}: expected gguf or safetensors")
+    return fmt
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFile:
     path: str
@@ -85,7 +97,7 @@ class ModelFile:
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     name: str
-    format: str  # "gguf" | "safetensors"
+    format: Format
     files: tuple[ModelFile, ...]
     details: Mapping[str, Any]
     model_info: Mapping[str, Any]
@@ -121,7 +133,7 @@ class Manifest:
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
         return cls(
             name=data["name"],
-            format=data["format"],
+            format=_format(data["format"]),
             files=tuple(ModelFile(**f) for f in data["files"]),
             details=data.get("details", {}),
             model_info=data.get("model_info", {}),
@@ -141,12 +153,10 @@ class BlobWriter:
         self.tmp_path = store.tmp_dir / f"{uuid.uuid4().hex}.partial"
         self._file = self.tmp_path.open("wb")
         self._hash = hashlib.sha256()
-        self.size = 0
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
         self._hash.update(data)
-        self.size += len(data)
 
     def commit(self, expected: str | None = None) -> str:
         digest = f"sha256:{self._hash.hexdigest()}"
@@ -203,17 +213,6 @@ class Store:
                 os.close(dir_fd)
         os.utime(target)  # restart its grace period: the manifest that names it comes next
 
-    def import_file(self, path: Path) -> str:
-        writer = self.begin_blob()
-        try:
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    writer.write(chunk)
-            return writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-
     # manifests ---------------------------------------------------------------------------------------
     def _manifest_path(self, name: ModelName) -> Path:
         return self.manifests_dir / (quote(name.key, safe="") + ".json")
@@ -261,7 +260,7 @@ class Store:
                 if len(ggufs) > 1 and not all(re.search(r"-\d{5}-of-\d{5}\.gguf$", p) for p in ggufs):
                     raise InvalidModel(f"a model holds one GGUF (or the parts of one split GGUF), got {ggufs}")
                 info = inspect_gguf(on_disk[ggufs[0]])
-                model_format = "gguf"
+                model_format: Format = "gguf"
             elif any(p.endswith(".safetensors") for p in paths):
                 info = inspect_safetensors(on_disk)
                 model_format = "safetensors"
@@ -302,7 +301,7 @@ class Store:
     def _referenced(self) -> set[str]:
         return {f.digest for m in self.list() for f in m.files}
 
-    def discard_unreferenced(self, digests: list[str]) -> list[str]:
+    def discard_unreferenced(self, digests: Iterable[str]) -> builtins.list[str]:
         """Delete these blobs unless a manifest names them (used after a delete or a failed create)."""
         with self._lock:
             referenced = self._referenced()
@@ -311,12 +310,12 @@ class Store:
                 self.blob_path(digest).unlink(missing_ok=True)
             return removed
 
-    def collect_garbage(self, grace_seconds: float = UPLOAD_GRACE_SECONDS) -> list[str]:
+    def collect_garbage(self, grace_seconds: float = UPLOAD_GRACE_SECONDS) -> builtins.list[str]:
         """Delete blobs no manifest names and older than the upload grace, and stale tmp files."""
         cutoff = time.time() - grace_seconds
         with self._lock:
             referenced = self._referenced()
-            removed = []
+            removed: builtins.list[str] = []
             for path in self.blobs_dir.glob("sha256-*"):
                 digest = path.name.replace("-", ":", 1)
                 if digest not in referenced and path.stat().st_mtime < cutoff:

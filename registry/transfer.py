@@ -44,7 +44,6 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -61,7 +60,7 @@ _ABORT_GRACE = 5.0  # seconds a cancel waits for a part's thread (all it does bu
 
 
 class TransferError(PullError):
-    http_status = 502
+    status = 502
 
 
 class ChecksumMismatch(TransferError):
@@ -69,7 +68,7 @@ class ChecksumMismatch(TransferError):
 
 
 class DiskFull(TransferError):
-    http_status = 507
+    status = 507
 
 
 class _Retry(Exception):
@@ -239,7 +238,7 @@ class _PartialFile:
                 self._in_use -= 1
                 self._users.notify_all()
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         with self._fd() as fd:
             view = memoryview(data)
             while view:
@@ -375,7 +374,6 @@ class _FileLock:
 class _Flight:
     """A download in progress that several pulls may wait on."""
 
-    size: int
     task: asyncio.Task[str] | None = None
     completed: int = 0
     listeners: list[Progress] = dataclasses.field(default_factory=list)
@@ -447,7 +445,7 @@ class Downloader:
             return f"sha256:{spec.sha256}"
         flight = self._flights.get(spec.key)
         if flight is None:
-            flight = _Flight(spec.size)
+            flight = _Flight()
             flight.task = asyncio.create_task(self._download(spec, flight), name=f"download {spec.label}")
             self._flights[spec.key] = flight
             flight.task.add_done_callback(functools.partial(self._landed, spec.key, flight))
@@ -469,7 +467,7 @@ class Downloader:
             raise
         finally:
             if progress in flight.listeners:
-                flight.listeners.remove(progress)  # type: ignore[arg-type]
+                flight.listeners.remove(progress)
 
     def _landed(self, key: str, flight: _Flight, task: asyncio.Task[str]) -> None:
         if self._flights.get(key) is flight:
@@ -719,7 +717,7 @@ class Downloader:
         return None
 
     @staticmethod
-    def _store(spec: FileSpec, partial: _PartialFile, part: _Part, data: bytes | memoryview) -> None:
+    def _store(spec: FileSpec, partial: _PartialFile, part: _Part, data: bytes | bytearray | memoryview) -> None:
         """Write the bytes that follow the part's done ones, then count them: a counted byte is in the file
         (durable at the next checkpoint's fsync, which is what the state file records)."""
         try:
@@ -759,11 +757,3 @@ async def _outlast(future: asyncio.Future[None], grace: float) -> None:
             await asyncio.wait([future], timeout=left)
     # What it raises now (mostly the connection we shut down) is expected: retrieve it, so it is not logged as lost.
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-
-def partial_state(store: Store, key: str) -> dict[str, Any] | None:
-    """The recorded state of an interrupted download (for tests and `mgr` diagnostics)."""
-    try:
-        return json.loads((store.tmp_dir / f"{key}.parts.json").read_text())
-    except (OSError, ValueError):
-        return None

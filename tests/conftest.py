@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from serving import NotServing, wait_until_serving
 
 DEFAULT_GGUF = Path.home() / ".cache" / "mgr-test" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -138,7 +137,7 @@ class DaemonSampler(threading.Thread):
                 try:
                     self.sample(client)
                     self.samples += 1
-                except Exception as e:  # noqa: BLE001 - kept for the caller
+                except Exception as e:
                     self.errors.append(f"{type(e).__name__}: {e}")
                 self.stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
 

@@ -10,6 +10,9 @@ Repos are built from bytes or from a file on disk (the real GGUF). Faults can be
 connection after N bytes, answer a status (500, 429 + Retry-After) once, stall, corrupt one byte; a throttle
 slows a file down. Every body byte sent is counted per (endpoint, repo/path), so a test can assert that a
 resumed pull did not fetch bytes it already had.
+
+Also the tests' helpers for the store: `import_file` (a file on disk into the blobs) and `partial_state` (what an
+interrupted download recorded).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from collections import Counter
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from mgr.registry.store import Store
 
 HF_PREFIXES = ("hf", "mirror")
 MS_PREFIX = "ms"
@@ -81,6 +87,28 @@ def safetensors_repo_files(seed: int = 0) -> dict[str, bytes]:
         "README.md": b"# test model\n",
         ".gitattributes": b"*.safetensors filter=lfs\n",
     }
+
+
+def import_file(store: Store, path: Path) -> str:
+    """Copy a file on disk into the store's blobs; its digest "sha256:<hex>" (what `store.create` takes)."""
+    writer = store.begin_blob()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                writer.write(chunk)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def partial_state(store: Store, key: str) -> dict[str, Any] | None:
+    """The recorded state (parts.json) of an interrupted download of the file keyed `key` (its sha256)."""
+    try:
+        state: dict[str, Any] = json.loads((store.tmp_dir / f"{key}.parts.json").read_text())
+        return state
+    except (OSError, ValueError):
+        return None
 
 
 def git_blob_sha1(data: bytes) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from mgr.cli.client import Client
 from mgr.cli.main import main
-from mgr.cli.pull import PullTally, RateMeter, format_eta, progress_text, pull_model, render_plain, summary
+from mgr.cli.pull import PlainRenderer, PullTally, RateMeter, format_eta, progress_text, pull_model, summary
 
 A, B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
 
@@ -42,6 +42,13 @@ PULL_EVENTS: list[dict[str, Any]] = [
 
 
 # -- pure parts ---------------------------------------------------------------------------------------------
+
+
+def render_plain(events: list[dict[str, Any]]) -> list[str]:
+    """All the plain lines for a sequence of events (what a non-terminal run prints, summary aside)."""
+    renderer = PlainRenderer()
+    return [line for event in events for line in renderer.lines(event)]
+
 
 
 def test_rate_meter_measures_over_its_window() -> None:
@@ -117,7 +124,7 @@ class FakeDaemon:
         daemon = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802  (the http.server API)
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 daemon.requests.append((self.path, body))
                 status, lines = daemon.routes.get(self.path, (404, [{"error": "no such route"}]))

@@ -14,7 +14,6 @@ import openai
 import pexpect
 import psutil
 import pytest
-
 from conftest import QUESTION, Daemon, wait_for
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import QUESTION, free_port, wait_for
-from mgr.daemon.runners.llama.sampling import StopMatcher
-from mgr.daemon.runners.llama.server import _shorter_conversations
+
+from mgr.daemon.protocol.errors import openai_error_body
+from mgr.daemon.runners.llama.engine import Engine, EngineConfig, Event, Request
+from mgr.daemon.runners.llama.sampling import SamplingParams, StopMatcher
+from mgr.daemon.runners.llama.server import RunnerApp, _shorter_conversations
 
 pytestmark = pytest.mark.slow
 PARALLEL = 8
@@ -136,8 +138,8 @@ def test_logit_bias_bans_a_token(runner: str, gguf_path: Path) -> None:
 def test_json_schema_output_parses_and_validates(runner: str) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
               "required": ["city", "population"]}
-    answer = chat(runner, "Give the capital of France and its population as JSON.", temperature=0,
-                  max_tokens=80, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    answer = chat(runner, "Give the capital of France and its population as JSON.", temperature=0, max_tokens=80,
+                  response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
     value = json.loads(answer["choices"][0]["message"]["content"])
     assert isinstance(value["city"], str) and isinstance(value["population"], int)
     anything = chat(runner, "List three colors.", temperature=0, max_tokens=80,
@@ -200,6 +202,22 @@ def test_truncation_keeps_system_and_last_message() -> None:
     assert list(_shorter_conversations(messages, False)) == []
 
 
+def test_error_mid_stream_ends_the_stream_with_an_openai_error() -> None:
+    """An engine failure after the first token (llama_decode failing) ends the SSE stream with the protocol's
+    error body and no [DONE]."""
+    app = RunnerApp(Engine(EngineConfig(model_path="unused.gguf")), "smol")  # never started: no model loads
+
+    async def stream() -> list[bytes]:
+        request = Request(asyncio.get_running_loop(), SamplingParams(), "prompt", add_special=True)
+        request.emit(Event("text", text="Hi"))
+        request.emit(Event("error", text="llama_decode failed with code 1"))
+        return [event async for event in app._stream(request, "chatcmpl-1", 0, chat=True, include_usage=False)]
+
+    events = [json.loads(e.removeprefix(b"data: ")) for e in asyncio.run(stream())]
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": ""}, {"content": "Hi"}]
+    assert events[2:] == [openai_error_body("llama_decode failed with code 1", 500)]
+
+
 def test_embeddings_shape_determinism_and_batching(runner: str) -> None:
     texts = ["The cat sat on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
     one = httpx.post(runner + "/v1/embeddings", json={"input": texts}, timeout=60).json()
@@ -209,9 +227,10 @@ def test_embeddings_shape_determinism_and_batching(runner: str) -> None:
     vectors = [d["embedding"] for d in one["data"]]
     assert [len(v) for v in vectors] == [576] * 3  # SmolLM2-135M's embedding width
     assert vectors == [d["embedding"] for d in again["data"]]
-    assert all(math.isclose(a, b, abs_tol=1e-4) for v, w in zip(vectors, alone) for a, b in zip(v, w))
+    assert all(math.isclose(a, b, abs_tol=1e-4) for v, w in zip(vectors, alone, strict=True)
+               for a, b in zip(v, w, strict=True))
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-3) for v in vectors)
-    cos = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
     assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2])
     assert one["usage"]["prompt_tokens"] > 10
     bad = httpx.post(runner + "/v1/embeddings", json={"input": 5}, timeout=60)

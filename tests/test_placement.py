@@ -9,15 +9,17 @@ import struct
 from pathlib import Path
 
 import pytest
+from fakehub import import_file
+from standin.gpus import StaticGpus
+from test_scheduler_policy import run, running, store, wait_until  # noqa: F401  (store: the fixture)
 
-from mgr.daemon.config import ModelOverrides
 from mgr.daemon.errors import LoadFailed
-from mgr.daemon.gpus import Gpu, StaticGpus
+from mgr.daemon.gpus import Gpu
 from mgr.daemon.memory import GGUF_COMPUTE_BUFFER, VLLM_MIN_SHARE
 from mgr.daemon.placement import CPU, Placement, RayCluster, TooBig, place
 from mgr.daemon.scheduler import State
+from mgr.registry.config import ModelOverrides
 from mgr.registry.store import Store
-from test_scheduler_policy import run, running, store, wait_until  # noqa: F401  (store: the fixture)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -64,8 +66,9 @@ def test_a_model_too_big_for_this_machine_goes_over_the_ray_cluster() -> None:
     assert placement.memory_fraction == pytest.approx(1000 / 16 / 80)
     with pytest.raises(TooBig, match="Ray cluster's 4 machines"):
         place("safetensors", 4000 * GIB, gpus(*[80] * 8), cluster=cluster)
-    from mgr.daemon.runners.vllm import vllm_argv
     from test_vllm_runner import SPEC, flag
+
+    from mgr.daemon.runners.vllm import vllm_argv
 
     argv = vllm_argv(SPEC, placement, 1, "/py", (0, 25, 0), ray_address="ray://head:10001")
     assert flag(argv, "--tensor-parallel-size") == "8" and flag(argv, "--pipeline-parallel-size") == "2"
@@ -153,8 +156,8 @@ def _safetensors_model(store: Store, tmp_path: Path, name: str) -> None:
     header = json.dumps({"w": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
-    store.create(name, {"config.json": store.import_file(config),
-                        "model.safetensors": store.import_file(weights)}, {"test": "placement"})
+    store.create(name, {"config.json": import_file(store, config),
+                        "model.safetensors": import_file(store, weights)}, {"test": "placement"})
 
 
 def test_vllm_model_tensor_parallel_and_too_big(store: Store, tmp_path: Path) -> None:

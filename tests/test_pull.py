@@ -18,18 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mgr.registry import sources as sources_module
 from mgr.registry import transfer as transfer_module
-from mgr.registry.catalog import Catalog
-from mgr.registry.inspect import InvalidModel
-from mgr.registry.pull import pull, pull_events
-from mgr.registry.select import TagNotFound
-from mgr.registry.sources import AccessDenied, RepoNotFound, SourceConfig, SourceUnreachable
+from mgr.registry.catalog import Catalog, UnknownModel
+from mgr.registry.errors import PullError
+from mgr.registry.hubs import Source, SourceConfig
+from mgr.registry.metadata import InvalidModel
+from mgr.registry.pull import PullEvent, PullPlan, plan_pull, pull
+from mgr.registry.refs import InvalidReference
+from mgr.registry.selection import NoModelFiles, TagNotFound
+from mgr.registry.sources import AccessDenied, RepoNotFound, SourceUnreachable
 from mgr.registry.store import Store
-from mgr.registry.transfer import ChecksumMismatch, DiskFull, Downloader, TransferOptions, partial_state
+from mgr.registry.transfer import ChecksumMismatch, DiskFull, Downloader, TransferOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fakehub import FakeHub, dead_endpoint, safetensors_repo_files, tiny_gguf
+from fakehub import FakeHub, dead_endpoint, partial_state, safetensors_repo_files, tiny_gguf
 
 FAST = TransferOptions(backoff=0.02, max_backoff=0.2, stall_timeout=0.5, connect_timeout=2, checkpoint_interval=0.05)
 ST_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"}
@@ -62,8 +66,12 @@ def hub(ggufs: dict[str, bytes]):
 
 @pytest.fixture
 def config(hub: FakeHub) -> SourceConfig:
-    return SourceConfig(hf_endpoint=hub.hf_endpoint, hf_mirror_endpoint=hub.mirror_endpoint,
-                        modelscope_endpoint=hub.modelscope_endpoint, list_timeout=5)
+    return SourceConfig(endpoints=endpoints(hub.hf_endpoint, hub.mirror_endpoint, hub.modelscope_endpoint),
+                        list_timeout=5)
+
+
+def endpoints(hf: str, mirror: str, modelscope: str) -> dict[Source, str]:
+    return {"hf": hf, "hf-mirror": mirror, "modelscope": modelscope}
 
 
 @pytest.fixture
@@ -149,7 +157,7 @@ def test_pull_safetensors_from_each_source(hub: FakeHub, config: SourceConfig, s
 def test_listing_follows_link_pagination(ggufs: dict[str, bytes], store: Store) -> None:
     with FakeHub(page_size=2) as hub:
         hub.add_repo("hf", "test/tiny", safetensors_repo_files())
-        config = SourceConfig(hf_endpoint=hub.hf_endpoint)
+        config = SourceConfig(endpoints={"hf": hub.hf_endpoint})
         manifest, _ = run_pull(store, "hf.co/test/tiny", config)
         assert {f.path for f in manifest.files} == ST_FILES
         assert sum("cursor=" in path for _, path in hub.requests) >= 3
@@ -178,7 +186,7 @@ CATALOG = Catalog.from_toml(textwrap.dedent("""
 
 def test_short_name_falls_back_to_the_next_source(hub: FakeHub, config: SourceConfig, store: Store) -> None:
     dead = dead_endpoint()
-    only_ms = SourceConfig(hf_endpoint=dead, hf_mirror_endpoint=dead, modelscope_endpoint=hub.modelscope_endpoint)
+    only_ms = SourceConfig(endpoints=endpoints(dead, dead, hub.modelscope_endpoint))
     manifest, events = run_pull(store, "tiny:1m-q8_0", only_ms, catalog=CATALOG)
     assert manifest.name == "tiny:1m-q8_0" and manifest.source["hub"] == "modelscope"
     assert hub.bytes_served("model-Q8_0.gguf", "ms") > 0 and hub.bytes_served("model-Q8_0.gguf", "hf") == 0
@@ -186,7 +194,7 @@ def test_short_name_falls_back_to_the_next_source(hub: FakeHub, config: SourceCo
     assert len(notes) == 2 and "hf (" in notes[0] and "unreachable" in notes[0] and "trying hf-mirror" in notes[0]
     assert any(e.get("source") == "modelscope" for e in events)
 
-    mirror = SourceConfig(hf_endpoint=dead, hf_mirror_endpoint=hub.mirror_endpoint, modelscope_endpoint=dead)
+    mirror = SourceConfig(endpoints=endpoints(dead, hub.mirror_endpoint, dead))
     manifest, _ = run_pull(store, "tiny", mirror, catalog=CATALOG, prefer="safetensors")
     assert manifest.name == "tiny:latest" and manifest.format == "safetensors" and manifest.source["hub"] == "hf-mirror"
 
@@ -194,7 +202,7 @@ def test_short_name_falls_back_to_the_next_source(hub: FakeHub, config: SourceCo
 def test_unreachable_and_missing_repos_say_where_they_looked(config: SourceConfig, store: Store) -> None:
     dead = dead_endpoint()
     with pytest.raises(SourceUnreachable, match="unreachable"):
-        run_pull(store, "hf.co/test/tiny-GGUF", SourceConfig(hf_endpoint=dead))
+        run_pull(store, "hf.co/test/tiny-GGUF", SourceConfig(endpoints={"hf": dead}))
     with pytest.raises(RepoNotFound) as info:
         run_pull(store, "ghost:1m", config, catalog=CATALOG)
     message = str(info.value)
@@ -217,16 +225,18 @@ def test_gated_and_private_repos_ask_for_a_token(hub: FakeHub, config: SourceCon
         run_pull(store, "hf.co/test/gated-GGUF", config)
     assert "restricted" in str(info.value) and "HF_TOKEN" in str(info.value)
     with pytest.raises(AccessDenied, match="not in the authorized list"):
-        run_pull(store, "hf.co/test/gated-GGUF", SourceConfig(hf_endpoint=hub.hf_endpoint, hf_token="wrong"))
+        run_pull(store, "hf.co/test/gated-GGUF",
+                 SourceConfig(endpoints={"hf": hub.hf_endpoint}, tokens={"hf": "wrong"}))
     with pytest.raises(AccessDenied, match="HF_TOKEN"):
         run_pull(store, "hf.co/test/private-GGUF", config)
     with pytest.raises(AccessDenied, match="MGR_MODELSCOPE_TOKEN"):
         run_pull(store, "ms:test/private-GGUF", config)
-    with_token = SourceConfig(hf_endpoint=hub.hf_endpoint, hf_token="hf_secret")
+    with_token = SourceConfig(endpoints={"hf": hub.hf_endpoint}, tokens={"hf": "hf_secret"})
     manifest, _ = run_pull(store, "hf.co/test/gated-GGUF", with_token)
     assert manifest.files[0].path == "model-Q4_K_M.gguf"
     manifest, _ = run_pull(store, "ms:test/private-GGUF:Q4_K",
-                           SourceConfig(modelscope_endpoint=hub.modelscope_endpoint, modelscope_token="ms_secret"))
+                           SourceConfig(endpoints={"modelscope": hub.modelscope_endpoint},
+                                        tokens={"modelscope": "ms_secret"}))
     assert manifest.files[0].path == "model-Q4_K.gguf"
 
 
@@ -350,12 +360,12 @@ def test_resume_after_kill_9(hub: FakeHub, config: SourceConfig, store: Store, b
         import asyncio, sys
         from pathlib import Path
         from mgr.registry.pull import pull
-        from mgr.registry.sources import SourceConfig
+        from mgr.registry.hubs import SourceConfig
         from mgr.registry.store import Store
         from mgr.registry.transfer import TransferOptions
         options = TransferOptions(part_size={RESUMABLE.part_size}, connections=2, checkpoint_interval=0.05)
-        asyncio.run(pull(Store(Path(sys.argv[1])), "hf.co/test/big-GGUF", sources=SourceConfig(hf_endpoint=sys.argv[2]),
-                         transfer=options))
+        asyncio.run(pull(Store(Path(sys.argv[1])), "hf.co/test/big-GGUF",
+                         sources=SourceConfig(endpoints={{"hf": sys.argv[2]}}), transfer=options))
     """))
     child = subprocess.Popen([sys.executable, str(script), str(store.root), hub.hf_endpoint])
     try:
@@ -432,14 +442,115 @@ def test_blobs_in_the_store_are_not_fetched_again(hub: FakeHub, config: SourceCo
     assert len(store.list()) == 2
 
 
-def test_pull_events_iterates_and_raises(config: SourceConfig, store: Store) -> None:
-    async def collect(reference: str) -> list[dict[str, Any]]:
-        return [e async for e in pull_events(store, reference, sources=config, transfer=FAST)]
+# -- planned, then fetched -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("reference", "error", "status"), [
+    ("hf.co/../../etc", InvalidReference, 400),
+    ("hf.co/test/nothing", RepoNotFound, 404),
+    ("ghost:1m", RepoNotFound, 404),
+    ("nosuchmodel:7b", UnknownModel, 404),
+    ("hf.co/test/tiny-GGUF:Q2_K", TagNotFound, 404),
+    ("hf.co/test/gated-GGUF", AccessDenied, 403),
+    ("hf.co/test/weights-in-bin", NoModelFiles, 422),
+])
+def test_plan_raises_every_4xx_before_anything_downloads(hub: FakeHub, config: SourceConfig, store: Store,
+                                                         ggufs: dict[str, bytes], reference: str,
+                                                         error: type[PullError], status: int) -> None:
+    hub.add_repo("hf", "test/gated-GGUF", ggufs, gated=True, token="hf_secret")
+    hub.add_repo("hf", "test/weights-in-bin", {"config.json": b"{}", "pytorch_model.bin": b"\x80" * 2000})
+    events: list[PullEvent] = []
+    with pytest.raises(error) as info:
+        asyncio.run(plan_pull(store, reference, sources=config, catalog=CATALOG, progress=events.append))
+    assert info.value.status == status
+    assert events[0] == {"status": "pulling manifest"} and not any("digest" in e for e in events)
+    assert sum(hub.served.values()) == 0  # not one byte of a file
+    assert not any(store.tmp_dir.iterdir()) and store.list() == []
 
-    events = asyncio.run(collect("hf.co/test/tiny-GGUF:Q4_K"))
-    assert events[0] == {"status": "pulling manifest"} and events[-1] == {"status": "success"}
-    with pytest.raises(TagNotFound):
-        asyncio.run(collect("hf.co/test/tiny-GGUF:Q2_K"))
+
+def statuses(events: list[PullEvent]) -> list[str]:
+    """The stream with each file's progress folded into one entry per file (their timing varies)."""
+    out: list[str] = []
+    for e in events:
+        entry = f"file {e['digest']} {e['total']}" if "digest" in e else e["status"]
+        if not out or out[-1] != entry:
+            out.append(entry)
+    return out
+
+
+def test_planned_events_are_the_stream_of_a_plain_pull(hub: FakeHub, tmp_path: Path) -> None:
+    """A plan's events are what `pull(progress=...)` reports, in the same order and shapes, fallback notes of the
+    planning included; the plan itself says what will be fetched."""
+    dead = dead_endpoint()
+    only_ms = SourceConfig(endpoints=endpoints(dead, dead, hub.modelscope_endpoint))
+    streamed: list[PullEvent] = []
+    reported: list[PullEvent] = []
+
+    async def planned_then_streamed() -> PullPlan:
+        plan = await plan_pull(Store(tmp_path / "a"), "tiny:1m-q8_0", sources=only_ms, catalog=CATALOG)
+        async for event in plan.events(transfer=FAST):
+            streamed.append(event)
+        return plan
+
+    plan = asyncio.run(planned_then_streamed())
+    asyncio.run(pull(Store(tmp_path / "b"), "tiny:1m-q8_0", sources=only_ms, catalog=CATALOG,
+                     progress=reported.append, transfer=FAST))
+    assert plan.name == "tiny:1m-q8_0" and plan.listing.source == "modelscope"
+    assert plan.selection.format == "gguf" and [f.path for f in plan.selection.files] == ["model-Q8_0.gguf"]
+    assert list(plan.planned) == streamed[:len(plan.planned)] == reported[:len(plan.planned)]
+    assert statuses(streamed) == statuses(reported)
+    shape = statuses(streamed)
+    assert shape[0] == "pulling manifest" and len([s for s in shape if "; trying " in s]) == 2
+    assert shape[3].startswith("pulling from modelscope (") and shape[4].startswith("file sha256:")
+    assert shape[5:] == ["verifying sha256 digest", "writing manifest", "success"]
+    source = next(e for e in streamed if "source" in e)
+    assert source == {"status": source["status"], "source": "modelscope", "repo": "test/tiny-GGUF", "commit": None}
+    check_events(streamed, {f"sha256:{plan.selection.files[0].sha256}": plan.selection.files[0].size})
+
+
+def test_a_fetch_error_comes_after_the_events(hub: FakeHub, config: SourceConfig, store: Store) -> None:
+    hub.fail("model-Q8_0.gguf", kind="corrupt", offset=10, times=2)
+    events: list[PullEvent] = []
+    plans: list[PullPlan] = []
+
+    async def stream() -> None:
+        plans.append(await plan_pull(store, "hf.co/test/tiny-GGUF:Q8_0", sources=config))
+        async for event in plans[0].events(transfer=FAST):
+            events.append(event)
+
+    with pytest.raises(ChecksumMismatch) as info:
+        asyncio.run(stream())
+    assert info.value.status == 502
+    assert tuple(events[:len(plans[0].planned)]) == plans[0].planned
+    assert not {"verifying sha256 digest", "success"} & {e["status"] for e in events} and store.list() == []
+
+
+def test_closing_the_events_stops_the_download_and_keeps_it_resumable(hub: FakeHub, config: SourceConfig,
+                                                                      store: Store, big_gguf: bytes) -> None:
+    hub.add_repo("hf", "test/big-GGUF", {"big-Q4_K_M.gguf": big_gguf})
+    hub.throttle("big-Q4_K_M.gguf", 2_000_000)
+    digest = hashlib.sha256(big_gguf).hexdigest()
+
+    async def leave_midway() -> None:
+        async with Downloader(store, RESUMABLE) as downloader:
+            plan = await plan_pull(store, "hf.co/test/big-GGUF", sources=config)
+            events = plan.events(downloader)
+            async for event in events:
+                if "digest" in event and event["completed"] > len(big_gguf) * 0.4:
+                    break
+            await events.aclose()  # what a client that hangs up does
+            assert not downloader._flights  # the download was cancelled, not left running
+
+    asyncio.run(leave_midway())
+    assert store.list() == []
+    state = partial_state(store, digest)
+    assert state is not None
+    kept = sum(done for _, _, done in state["parts"])
+    assert len(big_gguf) * 0.3 < kept < len(big_gguf)
+    hub.throttle("big-Q4_K_M.gguf", None)
+    hub.wait_idle()
+    hub.reset_counters()
+    manifest, _ = run_pull(store, "hf.co/test/big-GGUF", config, transfer=RESUMABLE)
+    assert hub.bytes_served("big-Q4_K_M.gguf") == len(big_gguf) - kept
+    assert blob_sha256(store, manifest.files[0].digest) == digest
 
 
 def test_real_gguf_end_to_end(hub: FakeHub, config: SourceConfig, store: Store, gguf_path: Path) -> None:

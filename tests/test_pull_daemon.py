@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-
 from conftest import QUESTION, Daemon
 from fakehub import FakeHub, dead_endpoint
 

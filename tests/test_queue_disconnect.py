@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import QUESTION, Daemon, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

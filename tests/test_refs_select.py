@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
 import pytest
+
 from mgr.registry.catalog import Catalog, UnknownModel, default_catalog
+from mgr.registry.config import ConfigError, load_settings
 from mgr.registry.refs import HubReference, InvalidReference, ShortReference, parse_reference
-from mgr.registry.select import NoModelFiles, TagNotFound, gguf_choices, select_files, select_gguf, select_safetensors
+from mgr.registry.selection import (
+    NoModelFiles,
+    TagNotFound,
+    gguf_choices,
+    select_files,
+    select_gguf,
+    select_safetensors,
+)
 from mgr.registry.sources import RemoteFile
 
 ALL = ("hf", "hf-mirror", "modelscope")
@@ -79,7 +91,7 @@ def test_bad_references_are_refused_with_the_accepted_forms(text: str) -> None:
     with pytest.raises(InvalidReference) as info:
         parse_reference(text)
     assert "accepted forms" in str(info.value)
-    assert info.value.http_status == 400
+    assert info.value.status == 400
 
 
 def test_owner_repo_without_host_suggests_hf() -> None:
@@ -157,13 +169,10 @@ def test_catalog_from_toml_is_checked() -> None:
         Catalog.from_toml('[latest]\n"t" = "2m"\n')
 
 
-def test_source_config_from_settings() -> None:
-    from mgr.daemon.config import ConfigError, load_settings
-    from mgr.daemon.pulls import source_config
-
+def test_source_config_from_settings(tmp_path: Path) -> None:
     settings = load_settings(env={"HF_ENDPOINT": "http://h", "MGR_HF_ENDPOINT": "http://m/", "MGR_CONFIG": "/none",
                                   "MGR_SOURCES": "modelscope,hf", "HF_TOKEN": "t"})
-    config = source_config(settings)
+    config = settings.hubs
     assert config.endpoint("hf") == "http://m" and config.order == ("modelscope", "hf")
     assert config.endpoint("hf-mirror") == "https://hf-mirror.com"
     assert config.endpoint("modelscope") == "https://modelscope.cn"
@@ -171,6 +180,39 @@ def test_source_config_from_settings() -> None:
     assert "Authorization" not in config.download_headers("hf-mirror")  # the HF token never goes to the mirror
     with pytest.raises(ConfigError, match="hf, hf-mirror, modelscope"):
         load_settings(env={"MGR_SOURCES": "hf,civitai", "MGR_CONFIG": "/none"})
+
+    # Every hub setting of README's table, from the config file, from the environment over it, and as overrides.
+    path = tmp_path / "config.toml"
+    path.write_text(textwrap.dedent("""
+        sources = ["hf-mirror", "modelscope"]
+        hf_endpoint = "https://hf.example/"
+        hf_mirror_endpoint = "https://mirror.example"
+        modelscope_endpoint = "https://ms.example"
+        hf_token = "file-hf"
+        hf_mirror_token = "file-mirror"
+        modelscope_token = "file-ms"
+    """))
+    from_file = load_settings(env={"MGR_CONFIG": str(path)}).hubs
+    assert from_file.order == ("hf-mirror", "modelscope")
+    assert [from_file.endpoint(s) for s in ALL] == ["https://hf.example", "https://mirror.example", "https://ms.example"]
+    assert [from_file.token(s) for s in ALL] == ["file-hf", "file-mirror", "file-ms"]
+    env = {"MGR_CONFIG": str(path), "MGR_SOURCES": "hf", "MGR_HF_MIRROR_ENDPOINT": "http://m2",
+           "MGR_MODELSCOPE_ENDPOINT": "http://ms2", "MGR_HF_TOKEN": "env-hf", "HF_TOKEN": "ignored",
+           "MGR_HF_MIRROR_TOKEN": "env-mirror", "MODELSCOPE_API_TOKEN": "env-ms"}
+    from_env = load_settings(env=env).hubs
+    assert from_env.order == ("hf",)
+    assert [from_env.endpoint(s) for s in ALL] == ["https://hf.example", "http://m2", "http://ms2"]
+    assert [from_env.token(s) for s in ALL] == ["env-hf", "env-mirror", "env-ms"]
+    assert load_settings(env={"MGR_CONFIG": "/none", "MGR_MODELSCOPE_TOKEN": "a", "MODELSCOPE_API_TOKEN": "b"}
+                         ).hubs.token("modelscope") == "a"
+    overridden = load_settings({"hf_endpoint": "http://flag", "sources": "modelscope"}, env=env).hubs
+    assert overridden.endpoint("hf") == "http://flag" and overridden.order == ("modelscope",)
+    with pytest.raises(ConfigError, match="hf_mirror_endpoint: expected a URL"):
+        load_settings(env={"MGR_CONFIG": "/none", "MGR_HF_MIRROR_ENDPOINT": "mirror.example"})
+    defaults = load_settings(env={"MGR_CONFIG": "/none"}).hubs
+    assert defaults.order == ALL and defaults.tokens == {}
+    assert [defaults.endpoint(s) for s in ALL] == ["https://huggingface.co", "https://hf-mirror.com",
+                                                   "https://modelscope.cn"]
 
 
 # -- GGUF quantization choice ------------------------------------------------------------------------------------

@@ -24,16 +24,19 @@ import gguf
 import httpx
 import numpy as np
 import pytest
-
-from mgr.daemon import scheduler as scheduler_module
-from mgr.daemon.config import Settings
-from mgr.daemon.gpus import StaticGpus
-from mgr.daemon.errors import ApiError, LoadFailed, QueueFull
-from mgr.daemon.scheduler import Instance, Lease, Scheduler, State
-from mgr.registry.store import Store
+from fakehub import import_file
 
 # tests/standin/ (pytest puts tests/ on sys.path, as tests/ has no __init__.py)
 from standin.factory import StandinFactory, StandinOptions
+from standin.gpus import StaticGpus
+
+from mgr.daemon import capacity, lifecycle
+from mgr.daemon.errors import LoadFailed, QueueFull
+from mgr.daemon.instances import Instance, Lease, State
+from mgr.daemon.scheduler import Scheduler
+from mgr.registry.config import Settings
+from mgr.registry.errors import MgrError
+from mgr.registry.store import Store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,7 +68,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     for name in MODELS:
         path = root / f"{name}.gguf"
         write_tiny_gguf(path, name)
-        store.create(name, files={f"{name}.gguf": store.import_file(path)}, source={"test": "stand-in"})
+        store.create(name, files={f"{name}.gguf": import_file(store, path)}, source={"test": "stand-in"})
     assert len({m.digest for m in store.list()}) == len(MODELS)
     return store
 
@@ -74,10 +77,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 class Harness:
     scheduler: Scheduler
     factory: StandinFactory
+    client: httpx.AsyncClient  # the tests' own, to talk to runners directly
 
     def loaded(self) -> dict[str, State]:
         """What the scheduler shows (as /api/ps does), by model path: {"alpha": State.READY}."""
-        return {i.spec.name.rpartition(":")[0]: i.state for i in self.scheduler.snapshot()}
+        return {i.spec.name.rpartition(":")[0]: i.state for i in self.scheduler.live()}
 
     def instance(self, model: str) -> Instance:
         return self.scheduler.instances[f"{model}:latest"]
@@ -92,13 +96,12 @@ async def running(store: Store, tmp_path: Path, options: dict[str, StandinOption
                   **settings: Any) -> AsyncIterator[Harness]:
     """A scheduler over the shared store with stand-in runners (on imaginary `gpus` if given, else on the
     CPU); shut down (every runner gone) afterwards."""
-    factory = StandinFactory(options, gpus, actual_bytes)
     config = Settings(models_dir=store.root, state_dir=tmp_path / "state", **settings)
-    # The same client the daemon makes for its runners (daemon/app.py).
+    factory = StandinFactory(config, options, gpus, actual_bytes)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0)) as client:
-        scheduler = Scheduler(config, store, client, factory, gpus=gpus or StaticGpus([]))
+        scheduler = Scheduler(config, store, factory, gpus=gpus or StaticGpus([]))
         try:
-            yield Harness(scheduler, factory)
+            yield Harness(scheduler, factory, client)
         finally:
             await scheduler.shutdown()
             for runner in factory.runners:  # a failed test must not leave a process to the next one
@@ -130,16 +133,20 @@ def group_alive(pid: int) -> bool:
     return True
 
 
+def runner_url(lease: Lease) -> str:
+    return f"http://127.0.0.1:{lease.client.port}"
+
+
 async def chat(client: httpx.AsyncClient, lease: Lease, stream: bool) -> list[dict[str, Any] | str] | dict[str, Any]:
     """One chat request to the lease's runner: the parsed SSE events (and "[DONE]"), or the JSON body."""
     body = {"model": lease.spec.name, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
             "stream_options": {"include_usage": True} if stream else None}
     if not stream:
-        response = await client.post(f"{lease.base_url}/v1/chat/completions", json=body)
+        response = await client.post(f"{runner_url(lease)}/v1/chat/completions", json=body)
         response.raise_for_status()
         return response.json()
     events: list[dict[str, Any] | str] = []
-    async with client.stream("POST", f"{lease.base_url}/v1/chat/completions", json=body) as response:
+    async with client.stream("POST", f"{runner_url(lease)}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         assert response.headers["content-type"].startswith("text/event-stream")
         async for line in response.aiter_lines():
@@ -159,7 +166,7 @@ def test_a_lease_reaches_the_standin_runner_over_http(store: Store, tmp_path: Pa
             lease = await h.scheduler.acquire("alpha")
             assert lease.spec.name == "alpha:latest" and lease.instance.runner is not None
             assert lease.instance.runner.backend == "stand-in"
-            events = await chat(h.scheduler.client, lease, stream=True)
+            events = await chat(h.client, lease, stream=True)
             assert events[-1] == "[DONE]"
             chunks = [e for e in events[:-1] if isinstance(e, dict)]
             assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -169,7 +176,7 @@ def test_a_lease_reaches_the_standin_runner_over_http(store: Store, tmp_path: Pa
             assert [c["choices"][0]["finish_reason"] for c in content][-1] == "stop"
             assert all(c["choices"][0]["finish_reason"] is None for c in content[:-1])
             assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(content)
-            whole = await chat(h.scheduler.client, lease, stream=False)
+            whole = await chat(h.client, lease, stream=False)
             assert isinstance(whole, dict) and whole["object"] == "chat.completion"
             assert whole["choices"][0]["message"] == {"role": "assistant", "content": reply}
             lease.release()
@@ -188,7 +195,7 @@ def test_concurrent_first_requests_join_one_load(store: Store, tmp_path: Path) -
             leases = await asyncio.gather(*tasks)
             assert len(h.factory.started("alpha")) == 1  # one process for all three
             assert len({lease.instance for lease in leases}) == 1
-            assert len({lease.base_url for lease in leases}) == 1
+            assert len({lease.client.port for lease in leases}) == 1
             assert leases[0].instance.active == 3
             assert all(lease.load_seconds >= 0.2 for lease in leases)  # each waited for that one load
             for lease in leases:
@@ -321,7 +328,7 @@ def test_keep_alive_timer_starts_at_release(store: Store, tmp_path: Path) -> Non
         async with running(store, tmp_path, {"alpha": standin}) as h:
             lease = await h.scheduler.acquire("alpha", keep_alive=0.3)
             acquired = time.monotonic()
-            events = await chat(h.scheduler.client, lease, stream=True)
+            events = await chat(h.client, lease, stream=True)
             assert events[-1] == "[DONE]"
             assert lease.instance.state is State.READY and lease.instance.expires_at is None
             lease.release()
@@ -441,7 +448,7 @@ def test_a_failed_load_fails_every_waiter_and_backs_off(store: Store, tmp_path: 
 
 def test_a_failed_model_is_tried_again_after_the_backoff(store: Store, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler_module, "FAILED_BACKOFF_SECONDS", 0.3)
+    monkeypatch.setattr(lifecycle, "FAILED_BACKOFF_SECONDS", 0.3)
     options = {"broken": StandinOptions(fail_load=True)}
 
     async def scenario() -> None:
@@ -599,7 +606,7 @@ def test_another_num_ctx_reloads_an_idle_model(store: Store, tmp_path: Path) -> 
             lease = await h.scheduler.acquire("alpha", num_ctx=2048)
             assert lease.spec.num_ctx == 2048 and lease.instance is not first.instance
             assert len(h.factory.started("alpha")) == 2 and not group_alive(old_pid)
-            health = await h.scheduler.client.get(f"{lease.base_url}/health")
+            health = await h.client.get(f"{runner_url(lease)}/health")
             assert health.json()["n_ctx"] == 2048  # the new process was started with the new spec
             lease.release()
             same = await h.scheduler.acquire("alpha", num_ctx=2048)  # same spec: no reload
@@ -641,10 +648,10 @@ def test_shutdown_stops_every_runner(store: Store, tmp_path: Path) -> None:
             assert len(pids) == 3 and all(group_alive(p) for p in pids)
             await asyncio.wait_for(h.scheduler.shutdown(), 5.0)
             assert not any(group_alive(p) for p in pids)
-            with pytest.raises(ApiError) as waiting:
+            with pytest.raises(MgrError) as waiting:
                 await loading
             assert waiting.value.status == 503
-            with pytest.raises(ApiError) as after:
+            with pytest.raises(MgrError) as after:
                 await h.scheduler.acquire("alpha")
             assert after.value.status == 503
             held.release()  # a request finishing after shutdown is harmless
@@ -656,7 +663,7 @@ def test_steady_traffic_to_loaded_models_does_not_starve_another(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every runner stays busy (overlapping requests, none ever idle); a third model must still load once it
     has waited STARVATION_SECONDS: the least recently used runner stops taking requests and makes room."""
-    monkeypatch.setattr(scheduler_module, "STARVATION_SECONDS", 0.3)
+    monkeypatch.setattr(capacity, "STARVATION_SECONDS", 0.3)
 
     async def scenario() -> None:
         async with running(store, tmp_path, max_loaded_models=2) as h:

@@ -28,7 +28,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import QUESTION, Daemon, DaemonSampler
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -8,11 +8,12 @@ import asyncio
 import os
 from pathlib import Path
 
-from mgr.daemon.gpus import StaticGpus
+from standin.factory import StandinOptions
+from standin.gpus import StaticGpus
+from test_scheduler_policy import group_alive, run, running, store, wait_until  # noqa: F401 (store: fixture)
+
 from mgr.daemon.scheduler import State
 from mgr.registry.store import Store
-from standin.factory import StandinOptions
-from test_scheduler_policy import group_alive, run, running, store, wait_until  # noqa: F401 (store: fixture)
 
 MIB = 1 << 20
 SLEEPER = {"alpha": StandinOptions(sleeps=True), "gamma": StandinOptions(sleeps=True)}

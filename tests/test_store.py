@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fakehub import tiny_gguf
+from fakehub import import_file, tiny_gguf
+
 from mgr.registry.store import Store
 
 
@@ -15,7 +16,7 @@ def test_split_gguf_parts_sit_side_by_side(tmp_path: Path) -> None:
     for i in (1, 2):
         part = tmp_path / f"m-0000{i}-of-00002.gguf"
         part.write_bytes(tiny_gguf(f"part{i}", seed=i))
-        files[part.name] = store.import_file(part)
+        files[part.name] = import_file(store, part)
     manifest = store.create("split", files, {"test": "split"})
     path = store.model_path(manifest)
     assert path.name == "m-00001-of-00002.gguf"

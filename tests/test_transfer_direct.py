@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mgr.registry import rangeget
 from mgr.registry.store import Store
 from mgr.registry.transfer import Downloader, FileSpec, TransferError, TransferOptions

@@ -19,16 +19,17 @@ import httpx
 import psutil
 import pytest
 import uvicorn
-
 from conftest import wait_for
+from fakehub import import_file
+from standin.gpus import StaticGpus
+from standin.models import write_tiny_safetensors_model
+
 from mgr.daemon.app import create_app
-from mgr.daemon.config import ModelOverrides, Settings
 from mgr.daemon.errors import EngineUnavailable
-from mgr.daemon.gpus import StaticGpus
 from mgr.daemon.placement import Placement
 from mgr.daemon.runners.base import LoadSpec
 from mgr.daemon.runners.vllm import vllm_argv, vllm_version
-from standin.models import write_tiny_safetensors_model
+from mgr.registry.config import ModelOverrides, Settings
 
 FAKE_VLLM = Path(__file__).parent / "standin" / "fake_vllm"
 GIB = 1 << 30
@@ -94,7 +95,7 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from mgr.registry.store import Store
 
     store = Store(root / "models")  # the same store folder the daemon serves
-    files = {name: store.import_file(model / name) for name in ("config.json", "model.safetensors")}
+    files = {name: import_file(store, model / name) for name in ("config.json", "model.safetensors")}
     store.create("smol", files, {"type": "test"})
     try:
         yield url
@@ -138,7 +139,8 @@ def test_sleep_and_wake_through_the_daemon(daemon_url: str) -> None:
     port = flag(runner_process(daemon_url).cmdline(), "--port")
     assert httpx.get(f"http://127.0.0.1:{port}/is_sleeping").json() == {"is_sleeping": True}
     started = time.monotonic()
-    answer = httpx.post(daemon_url + "/api/generate", timeout=60, json={"model": "smol", "prompt": "hi", "stream": False})
+    answer = httpx.post(daemon_url + "/api/generate", timeout=60,
+                        json={"model": "smol", "prompt": "hi", "stream": False})
     assert answer.status_code == 200 and "Paris" in answer.json()["response"]
     assert time.monotonic() - started < 2.0 and runner_process(daemon_url).pid == pid  # woken, not restarted
     assert httpx.get(f"http://127.0.0.1:{port}/is_sleeping").json() == {"is_sleeping": False}
@@ -148,7 +150,8 @@ def test_a_crashed_vllm_runner_is_replaced(daemon_url: str) -> None:
     old = runner_process(daemon_url)
     os.kill(old.pid, signal.SIGKILL)
     assert wait_for(lambda: httpx.get(daemon_url + "/api/ps").json()["models"] == [], timeout=10)
-    answer = httpx.post(daemon_url + "/api/generate", timeout=60, json={"model": "smol", "prompt": "hi", "stream": False})
+    answer = httpx.post(daemon_url + "/api/generate", timeout=60,
+                        json={"model": "smol", "prompt": "hi", "stream": False})
     assert answer.status_code == 200 and runner_process(daemon_url).pid != old.pid
 
 

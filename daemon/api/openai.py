@@ -1,5 +1,6 @@
-"""The OpenAI API (/v1/*). The runners speak this protocol already, so requests pass through almost as they
-are: the adapter finds the runner (through the scheduler) and relays bytes.
+"""The OpenAI API (/v1/*). The runners speak this protocol already, so a request is parsed into its internal
+request (operations.py: the fields mgr reads; the rest passes through as sent), the scheduler finds the
+runner, and the runner's answer is relayed byte for byte.
 
 The three relayed endpoints are plain ASGI handlers that the app serves ahead of Starlette's router: every
 request to a busy vLLM model crosses them, and at 256 concurrent streams the router, the middleware stack
@@ -23,16 +24,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mgr.registry.store import Manifest, Store
 
 from ..errors import BadRequest
-from ..runner_http import RunnerGone, RunnerHttp, RunnerResponse
-from ..scheduler import Lease, Scheduler
-from .common import (
-    RUNNER_STOPPED, client_disconnected, lease_for, open_runner_stream, parse_json, read_body, require_str,
-    runner_answer, unless_disconnected,
-)
+from ..instances import Lease
+from ..protocol import shapes
+from ..protocol.errors import openai_error_body
+from ..runners.http import RUNNER_STOPPED, RunnerGone, RunnerResponse, whole
+from ..scheduler import Scheduler
+from .asgi import client_disconnected, lease_for, parse_json, read_body, unless_disconnected
+from .operations import ChatRequest, CompletionRequest, EmbeddingRequest, Target, optional_bool, required_str
 from .render import error_response
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 JSON_TYPE = (b"content-type", b"application/json")
+
+Operation = ChatRequest | CompletionRequest | EmbeddingRequest
 
 
 def _model_entry(manifest: Manifest) -> dict[str, Any]:
@@ -40,23 +44,38 @@ def _model_entry(manifest: Manifest) -> dict[str, Any]:
     return {"id": manifest.name, "object": "model", "created": created, "owned_by": "mgr"}
 
 
-def _check_chat(body: dict[str, Any]) -> None:
-    if not isinstance(body.get("messages"), list) or not body["messages"]:
+# OpenAI bodies -> internal requests: the fields mgr reads are taken out, the rest passes through ---------------
+def _rest(body: dict[str, Any], *taken: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in taken}
+
+
+def chat_request(body: dict[str, Any]) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
+    return ChatRequest(Target(required_str(body, "model")), messages, optional_bool(body, "stream", False),
+                       passthrough=_rest(body, "model", "messages", "stream"))
 
 
-def _requires(field: str) -> Callable[[dict[str, Any]], None]:
-    def check(body: dict[str, Any]) -> None:
-        if field not in body:
-            raise BadRequest(f"missing field {field!r}")
-    return check
+def completion_request(body: dict[str, Any]) -> CompletionRequest:
+    if "prompt" not in body:
+        raise BadRequest("missing field 'prompt'")
+    return CompletionRequest(Target(required_str(body, "model")), body["prompt"],
+                             optional_bool(body, "stream", False),
+                             passthrough=_rest(body, "model", "prompt", "stream"))
+
+
+def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
+    if "input" not in body:
+        raise BadRequest("missing field 'input'")
+    return EmbeddingRequest(Target(required_str(body, "model")), body["input"],
+                            passthrough=_rest(body, "model", "input"))
 
 
 class OpenAIApi:
-    def __init__(self, scheduler: Scheduler, store: Store, runners: RunnerHttp) -> None:
+    def __init__(self, scheduler: Scheduler, store: Store) -> None:
         self.scheduler = scheduler
         self.store = store
-        self.runners = runners
 
     def routes(self) -> list[Route]:
         return [
@@ -67,9 +86,9 @@ class OpenAIApi:
     def relay_routes(self) -> dict[str, ASGIApp]:
         """POST endpoints served as plain ASGI, ahead of the router."""
         return {
-            "/v1/chat/completions": self._relay_endpoint("/v1/chat/completions", _check_chat),
-            "/v1/completions": self._relay_endpoint("/v1/completions", _requires("prompt")),
-            "/v1/embeddings": self._relay_endpoint("/v1/embeddings", _requires("input")),
+            shapes.CHAT_PATH: self._relay_endpoint(shapes.CHAT_PATH, chat_request),
+            shapes.COMPLETION_PATH: self._relay_endpoint(shapes.COMPLETION_PATH, completion_request),
+            shapes.EMBEDDING_PATH: self._relay_endpoint(shapes.EMBEDDING_PATH, embedding_request),
         }
 
     async def models(self, _: Request) -> Response:
@@ -79,22 +98,23 @@ class OpenAIApi:
     async def model(self, request: Request) -> Response:
         return JSONResponse(_model_entry(await asyncio.to_thread(self.store.get, request.path_params["model"])))
 
-    def _relay_endpoint(self, path: str, check: Callable[[dict[str, Any]], None]) -> ASGIApp:
+    def _relay_endpoint(self, path: str, parse: Callable[[dict[str, Any]], Operation]) -> ASGIApp:
         async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
             lease: Lease | None = None
             try:
-                lease, body, stream = await self._admit(check, receive)
-                url = lease.base_url + path
+                op = parse(parse_json(await read_body(receive)))
+                lease = await lease_for(receive, self.scheduler, op.target)
+                stream = not isinstance(op, EmbeddingRequest) and op.stream
                 if not stream:
                     # A runner sends a whole answer's headers only when it is done: the client may leave
                     # before that, and then the runner must stop (the connection to it is closed).
-                    content = await unless_disconnected(receive, runner_answer(self.runners, url, body))
+                    content = await unless_disconnected(receive, _whole(op, lease))
                     lease.release()
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": [JSON_TYPE, (b"content-length", str(len(content)).encode())]})
                     await send({"type": "http.response.body", "body": content})
                     return
-                upstream = await open_runner_stream(self.runners, url, body)
+                upstream = await _open(op, lease)
             except BaseException as exc:  # nothing has been sent yet
                 if lease is not None:
                     lease.release()
@@ -109,20 +129,19 @@ class OpenAIApi:
                 await upstream.aclose()
         return endpoint
 
-    async def _admit(self, check: Callable[[dict[str, Any]], None],
-                     receive: Receive) -> tuple[Lease, dict[str, Any], bool]:
-        """Validate the request and take a lease on the model's runner (waiting for a load or a slot unless
-        the client leaves); returns the lease, the body for the runner and whether it streams."""
-        body = parse_json(await read_body(receive))
-        check(body)
-        model = require_str(body, "model")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest("stream must be true or false")
-        lease = await lease_for(receive, self.scheduler, model)
-        # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
-        body["model"] = lease.spec.name
-        return lease, body, stream
+
+async def _open(op: Operation, lease: Lease) -> RunnerResponse:
+    # The runner knows the model by its full name ("smol:latest"); vLLM refuses any other.
+    model = lease.spec.name
+    if isinstance(op, ChatRequest):
+        return await lease.client.chat(op.runner_body(model, stream=op.stream))
+    if isinstance(op, CompletionRequest):
+        return await lease.client.completion(op.runner_body(model, stream=op.stream))
+    return await lease.client.open(shapes.EMBEDDING_PATH, op.runner_body(model))
+
+
+async def _whole(op: Operation, lease: Lease) -> bytes:
+    return await whole(await _open(op, lease))
 
 
 async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send) -> None:
@@ -140,7 +159,7 @@ async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send) 
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except RunnerGone:
             if not watcher.done():  # the runner failed, not the client: say so in the stream
-                error = {"error": {"message": RUNNER_STOPPED, "type": "server_error", "code": 502}}
+                error = openai_error_body(RUNNER_STOPPED, 502)
                 await send({"type": "http.response.body", "more_body": True,
                             "body": b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"})
         await send({"type": "http.response.body", "body": b""})

@@ -7,19 +7,21 @@ num_ctx changes how a model is loaded, so it goes to the scheduler, not to the r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
-from ..config import ConfigError, parse_duration
+from mgr.registry.config import ConfigError, parse_duration
+
 from ..errors import BadRequest
+from ..protocol.shapes import ResponseFormat, SamplingFields
 
 # Ollama's defaults (api/types.go DefaultOptions), applied because the runners default to OpenAI's.
-OLLAMA_DEFAULTS: dict[str, Any] = {
+OLLAMA_DEFAULTS: SamplingFields = {
     "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "typical_p": 1.0,
     "repetition_penalty": 1.1, "repeat_last_n": 64,
 }
 
 # Ollama option -> (runner field, type)
-_SAMPLING: dict[str, tuple[str, type]] = {
+_SAMPLING: dict[str, tuple[str, type[int] | type[float]]] = {
     "temperature": ("temperature", float),
     "top_k": ("top_k", int),
     "top_p": ("top_p", float),
@@ -32,16 +34,16 @@ _SAMPLING: dict[str, tuple[str, type]] = {
     "seed": ("seed", int),
     "num_predict": ("max_tokens", int),
 }
-_LOAD = {"num_ctx": int, "num_gpu": int, "num_thread": int, "num_batch": int}
+_LOAD: dict[str, type[int] | type[float]] = {"num_ctx": int, "num_gpu": int, "num_thread": int, "num_batch": int}
 
 
 @dataclasses.dataclass
 class MappedOptions:
-    sampling: dict[str, Any]
+    sampling: SamplingFields
     num_ctx: int | None
 
 
-def _number(key: str, value: Any, kind: type) -> int | float:
+def _number(key: str, value: Any, kind: type[int] | type[float]) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"option {key!r} must be a number, got {value!r}")
     if kind is int and value != int(value):
@@ -54,7 +56,7 @@ def map_options(options: Any) -> MappedOptions:
         options = {}
     if not isinstance(options, dict):
         raise BadRequest("options must be a JSON object")
-    sampling = dict(OLLAMA_DEFAULTS)
+    sampling: dict[str, Any] = dict(OLLAMA_DEFAULTS)
     for key, value in options.items():
         if value is None:
             continue
@@ -74,10 +76,10 @@ def map_options(options: Any) -> MappedOptions:
     num_ctx = options.get("num_ctx")
     if num_ctx is not None and int(num_ctx) < 1:
         raise BadRequest("option 'num_ctx' must be positive")
-    return MappedOptions(sampling, int(num_ctx) if num_ctx is not None else None)
+    return MappedOptions(cast(SamplingFields, sampling), int(num_ctx) if num_ctx is not None else None)
 
 
-def map_format(fmt: Any) -> dict[str, Any] | None:
+def map_format(fmt: Any) -> ResponseFormat | None:
     """Ollama's `format` ("json" or a JSON schema) as OpenAI's response_format."""
     if fmt in (None, ""):
         return None

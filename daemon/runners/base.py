@@ -1,8 +1,9 @@
 """The one small interface every engine's runner shares, and what the scheduler tells a runner to load.
 
-A runner is a subprocess serving the internal protocol (OpenAI /v1/chat/completions, /v1/completions,
-/v1/embeddings, GET /health) on 127.0.0.1:<port>. The scheduler only starts, watches and stops runners; the
-API adapters only send requests to `base_url`.
+A runner is a subprocess serving the internal protocol (daemon/protocol: OpenAI /v1/chat/completions,
+/v1/completions, /v1/embeddings, GET /health) on 127.0.0.1:<port>. The scheduler starts, watches, puts to
+sleep and stops runners; the API adapters send requests through `client` (a typed RunnerClient on the
+daemon's shared connection pool). Each runner owns its control client (httpx: health, sleep, wake).
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ import asyncio
 import dataclasses
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import httpx
 
+from mgr.registry.catalog import Format
+
+from ..protocol.shapes import HEALTH_PATH
+from .http import RunnerClient, RunnerPool
 from .process import RunnerProcess
+
+Backend = Literal["llama.cpp", "vllm", "stand-in"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +32,7 @@ class LoadSpec:
 
     name: str
     digest: str
-    format: str  # "gguf" | "safetensors"
+    format: Format
     model_path: Path
     num_ctx: int
     num_parallel: int
@@ -42,22 +49,25 @@ def runner_log_path(log_dir: Path, spec: LoadSpec) -> Path:
 
 
 class Runner(Protocol):
-    backend: str  # "llama.cpp" | "vllm"
+    backend: Backend
     spec: LoadSpec
-    base_url: str
-    process: RunnerProcess
+    client: RunnerClient  # the data path: chat, completion, embedding
     supports_sleep: bool  # whether sleep()/wake() work (vLLM's sleep mode)
 
-    async def start(self, client: httpx.AsyncClient, timeout: float) -> None:
+    @property
+    def pid(self) -> int | None:
+        """The runner's process (its children are found from it), None before start."""
+
+    async def start(self, timeout: float) -> None:
         """Start the process and return once it is ready; raise LoadFailed otherwise."""
 
     async def stop(self) -> None:
         """Stop the process group and wait for it to be gone."""
 
-    async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
+    async def sleep(self, level: int) -> None:
         """Free the GPU but keep the process: level 1 keeps weights in host RAM, level 2 drops them."""
 
-    async def wake(self, client: httpx.AsyncClient, level: int) -> None:
+    async def wake(self, level: int) -> None:
         """Undo sleep(level)."""
 
     @property
@@ -65,29 +75,45 @@ class Runner(Protocol):
         """Resolves with the exit code when the process ends, whoever ended it."""
 
 
+def control_client() -> httpx.AsyncClient:
+    # Runners answer on loopback; a sleep or wake can take minutes, so only connecting has a deadline.
+    # trust_env=False: an HTTP(S)_PROXY in the environment must never route loopback runner traffic.
+    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(None, connect=10.0))
+
+
 class ProcessRunner:
     """A runner that is one command line; subclasses say which command."""
 
-    backend = "process"
+    backend: Backend = "stand-in"
     supports_sleep = False  # engines with a sleep mode (vLLM) override sleep() and wake()
 
-    def __init__(self, spec: LoadSpec, port: int, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, spec: LoadSpec, pool: RunnerPool, port: int, argv: list[str], env: dict[str, str],
+                 log_path: Path) -> None:
         self.spec = spec
         self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"http://127.0.0.1:{port}"  # for control calls; requests go through `client`
+        self.client = pool.client(port)
         self.process = RunnerProcess(argv, env, log_path)
+        self.control = control_client()
 
-    async def start(self, client: httpx.AsyncClient, timeout: float) -> None:
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    async def start(self, timeout: float) -> None:
         await self.process.start()
-        await self.process.wait_ready(client, f"{self.base_url}/health", timeout)
+        await self.process.wait_ready(self.control, self.base_url + HEALTH_PATH, timeout)
 
     async def stop(self) -> None:
-        await self.process.stop()
+        try:
+            await self.process.stop()
+        finally:
+            await self.control.aclose()
 
-    async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
+    async def sleep(self, level: int) -> None:
         raise NotImplementedError(f"{self.backend} runners cannot sleep")
 
-    async def wake(self, client: httpx.AsyncClient, level: int) -> None:
+    async def wake(self, level: int) -> None:
         raise NotImplementedError(f"{self.backend} runners cannot sleep")
 
     @property

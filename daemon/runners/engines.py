@@ -7,13 +7,16 @@ import sys
 
 import psutil
 
-from ..config import Settings
+from mgr.registry.catalog import Format
+from mgr.registry.config import Settings
+
 from ..placement import Placement
 from .base import LoadSpec, ProcessRunner, runner_log_path
+from .http import RunnerPool
 from .process import free_port
 from .vllm import VllmRunner
 
-DEFAULT_PARALLEL = {"gguf": 4, "safetensors": 256}  # vLLM's own max-num-seqs default for safetensors
+DEFAULT_PARALLEL: dict[Format, int] = {"gguf": 4, "safetensors": 256}  # vLLM's own max-num-seqs default
 
 
 def default_threads() -> int:
@@ -23,7 +26,7 @@ def default_threads() -> int:
 class LlamaCppRunner(ProcessRunner):
     backend = "llama.cpp"
 
-    def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement) -> None:
+    def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement, pool: RunnerPool) -> None:
         port = free_port()
         argv = [
             sys.executable, "-m", "mgr.daemon.runners.llama",
@@ -37,12 +40,20 @@ class LlamaCppRunner(ProcessRunner):
         ]
         env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)  # "" = the CPU
-        super().__init__(spec, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
+        super().__init__(spec, pool, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
 
 
-def make_runner(spec: LoadSpec, settings: Settings, placement: Placement) -> ProcessRunner:
-    if spec.format == "gguf":
-        return LlamaCppRunner(spec, settings, placement)
-    overrides = settings.for_model(spec.name)
-    return VllmRunner(spec, settings, placement, python=settings.vllm_python,
-                      extra_args=overrides.vllm_args, ray_address=settings.ray_address)
+class EngineRunners:
+    """The daemon's RunnerFactory: a llama.cpp runner for GGUF, a vLLM runner for safetensors, all on one
+    connection pool."""
+
+    def __init__(self, settings: Settings, pool: RunnerPool) -> None:
+        self.settings = settings
+        self.pool = pool
+
+    def __call__(self, spec: LoadSpec, placement: Placement) -> ProcessRunner:
+        if spec.format == "gguf":
+            return LlamaCppRunner(spec, self.settings, placement, self.pool)
+        overrides = self.settings.for_model(spec.name)
+        return VllmRunner(spec, self.settings, placement, self.pool, python=self.settings.vllm_python,
+                          extra_args=overrides.vllm_args, ray_address=self.settings.ray_address)

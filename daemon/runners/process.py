@@ -34,7 +34,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class RunnerProcess:
@@ -76,7 +77,8 @@ class RunnerProcess:
         delay = 0.02
         while True:
             if self.exited.done():
-                raise LoadFailed(f"the runner exited with code {self.exited.result()} while loading:\n{self.log_tail()}")
+                code = self.exited.result()
+                raise LoadFailed(f"the runner exited with code {code} while loading:\n{self.log_tail()}")
             try:
                 response = await client.get(health_url, timeout=2.0)
                 if response.status_code == 200:

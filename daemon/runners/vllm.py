@@ -21,10 +21,12 @@ import sys
 
 import httpx
 
-from ..config import Settings
-from ..errors import ApiError, EngineUnavailable
+from mgr.registry.config import Settings
+
+from ..errors import EngineUnavailable, RunnerFailed
 from ..placement import Placement
 from .base import LoadSpec, ProcessRunner, runner_log_path
+from .http import RunnerPool
 from .process import free_port
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -72,7 +74,7 @@ class VllmRunner(ProcessRunner):
     backend = "vllm"
     supports_sleep = True
 
-    def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement,
+    def __init__(self, spec: LoadSpec, settings: Settings, placement: Placement, pool: RunnerPool,
                  python: str | None = None, extra_args: tuple[str, ...] = (), ray_address: str | None = None) -> None:
         self.python = python or sys.executable
         self.extra_args = extra_args
@@ -82,33 +84,33 @@ class VllmRunner(ProcessRunner):
         if ray_address is not None:
             env["RAY_ADDRESS"] = ray_address
         # The command line depends on vLLM's version, read (slowly: it imports vLLM) in start().
-        super().__init__(spec, free_port(), [], env, runner_log_path(settings.runner_log_dir, spec))
+        super().__init__(spec, pool, free_port(), [], env, runner_log_path(settings.runner_log_dir, spec))
         self.placement = placement
 
-    async def start(self, client: httpx.AsyncClient, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
         version = await asyncio.to_thread(vllm_version, self.python)
         self.process.argv = vllm_argv(self.spec, self.placement, self.port, self.python, version,
                                       self.extra_args, self.ray_address)
-        await super().start(client, timeout)
+        await super().start(timeout)
 
-    async def sleep(self, client: httpx.AsyncClient, level: int) -> None:
-        await self._post(client, f"/sleep?level={level}")
+    async def sleep(self, level: int) -> None:
+        await self._post(f"/sleep?level={level}")
 
-    async def wake(self, client: httpx.AsyncClient, level: int) -> None:
-        await self._post(client, "/wake_up")
+    async def wake(self, level: int) -> None:
+        await self._post("/wake_up")
         if level == 2:  # level 2 dropped the weights: read them again from the model folder
-            await self._post(client, "/collective_rpc", {"method": "reload_weights"})
+            await self._post("/collective_rpc", {"method": "reload_weights"})
 
-    async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, object] | None = None) -> None:
+    async def _post(self, path: str, body: dict[str, object] | None = None) -> None:
         for attempt in (1, 2):
             try:
-                response = await client.post(self.base_url + path, json=body, timeout=300)
+                response = await self.control.post(self.base_url + path, json=body, timeout=300)
                 break
             except httpx.RemoteProtocolError as e:
                 # A pooled keep-alive connection the server had already closed: try once on a fresh one.
                 if attempt == 2 or self.exited.done():
-                    raise ApiError(f"vLLM did not answer {path}: {e}", 502) from None
+                    raise RunnerFailed(f"vLLM did not answer {path}: {e}") from None
             except httpx.TransportError as e:
-                raise ApiError(f"vLLM did not answer {path}: {e}", 502) from None
+                raise RunnerFailed(f"vLLM did not answer {path}: {e}") from None
         if response.status_code != 200:
-            raise ApiError(f"vLLM refused {path}: {response.status_code} {response.text[:300]}", 502)
+            raise RunnerFailed(f"vLLM refused {path}: {response.status_code} {response.text[:300]}")

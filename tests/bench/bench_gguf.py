@@ -48,7 +48,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serving import NotServing, wait_until_serving  # noqa: E402
+from serving import NotServing, wait_until_serving
 
 DEFAULT_GGUF = Path.home() / ".cache" / "mgr-test" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 THINGS = [

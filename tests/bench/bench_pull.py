@@ -369,11 +369,11 @@ class Bench:
             self.probe.skip_hash = False
 
     def mgr(self, transfer: Any = None, profile: bool = False) -> Run:
+        from mgr.registry.hubs import SourceConfig
         from mgr.registry.pull import pull
-        from mgr.registry.sources import SourceConfig
         from mgr.registry.store import Store
 
-        config = SourceConfig(hf_endpoint=self.hub.hf, order=("hf",))
+        config = SourceConfig(endpoints={"hf": self.hub.hf}, order=("hf",))
 
         def body(dest: Path) -> dict[str, float]:
             store = Store(dest / "models")
@@ -450,19 +450,21 @@ class Bench:
 CHILD = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
+    from mgr.registry.hubs import SourceConfig
     from mgr.registry.pull import pull
-    from mgr.registry.sources import SourceConfig
     from mgr.registry.store import Store
-    config = SourceConfig(hf_endpoint=sys.argv[2], order=("hf",))
+    config = SourceConfig(endpoints={"hf": sys.argv[2]}, order=("hf",))
     asyncio.run(pull(Store(Path(sys.argv[1])), sys.argv[3], sources=config))
 """)
 
 
 def resume_check(bench: Bench) -> dict[str, Any]:
+    from mgr.registry.hubs import SourceConfig
     from mgr.registry.pull import pull
-    from mgr.registry.sources import SourceConfig
     from mgr.registry.store import Store
-    from mgr.registry.transfer import partial_state
+
+    sys.path.insert(0, str(TESTS))
+    from fakehub import partial_state
 
     hub = bench.hub
     dest = bench._fresh("resume")
@@ -501,7 +503,7 @@ def resume_check(bench: Bench) -> dict[str, Any]:
     remaining = TOTAL - sum(kept.values())
     hub.reset()
     t0 = time.perf_counter()
-    manifest = asyncio.run(pull(store, REFERENCE, sources=SourceConfig(hf_endpoint=hub.hf, order=("hf",))))
+    manifest = asyncio.run(pull(store, REFERENCE, sources=SourceConfig(endpoints={"hf": hub.hf}, order=("hf",))))
     seconds = time.perf_counter() - t0
     hub.wait_idle()
     second_pull = hub.served()

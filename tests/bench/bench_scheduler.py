@@ -49,11 +49,12 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))  # conftest.Daemon (a real `mgr serve`) and standin/ (the stand-in runner)
 
 from conftest import DEFAULT_GGUF, Daemon, DaemonSampler  # noqa: E402
+from fakehub import import_file  # noqa: E402
 from standin.factory import StandinFactory  # noqa: E402
+from standin.gpus import StaticGpus  # noqa: E402
 
-from mgr.daemon.config import Settings  # noqa: E402
-from mgr.daemon.gpus import StaticGpus  # noqa: E402
 from mgr.daemon.scheduler import Scheduler  # noqa: E402
+from mgr.registry.config import Settings  # noqa: E402
 from mgr.registry.store import Store  # noqa: E402
 
 FAST_PATH_TARGET_MS = 0.5
@@ -90,32 +91,31 @@ from test_scheduler_policy import write_tiny_gguf  # noqa: E402  (the tests' min
 async def fast_path(root: Path, iterations: int) -> dict[str, Any]:
     store = Store(root / "models")
     write_tiny_gguf(root / "bench.gguf", "bench")
-    store.create("bench", files={"bench.gguf": store.import_file(root / "bench.gguf")}, source={"bench": "stand-in"})
-    factory = StandinFactory()
+    store.create("bench", files={"bench.gguf": import_file(store, root / "bench.gguf")}, source={"bench": "stand-in"})
     settings = Settings(models_dir=store.root, state_dir=root / "state")
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0)) as client:
-        scheduler = Scheduler(settings, store, client, factory, gpus=StaticGpus([]))
-        try:
-            (await scheduler.acquire("bench")).release()  # the one load
-            assert len(factory.runners) == 1
-            clock = time.perf_counter_ns
-            both, acquire, release = [], [], []
-            for i in range(iterations + 1000):  # the first 1000 warm up
-                t0 = clock()
-                lease = scheduler.try_acquire("bench")
-                t1 = clock()
-                assert lease is not None, "the fast path refused a READY model with free slots"
-                lease.release()
-                t2 = clock()
-                if i >= 1000:
-                    both.append((t2 - t0) / 1000)
-                    acquire.append((t1 - t0) / 1000)
-                    release.append((t2 - t1) / 1000)
-                if i % 100 == 99:
-                    await asyncio.sleep(0)  # let the loop run (and drop cancelled keep-alive timers), as it would
-            assert len(factory.runners) == 1, "the fast path started a runner"
-        finally:
-            await scheduler.shutdown()
+    factory = StandinFactory(settings)
+    scheduler = Scheduler(settings, store, factory, gpus=StaticGpus([]))
+    try:
+        (await scheduler.acquire("bench")).release()  # the one load
+        assert len(factory.runners) == 1
+        clock = time.perf_counter_ns
+        both, acquire, release = [], [], []
+        for i in range(iterations + 1000):  # the first 1000 warm up
+            t0 = clock()
+            lease = scheduler.try_acquire("bench")
+            t1 = clock()
+            assert lease is not None, "the fast path refused a READY model with free slots"
+            lease.release()
+            t2 = clock()
+            if i >= 1000:
+                both.append((t2 - t0) / 1000)
+                acquire.append((t1 - t0) / 1000)
+                release.append((t2 - t1) / 1000)
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # let the loop run (and drop cancelled keep-alive timers), as it would
+        assert len(factory.runners) == 1, "the fast path started a runner"
+    finally:
+        await scheduler.shutdown()
     overhead = min(-(clock() - clock()) for _ in range(1000)) / 1000  # one perf_counter_ns call, in us
     return {"n": iterations, "p50_us": pct(both, 50), "p99_us": pct(both, 99), "max_us": max(both),
             "acquire_p50_us": pct(acquire, 50), "release_p50_us": pct(release, 50), "timer_us": overhead}

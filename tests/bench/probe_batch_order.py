@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gguf as bench  # noqa: E402
+import bench_gguf as bench
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+from fakehub import import_file  # noqa: E402
 from loadgen import run_cell  # noqa: E402
 from serving import NotServing, wait_until_serving  # noqa: E402
 from standin.models import write_tiny_safetensors_model  # noqa: E402
@@ -38,8 +39,8 @@ DAEMON = """
 import sys, uvicorn
 from pathlib import Path
 from mgr.daemon.app import create_app
-from mgr.daemon.config import Settings
-from mgr.daemon.gpus import StaticGpus
+from mgr.registry.config import Settings
+from standin.gpus import StaticGpus
 root, port, profile = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 settings = Settings(host=f"127.0.0.1:{port}", models_dir=root / "models", state_dir=root / "state", num_ctx=2048)
 app = create_app(settings, gpus=StaticGpus([80 << 30]))
@@ -88,7 +89,7 @@ def main() -> None:
 
     store = Store(root / "models")
     folder = write_tiny_safetensors_model(root / "smol-st")
-    store.create("smol", {name: store.import_file(folder / name) for name in ("config.json", "model.safetensors")},
+    store.create("smol", {name: import_file(store, folder / name) for name in ("config.json", "model.safetensors")},
                  {"type": "bench"})
     port = free_port()
     env = dict(os.environ, PYTHONPATH=f"{fake_vllm_package(root, args.step_ms)}{os.pathsep}"

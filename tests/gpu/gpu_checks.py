@@ -95,7 +95,8 @@ def main(folder: str) -> None:
     baseline = gpu_used_mib()
     say(f"GPU 0: {pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))}, {baseline} MiB used before mgr")
     log = (ROOT / "daemon.log").open("ab")
-    daemon = subprocess.Popen([sys.executable, "-m", "mgr.cli", "serve"], env=env(), stdout=log, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen([sys.executable, "-m", "mgr.cli", "serve"], env=env(), stdout=log,
+                              stderr=subprocess.STDOUT)
     try:
         wait(lambda: _up(), 60, "the daemon answers")
         created = mgr("create", "smol-st", "--from", folder)

@@ -12,11 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from mgr.daemon.config import Settings
-from mgr.daemon.gpus import StaticGpus
 from mgr.daemon.placement import CPU, Placement
 from mgr.daemon.runners.base import LoadSpec, ProcessRunner, runner_log_path
+from mgr.daemon.runners.http import RunnerPool
 from mgr.daemon.runners.process import free_port
+from mgr.registry.config import Settings
+from standin.gpus import StaticGpus
 
 SCRIPT = Path(__file__).with_name("runner.py")
 
@@ -35,7 +36,7 @@ class StandinOptions:
 class StandinRunner(ProcessRunner):
     backend = "stand-in"
 
-    def __init__(self, spec: LoadSpec, settings: Settings, options: StandinOptions,
+    def __init__(self, spec: LoadSpec, settings: Settings, options: StandinOptions, pool: RunnerPool,
                  placement: Placement = CPU, gpus: StaticGpus | None = None) -> None:
         self.placement = placement
         self.gpus = gpus
@@ -53,14 +54,10 @@ class StandinRunner(ProcessRunner):
         if options.fail_load:
             argv.append("--fail-load")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        super().__init__(spec, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
+        super().__init__(spec, pool, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    async def start(self, client, timeout):  # type: ignore[no-untyped-def]
-        await super().start(client, timeout)
+    async def start(self, timeout: float) -> None:
+        await super().start(timeout)
         # On imaginary GPUs the stand-in "uses" what the scheduler estimated (or `uses` says), split evenly.
         if self.gpus is not None and self.pid is not None:
             for index in self.placement.gpus:
@@ -71,12 +68,12 @@ class StandinRunner(ProcessRunner):
         if self.gpus is not None and self.pid is not None:
             self.gpus.free(self.pid)
 
-    async def sleep(self, client, level):  # type: ignore[no-untyped-def]
-        (await client.post(f"{self.base_url}/sleep?level={level}")).raise_for_status()
+    async def sleep(self, level: int) -> None:
+        (await self.control.post(f"{self.base_url}/sleep?level={level}")).raise_for_status()
         self._allocate(self.uses // 10)  # asleep, vLLM keeps its CUDA context and little else
 
-    async def wake(self, client, level):  # type: ignore[no-untyped-def]
-        (await client.post(f"{self.base_url}/wake_up")).raise_for_status()
+    async def wake(self, level: int) -> None:
+        (await self.control.post(f"{self.base_url}/wake_up")).raise_for_status()
         self._allocate(self.uses)
 
     def _allocate(self, total: int) -> None:
@@ -95,16 +92,19 @@ class StandinFactory:
     """A RunnerFactory for `Scheduler`; options are per model path ("alpha" for "alpha:latest"), and every
     runner it made is kept so that tests can count loads and find the processes."""
 
-    def __init__(self, options: dict[str, StandinOptions] | None = None, gpus: StaticGpus | None = None,
-                 actual_bytes: dict[str, int] | None = None) -> None:
+    def __init__(self, settings: Settings, options: dict[str, StandinOptions] | None = None,
+                 gpus: StaticGpus | None = None, actual_bytes: dict[str, int] | None = None) -> None:
+        self.settings = settings
+        self.pool = RunnerPool()  # what the daemon's EngineRunners share, here the stand-ins'
         self.options = options or {}
         self.gpus = gpus
         self.actual_bytes = actual_bytes or {}  # per model: what it "really" uses, unlike the estimate
         self.runners: list[StandinRunner] = []
 
-    def __call__(self, spec: LoadSpec, settings: Settings, placement: Placement = CPU) -> StandinRunner:
+    def __call__(self, spec: LoadSpec, placement: Placement = CPU) -> StandinRunner:
         path = spec.name.rpartition(":")[0] or spec.name
-        runner = StandinRunner(spec, settings, self.options.get(path, StandinOptions()), placement, self.gpus)
+        runner = StandinRunner(spec, self.settings, self.options.get(path, StandinOptions()), self.pool, placement,
+                               self.gpus)
         runner.actual_bytes = self.actual_bytes.get(path)
         self.runners.append(runner)
         return runner

@@ -9,7 +9,7 @@ loopback) in milliseconds instead of the seconds a real engine takes to load.
 
 /health answers 503 while "loading" (the first --load-seconds), then 200. With --fail-load the process
 instead prints "stand-in load failure" to stderr and exits with code 3 once --load-seconds have passed.
-Stdlib only, so that it starts fast.
+Stdlib and the runner protocol (mgr.daemon.protocol, a stdlib-only leaf) only, so that it starts fast.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from mgr.daemon.protocol import shapes, sse
+from mgr.daemon.protocol.errors import openai_error_body
 
 FAIL_EXIT_CODE = 3
 
@@ -54,7 +58,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep the runner log to what the tests look for
 
-    def _json(self, status: int, body: dict[str, Any]) -> None:
+    def _json(self, status: int, body: Mapping[str, Any]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -64,13 +68,16 @@ class Handler(BaseHTTPRequestHandler):
 
     sleep_level = 0  # vLLM's sleep mode: 0 awake, 1 weights in host RAM, 2 weights dropped
 
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, openai_error_body(message, status))
+
     def do_GET(self) -> None:
         if self.path == "/is_sleeping":
             self._json(200, {"is_sleeping": Handler.sleep_level > 0})
-        elif self.path != "/health":
-            self._json(404, {"error": {"message": f"no route {self.path}"}})
+        elif self.path != shapes.HEALTH_PATH:
+            self._error(404, f"no route {self.path}")
         elif time.monotonic() < self.ready_at:
-            self._json(503, {"error": {"message": "Loading model", "code": 503}})
+            self._error(503, "Loading model")
         else:
             self._json(200, {"status": "ok", "n_ctx": self.options.ctx_size})
 
@@ -84,14 +91,14 @@ class Handler(BaseHTTPRequestHandler):
             Handler.sleep_level = 0
             self._json(200, {})
             return
-        if Handler.sleep_level and self.path == "/v1/chat/completions":
-            self._json(503, {"error": {"message": "the model is sleeping", "code": 503}})
+        if Handler.sleep_level and self.path == shapes.CHAT_PATH:
+            self._error(503, "the model is sleeping")
             return
-        if self.path != "/v1/chat/completions":
-            self._json(404, {"error": {"message": f"no route {self.path}"}})
+        if self.path != shapes.CHAT_PATH:
+            self._error(404, f"no route {self.path}")
             return
         if time.monotonic() < self.ready_at:
-            self._json(503, {"error": {"message": "Loading model", "code": 503}})
+            self._error(503, "Loading model")
             return
         pieces = split_reply(self.options.reply)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
@@ -117,19 +124,18 @@ class Handler(BaseHTTPRequestHandler):
             return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                     "model": self.options.model_name, "choices": choices, **(extra or {})}
 
-        events: list[dict[str, Any] | str] = []
+        events: list[bytes] = []
         for i, piece in enumerate(pieces):
             delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
             last = i == len(pieces) - 1
-            events.append(chunk([{"index": 0, "delta": delta, "finish_reason": "stop" if last else None}]))
+            events.append(sse.encode(chunk([{"index": 0, "delta": delta, "finish_reason": "stop" if last else None}])))
         if (body.get("stream_options") or {}).get("include_usage"):
-            events.append(chunk([], {"usage": usage}))
-        events.append("[DONE]")
+            events.append(sse.encode(chunk([], {"usage": usage})))
+        events.append(sse.DONE)
         for i, event in enumerate(events):
             if i and self.options.token_delay:
                 time.sleep(self.options.token_delay)
-            payload = event if isinstance(event, str) else json.dumps(event)
-            self._write_chunk(f"data: {payload}\n\n".encode())
+            self._write_chunk(event)
         self._write_chunk(b"")  # the end of the chunked body
 
     def _write_chunk(self, data: bytes) -> None:

@@ -19,7 +19,6 @@ MAX_SEQUENCES = 16
 MAX_TOKENS_PER_INPUT = 2048
 
 
-
 def put_token(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
     """Write entry i of a llama_batch: one token of one sequence at a position (logits: output wanted)."""
     batch.token[i] = token
@@ -28,17 +27,19 @@ def put_token(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: boo
     batch.seq_id[i][0] = seq_id
     batch.logits[i] = logits
 
+
 class Embedder:
-    def __init__(self, model: Any, config: Any, tokenize: Callable[[str, bool], list[int]]) -> None:
+    def __init__(self, model: Any, n_ctx_per_seq: int, n_threads: int,
+                 tokenize: Callable[[str, bool], list[int]]) -> None:
         self.tokenize = tokenize
-        self.n_tokens = min(config.n_ctx_per_seq, MAX_TOKENS_PER_INPUT)
+        self.n_tokens = min(n_ctx_per_seq, MAX_TOKENS_PER_INPUT)
         params = llama.llama_context_default_params()
         params.embeddings = True  # pooling_type stays UNSPECIFIED: the model's own, from its metadata
         params.n_seq_max = MAX_SEQUENCES
         params.n_ctx = self.n_tokens * MAX_SEQUENCES
         # A pooled sequence must sit in one micro-batch, so the micro-batch holds a whole input.
         params.n_batch = params.n_ubatch = self.n_tokens
-        params.n_threads = params.n_threads_batch = config.n_threads
+        params.n_threads = params.n_threads_batch = n_threads
         # One KV stream: with a stream per sequence, llama.cpp splits sequences of unequal length across
         # micro-batches, which breaks pooling (measured: vectors of all but the last sequence changed).
         # The attention mask still keeps sequences apart.
@@ -54,7 +55,7 @@ class Embedder:
             self.ctx = llama.llama_init_from_model(model, params)
             if not self.ctx:
                 raise RuntimeError("llama.cpp could not create an embedding context")
-        self.n_embd = llama.llama_model_n_embd(model)
+        self.n_embd: int = llama.llama_model_n_embd(model)
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(self.n_tokens, 0, 1)
 
@@ -63,7 +64,7 @@ class Embedder:
         llama.llama_free(self.ctx)
 
     def embed(self, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int]:
-        token_lists = []
+        token_lists: list[list[int]] = []
         for i, text in enumerate(inputs):
             tokens = self.tokenize(text, True)
             if not tokens:
@@ -77,7 +78,8 @@ class Embedder:
         vectors: list[list[float]] = []
         start = 0
         while start < len(token_lists):
-            group, used = [], 0
+            group: list[list[int]] = []
+            used = 0
             for tokens in token_lists[start:]:
                 if len(group) == MAX_SEQUENCES or used + len(tokens) > self.n_tokens:
                     break
@@ -98,7 +100,7 @@ class Embedder:
         rc = llama.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} while embedding")
-        result = []
+        result: list[list[float]] = []
         for seq_id in range(len(group)):
             pointer = llama.llama_get_embeddings_seq(self.ctx, seq_id)
             vector = [float(pointer[i]) for i in range(self.n_embd)]

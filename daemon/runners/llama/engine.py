@@ -27,10 +27,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, NoReturn, TypedDict
 
 import llama_cpp as llama
 
+from ...protocol.shapes import FinishReason
 from .embeddings import Embedder, put_token
 from .sampling import BadRequest, SamplingParams, StopMatcher
 
@@ -47,13 +48,26 @@ class EngineConfig:
     n_gpu_layers: int = -1  # -1 = all layers when the build can offload
 
 
+EventKind = Literal["started", "text", "done", "error", "embeddings"]
+
+
+class EventUsage(TypedDict, total=False):
+    """What a "done" event counts (tokens, and the engine's clock in ms) or an "embeddings" event carries."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_ms: float
+    predicted_ms: float
+    data: list[list[float]]  # the vectors, one per input
+
+
 @dataclasses.dataclass
 class Event:
-    kind: str  # "started" | "text" | "done" | "error" | "embeddings"
-    text: str = ""
-    finish_reason: str | None = None
-    status: int = 500
-    usage: dict[str, Any] | None = None
+    kind: EventKind
+    text: str = ""  # "text": the piece; "error": the message
+    finish_reason: FinishReason | None = None  # "done"
+    status: int = 500  # "error": the HTTP status to answer with
+    usage: EventUsage | None = None
 
 
 class Submission:
@@ -117,6 +131,17 @@ class _Slot:
 
 
 class Engine:
+    # Set by _load on the engine thread. llama.cpp's handles are ctypes pointers, untyped.
+    model: Any
+    vocab: Any
+    ctx: Any
+    memory: Any
+    batch: Any
+    n_vocab: int
+    n_batch: int
+    add_bos: bool
+    eog_tokens: list[int]
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.ready = threading.Event()
@@ -125,7 +150,7 @@ class Engine:
         self.chat_template: str | None = None
         self.bos_text = ""
         self.eos_text = ""
-        self._inbox: queue.SimpleQueue[Request | EmbedRequest | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Request | EmbedRequest] = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()  # admitted, waiting for a free sequence slot
         self._embedder: Embedder | None = None
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
@@ -141,9 +166,6 @@ class Engine:
     @property
     def waiting(self) -> int:
         return self._inbox.qsize() + len(self._waiting)
-
-    def stop(self) -> None:
-        self._inbox.put(None)
 
     # engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -242,17 +264,14 @@ class Engine:
             return buffer.raw[:n]
         return self._piece_buffer.raw[:n]
 
-    def _admit(self, block: bool) -> bool:
-        """Drain the inbox: embeddings are answered at once, generations take free slots in arrival order.
-        Returns False when asked to stop."""
+    def _admit(self, block: bool) -> None:
+        """Drain the inbox: embeddings are answered at once, generations take free slots in arrival order."""
         while True:
             try:
                 request = self._inbox.get(block=block)
             except queue.Empty:
                 break
             block = False
-            if request is None:
-                return False
             if isinstance(request, EmbedRequest):
                 self._embed(request)
             else:
@@ -261,13 +280,12 @@ class Engine:
             request = self._waiting.popleft()
             if not request.cancelled:
                 self._start(request)
-        return True
 
     def _embed(self, request: EmbedRequest) -> None:
         if request.cancelled:
             return
         if self._embedder is None:
-            self._embedder = Embedder(self.model, self.config, self.tokenize)
+            self._embedder = Embedder(self.model, self.config.n_ctx_per_seq, self.config.n_threads, self.tokenize)
         try:
             vectors, n_tokens = self._embedder.embed(request.inputs, request.truncate)
         except BadRequest as e:
@@ -309,40 +327,41 @@ class Engine:
         slot = _Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain)
         self._slots.append(slot)
         self.active = len(self._slots)
-        request.emit(Event("started", usage={"prompt_tokens": len(tokens)}))
+        request.emit(Event("started"))
 
-    def _finish(self, slot: _Slot, reason: str, flush: bool = False, error: str | None = None) -> None:
-        """End a sequence. `flush` emits text still held back (end of generation or length); a stop string
-        or a cancel drops it."""
-        if error is not None:
-            slot.request.emit(Event("error", text=error))
-        elif reason != "cancelled":
-            if flush:
-                text, stopped = slot.stops.feed(slot.decoder.decode(b"", final=True))
-                text += "" if stopped else slot.stops.flush()
-                if text:
-                    slot.request.emit(Event("text", text=text))
-            now = time.perf_counter()
-            t_first = slot.t_first or now
-            slot.request.emit(Event("done", finish_reason=reason, usage={
-                "prompt_tokens": len(slot.prompt),
-                "completion_tokens": slot.n_generated,
-                "prompt_ms": (t_first - slot.t_start) * 1000,
-                "predicted_ms": (now - t_first) * 1000,
-            }))
+    def _finish(self, slot: _Slot, reason: FinishReason, flush: bool = False) -> None:
+        """End a sequence with a "done" event. `flush` emits text still held back (end of generation or
+        length); a stop string drops it."""
+        if flush:
+            text, stopped = slot.stops.feed(slot.decoder.decode(b"", final=True))
+            text += "" if stopped else slot.stops.flush()
+            if text:
+                slot.request.emit(Event("text", text=text))
+        now = time.perf_counter()
+        t_first = slot.t_first or now
+        slot.request.emit(Event("done", finish_reason=reason, usage={
+            "prompt_tokens": len(slot.prompt),
+            "completion_tokens": slot.n_generated,
+            "prompt_ms": (t_first - slot.t_start) * 1000,
+            "predicted_ms": (now - t_first) * 1000,
+        }))
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        """Give a sequence's slot back (its KV cells, its sampler chain, its id); on its own, for a cancelled
+        or failed sequence, it tells the request nothing."""
         llama.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
         llama.llama_sampler_free(slot.chain)
         self._slots.remove(slot)
         heapq.heappush(self._free_seq_ids, slot.seq_id)  # lowest first: batches stay compact and in order
         self.active = len(self._slots)
 
-    def _loop(self) -> None:
+    def _loop(self) -> NoReturn:
         batch = self.batch
         while True:
-            if not self._admit(block=not self._slots and not self._waiting):
-                return
+            self._admit(block=not self._slots and not self._waiting)
             for slot in [s for s in self._slots if s.request.cancelled]:
-                self._finish(slot, "cancelled")
+                self._release(slot)
             if not self._slots:
                 continue
             # Prompt chunks share what n_batch leaves after one token per generating sequence; the oldest
@@ -377,15 +396,15 @@ class Engine:
             rc = llama.llama_decode(self.ctx, batch)
             if rc != 0:
                 for slot in list(self._slots):
-                    self._finish(slot, "error", error=f"llama_decode failed with code {rc}")
+                    slot.request.emit(Event("error", text=f"llama_decode failed with code {rc}"))
+                    self._release(slot)
                 continue
             for slot in list(self._slots):
                 if slot.logit_index >= 0:
                     self._sample(slot)
 
-
     def _sample(self, slot: _Slot) -> None:
-        token = llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index)
+        token: int = llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index)
         if slot.t_first is None:
             slot.t_first = time.perf_counter()
         if llama.llama_vocab_is_eog(self.vocab, token):
@@ -398,7 +417,6 @@ class Engine:
             slot.request.emit(Event("text", text=text))
         if stopped:
             self._finish(slot, "stop")
-        elif slot.request.params.max_tokens is not None and slot.n_generated >= slot.request.params.max_tokens:
-            self._finish(slot, "length", flush=True)
-        elif slot.n_past + 1 >= self.n_ctx_seq:
+        elif (slot.request.params.max_tokens is not None and slot.n_generated >= slot.request.params.max_tokens
+              or slot.n_past + 1 >= self.n_ctx_seq):
             self._finish(slot, "length", flush=True)

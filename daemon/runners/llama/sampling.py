@@ -7,9 +7,11 @@ daemon fills in Ollama's own defaults before a request reaches the runner.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import llama_cpp as llama
+from llama_cpp import llama_grammar
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per sampler
 
@@ -81,7 +83,10 @@ class SamplingParams:
     def build_chain(self, vocab: Any, n_vocab: int, eog_tokens: list[int]) -> Any:
         """A llama.cpp sampler chain; the caller frees it with llama_sampler_free."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+
+        def add(sampler: Any) -> None:
+            llama.llama_sampler_chain_add(chain, sampler)
+
         bias = {t: b for t, b in self.logit_bias.items() if 0 <= t < n_vocab}  # OpenAI's logit_bias
         if self.ignore_eos:  # vLLM's and llama-server's ignore_eos: never end on EOS
             bias.update({token: float("-inf") for token in eog_tokens})
@@ -117,15 +122,14 @@ class SamplingParams:
 
 def grammar_from_request(body: dict[str, Any]) -> str | None:
     """GBNF for OpenAI's response_format (json_object / json_schema) or a raw `grammar` field."""
-    if isinstance(body.get("grammar"), str):
-        return body["grammar"]
+    grammar = body.get("grammar")
+    if isinstance(grammar, str):
+        return grammar
     fmt = body.get("response_format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise BadRequest("response_format must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}")
-    from llama_cpp import llama_grammar
-
     if fmt["type"] == "text":
         return None
     if fmt["type"] == "json_object":
@@ -133,12 +137,11 @@ def grammar_from_request(body: dict[str, Any]) -> str | None:
     schema = (fmt.get("json_schema") or {}).get("schema")
     if not isinstance(schema, dict):
         raise BadRequest("response_format.json_schema.schema must be a JSON schema object")
-    import json
-
     try:
-        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        gbnf: str = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter raises plain exceptions for unsupported schemas
         raise BadRequest(f"unsupported JSON schema: {e}") from None
+    return gbnf
 
 
 class StopMatcher:

@@ -1,5 +1,5 @@
-"""The runner's HTTP face: the internal protocol every runner speaks (DESIGN.md): OpenAI chat and text
-completions, streaming (SSE) or not, and GET /health (200 ready, 503 loading).
+"""The runner's HTTP face: the internal protocol every runner speaks (mgr.daemon.protocol): OpenAI chat and
+text completions, streaming (SSE) or not, embeddings, and GET /health (200 ready, 503 loading).
 
 Translation only: requests become engine Requests, engine Events become OpenAI chunks. Beyond OpenAI's
 fields, the final chunk carries `timings` (prompt_ms, predicted_ms) so that the daemon can fill Ollama's
@@ -22,14 +22,15 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import EmbedRequest, Engine, Event, Request
+from ...protocol import shapes, sse
+from ...protocol.errors import openai_error_body
+from .engine import EmbedRequest, Engine, Event, EventUsage, Request
 from .sampling import BadRequest, SamplingParams
 from .template import ChatTemplate, normalize_messages
 
 
 def error_response(message: str, status: int) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
+    return JSONResponse(openai_error_body(message, status), status)
 
 
 async def _read_json(request: HttpRequest) -> dict[str, Any]:
@@ -58,11 +59,11 @@ class RunnerApp:
         self.model_name = model_name
         self._template: ChatTemplate | None = None
         self.app = Starlette(routes=[
-            Route("/health", self.health, methods=["GET"]),
+            Route(shapes.HEALTH_PATH, self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route(shapes.CHAT_PATH, self.chat, methods=["POST"]),
+            Route(shapes.COMPLETION_PATH, self.completions, methods=["POST"]),
+            Route(shapes.EMBEDDING_PATH, self.embeddings, methods=["POST"]),
         ])
 
     @property
@@ -132,13 +133,15 @@ class RunnerApp:
             request.cancelled = True
         if event.kind == "error":
             return error_response(event.text, event.status)
-        usage = event.usage or {}
-        encode = _base64_floats if body.get("encoding_format") == "base64" else (lambda v: v)
-        return JSONResponse({
+        usage: EventUsage = event.usage or {}
+        as_base64 = body.get("encoding_format") == "base64"
+        answer: shapes.EmbeddingList = {
             "object": "list", "model": self.model_name,
-            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(usage["data"])],
+            "data": [{"object": "embedding", "index": i, "embedding": _base64_floats(v) if as_base64 else v}
+                     for i, v in enumerate(usage["data"])],
             "usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]},
-        })
+        }
+        return JSONResponse(answer)
 
     async def _generate(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, prompt: str,
                         add_special: bool, chat: bool, shorter: Iterator[str] = iter(())) -> Response:
@@ -176,46 +179,60 @@ class RunnerApp:
         finally:
             request.cancelled = True  # no-op when finished; frees the slot when we leave early
             watcher.cancel()
-        usage = _usage(event)
         content = "".join(parts)
-        choice: dict[str, Any] = (
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": event.finish_reason}
-            if chat else {"index": 0, "text": content, "finish_reason": event.finish_reason, "logprobs": None}
-        )
-        return JSONResponse({
-            "id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": self.model_name, "choices": [choice], "usage": usage, "timings": _timings(event),
-        })
+        answer: shapes.ChatCompletion | shapes.TextCompletion
+        if chat:
+            answer = {
+                "id": ident, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": event.finish_reason}],
+                "usage": _usage(event), "timings": _timings(event),
+            }
+        else:
+            answer = {
+                "id": ident, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": [{"index": 0, "text": content, "finish_reason": event.finish_reason, "logprobs": None}],
+                "usage": _usage(event), "timings": _timings(event),
+            }
+        return JSONResponse(answer)
 
     async def _stream(self, request: Request, ident: str, created: int, chat: bool,
                       include_usage: bool) -> AsyncIterator[bytes]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        head = {"id": ident, "object": kind, "created": created, "model": self.model_name}
+        model = self.model_name
+        encode = sse.encode  # per token: one local lookup
 
-        def chunk(content: str | None, finish: str | None) -> dict[str, Any]:
+        def chunk(content: str | None, finish: shapes.FinishReason | None) -> shapes.Chunk:
             if chat:
-                delta = {} if content is None else {"content": content}
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
-            return {**head, "choices": [choice]}
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": {} if content is None else {"content": content},
+                                     "finish_reason": finish}]}
+            return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}]}
 
         try:
             if chat:
-                yield _sse({**head, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                first: shapes.ChatChunk = {
+                    "id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
+                yield encode(first)
             while True:
                 event = await request.events.get()
                 if event.kind == "text":
-                    yield _sse(chunk(event.text, None))
+                    yield encode(chunk(event.text, None))
                 elif event.kind == "error":
-                    yield _sse({"error": {"message": event.text, "type": "server_error", "code": event.status}})
+                    yield encode(openai_error_body(event.text, event.status))
                     return
                 elif event.kind == "done":
-                    yield _sse({**chunk(None, event.finish_reason), "timings": _timings(event)})
+                    last = chunk(None, event.finish_reason)
+                    last["timings"] = _timings(event)
+                    yield encode(last)
                     if include_usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(event)})
-                    yield b"data: [DONE]\n\n"
+                        summary = chunk(None, None)  # OpenAI's usage chunk: no choices
+                        summary["choices"] = []
+                        summary["usage"] = _usage(event)
+                        yield encode(summary)
+                    yield sse.DONE
                     return
         finally:
             request.cancelled = True
@@ -237,17 +254,12 @@ def _base64_floats(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-def _sse(event: dict[str, Any]) -> bytes:
-    """One server-sent event carrying a JSON object."""
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-
-def _usage(event: Event) -> dict[str, int]:
-    usage = event.usage or {}
-    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+def _usage(event: Event) -> shapes.Usage:
+    usage: EventUsage = event.usage or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _timings(event: Event) -> dict[str, float]:
-    usage = event.usage or {}
-    return {"prompt_ms": float(usage.get("prompt_ms", 0.0)), "predicted_ms": float(usage.get("predicted_ms", 0.0))}
+def _timings(event: Event) -> shapes.Timings:
+    usage: EventUsage = event.usage or {}
+    return {"prompt_ms": usage.get("prompt_ms", 0.0), "predicted_ms": usage.get("predicted_ms", 0.0)}

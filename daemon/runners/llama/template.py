@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -23,7 +23,7 @@ CHATML = (
 )
 
 
-def _raise(message: str) -> None:
+def _raise(message: str) -> NoReturn:
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -33,12 +33,12 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, s
 
 class ChatTemplate:
     def __init__(self, source: str | None, bos_token: str, eos_token: str) -> None:
-        self.source = source or CHATML
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: dt.datetime.now().strftime(fmt)
         env.filters["tojson"] = _tojson
-        self._template = env.from_string(self.source)
+        self._template = env.from_string(source or CHATML)
         self.bos_token = bos_token
         self.eos_token = eos_token
 

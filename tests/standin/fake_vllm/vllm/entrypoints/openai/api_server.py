@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[4]))  # tests/standin, for runner.py
-import runner  # noqa: E402
+import runner
 
 parser = argparse.ArgumentParser(prog="vllm-stand-in")
 parser.add_argument("--model", required=True)

@@ -4,7 +4,11 @@ Precedence: explicit overrides (CLI flags) > environment (MGR_*) > config file >
 `config.toml` in the user config dir, or `/etc/mgr/config.toml` when running as the system service
 (MGR_CONFIG names another). Every path comes from platformdirs so that the daemon, the CLI and the tests agree.
 
-This module is imported by the CLI on every start, so it stays light: stdlib + platformdirs only.
+The hub settings (sources, <hub>_endpoint, <hub>_token and their environment variables) come from the table
+of hubs in hubs.py and are handed to pulls as one SourceConfig, `Settings.hubs`.
+
+This module is imported by the CLI on every start, so it stays light: stdlib + platformdirs (and hubs.py,
+stdlib only).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import platformdirs
+
+from .hubs import HUBS, SOURCES, Source, SourceConfig
 
 DEFAULT_PORT = 11434
 SYSTEM_CONFIG = Path("/etc/mgr/config.toml")
@@ -62,14 +68,9 @@ class Settings:
     ray_address: str | None = None
     ray_nodes: int = 1
     ray_gpus_per_node: int | None = None
-    # Hubs: the order a short name tries them, their endpoints, and tokens (never sent to another hub).
-    sources: tuple[str, ...] = ("hf", "hf-mirror", "modelscope")
-    hf_endpoint: str = "https://huggingface.co"
-    hf_mirror_endpoint: str = "https://hf-mirror.com"
-    modelscope_endpoint: str = "https://modelscope.cn"
-    hf_token: str | None = None
-    hf_mirror_token: str | None = None
-    modelscope_token: str | None = None
+    # Hubs: the order a short name tries them, their endpoints, and tokens (never sent to another hub), from the
+    # settings `sources`, `<hub>_endpoint` and `<hub>_token`.
+    hubs: SourceConfig = dataclasses.field(default_factory=SourceConfig)
     models: Mapping[str, ModelOverrides] = dataclasses.field(default_factory=dict)
 
     @property
@@ -157,13 +158,13 @@ def _boolean(value: Any, setting: str) -> bool:
     raise ConfigError(f"{setting}: expected true or false, got {value!r}")
 
 
-def _sources(value: Any, setting: str) -> tuple[str, ...]:
+def _sources(value: Any, setting: str) -> tuple[Source, ...]:
     items = value if isinstance(value, list) else str(value).split(",")
-    names = tuple(str(v).strip() for v in items if str(v).strip())
-    unknown = [n for n in names if n not in ("hf", "hf-mirror", "modelscope")]
-    if not names or unknown:
-        raise ConfigError(f"{setting}: expected a list of hf, hf-mirror, modelscope, got {value!r}")
-    return names
+    names = [str(v).strip() for v in items if str(v).strip()]
+    hubs: dict[str, Source] = {hub.id: hub.id for hub in HUBS.values()}
+    if not names or any(n not in hubs for n in names):
+        raise ConfigError(f"{setting}: expected a list of {', '.join(hubs)}, got {value!r}")
+    return tuple(hubs[n] for n in names)
 
 
 def _endpoint(value: Any, setting: str) -> str:
@@ -173,11 +174,19 @@ def _endpoint(value: Any, setting: str) -> str:
     return text
 
 
-# setting name -> (environment variables, first set wins; parser)
-_FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
-    "host": (("MGR_HOST",), str),
-    "models_dir": (("MGR_MODELS",), lambda v, s: Path(v).expanduser()),
-    "state_dir": (("MGR_STATE_DIR",), lambda v, s: Path(v).expanduser()),
+def _string(value: Any, setting: str) -> str:
+    return str(value)
+
+
+def _path(value: Any, setting: str) -> Path:
+    return Path(value).expanduser()
+
+
+# setting name -> (environment variables, first set wins; parser of a value given as text or in TOML)
+_FIELDS: dict[str, tuple[tuple[str, ...], Callable[[Any, str], Any]]] = {
+    "host": (("MGR_HOST",), _string),
+    "models_dir": (("MGR_MODELS",), _path),
+    "state_dir": (("MGR_STATE_DIR",), _path),
     "keep_alive": (("MGR_KEEP_ALIVE",), parse_duration),
     "num_parallel": (("MGR_NUM_PARALLEL",), _positive_int),
     "max_loaded_models": (("MGR_MAX_LOADED_MODELS",), _positive_int),
@@ -185,24 +194,32 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
     "load_timeout": (("MGR_LOAD_TIMEOUT",), parse_duration),
     "num_ctx": (("MGR_CONTEXT_LENGTH",), _positive_int),
     "num_thread": (("MGR_NUM_THREAD",), _positive_int),
-    "vllm_python": (("MGR_VLLM_PYTHON",), str),
+    "vllm_python": (("MGR_VLLM_PYTHON",), _string),
     "vllm_sleep": (("MGR_VLLM_SLEEP",), _boolean),
-    "ray_address": (("MGR_RAY_ADDRESS",), str),
+    "ray_address": (("MGR_RAY_ADDRESS",), _string),
     "ray_nodes": (("MGR_RAY_NODES",), _positive_int),
     "ray_gpus_per_node": (("MGR_RAY_GPUS_PER_NODE",), _positive_int),
+    # The hubs, from their table: they become Settings.hubs.
     "sources": (("MGR_SOURCES",), _sources),
-    "hf_endpoint": (("MGR_HF_ENDPOINT", "HF_ENDPOINT"), _endpoint),
-    "hf_mirror_endpoint": (("MGR_HF_MIRROR_ENDPOINT",), _endpoint),
-    "modelscope_endpoint": (("MGR_MODELSCOPE_ENDPOINT",), _endpoint),
-    "hf_token": (("MGR_HF_TOKEN", "HF_TOKEN"), str),
-    "hf_mirror_token": (("MGR_HF_MIRROR_TOKEN",), str),
-    "modelscope_token": (("MGR_MODELSCOPE_TOKEN", "MODELSCOPE_API_TOKEN"), str),
+    **{f"{hub.setting}_endpoint": (hub.endpoint_env, _endpoint) for hub in HUBS.values()},
+    **{f"{hub.setting}_token": (hub.token_env, _string) for hub in HUBS.values()},
 }
 
 
 def _parse(name: str, value: Any) -> Any:
-    parser = _FIELDS[name][1]
-    return parser(value) if parser is str else parser(value, name)
+    return _FIELDS[name][1](value, name)
+
+
+def _hubs(values: dict[str, Any]) -> SourceConfig:
+    """Take the hub settings out of `values` (by setting name) and make them one SourceConfig."""
+    endpoints: dict[Source, str] = {}
+    tokens: dict[Source, str] = {}
+    for hub in HUBS.values():
+        if (endpoint := values.pop(f"{hub.setting}_endpoint", None)) is not None:
+            endpoints[hub.id] = endpoint
+        if (token := values.pop(f"{hub.setting}_token", None)) is not None:
+            tokens[hub.id] = token
+    return SourceConfig(endpoints=endpoints, tokens=tokens, order=values.pop("sources", SOURCES))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -275,4 +292,4 @@ def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, 
     values.setdefault("models_dir", Path(platformdirs.user_data_dir("mgr")) / "models")
     values.setdefault("state_dir", Path(platformdirs.user_state_dir("mgr")))
     split_host(values.get("host", Settings.host))  # fail early on a bad MGR_HOST
-    return Settings(models=models, **values)
+    return Settings(models=models, hubs=_hubs(values), **values)

@@ -31,11 +31,11 @@ _INDEX = re.compile(r"^(.+)\.safetensors\.index\.json$")
 
 
 class TagNotFound(PullError, LookupError):
-    http_status = 404
+    status = 404
 
 
 class NoModelFiles(PullError, ValueError):
-    http_status = 422
+    status = 422
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,14 @@ import asyncio
 import json
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, cast
+
+from mgr.registry.errors import MgrError
+
+from ..errors import RunnerFailed
+from ..protocol import shapes
+from ..protocol.errors import error_message
+from ..protocol.sse import SseDecoder
 
 READ_SIZE = 256 * 1024
 # Idle connections kept per runner: enough for a burst of as many requests as a vLLM runner takes at once
@@ -24,22 +30,92 @@ READ_SIZE = 256 * 1024
 MAX_IDLE_PER_RUNNER = 1024
 
 
+RUNNER_STOPPED = "the model runner stopped unexpectedly; the next request starts a new one"
+
+
 class RunnerGone(Exception):
-    """The runner closed the connection or stopped answering mid-response."""
+    """The runner closed the connection or stopped answering mid-response (a transport failure, turned into
+    RunnerFailed where a client is told)."""
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-class RunnerHttp:
+class RunnerClient:
+    """Typed calls to one runner (as Ollama's llm/server.go: Completion/Chat/Embedding): handlers call these,
+    never build URLs. Streams come back raw (`RunnerResponse`), for the OpenAI relay to pass on byte for byte
+    and for `events` to decode where an adapter translates them."""
+
+    def __init__(self, pool: RunnerPool, port: int) -> None:
+        self.pool = pool
+        self.port = port
+
+    async def chat(self, body: shapes.ChatBody) -> RunnerResponse:
+        return await self.open(shapes.CHAT_PATH, body)
+
+    async def completion(self, body: shapes.CompletionBody) -> RunnerResponse:
+        return await self.open(shapes.COMPLETION_PATH, body)
+
+    async def embedding(self, body: shapes.EmbeddingBody) -> shapes.EmbeddingList:
+        return cast(shapes.EmbeddingList, json.loads(await whole(await self.open(shapes.EMBEDDING_PATH, body))))
+
+    async def open(self, path: str, body: Any) -> RunnerResponse:
+        """POST and return the response once its status is known; a runner error status becomes an MgrError
+        with the runner's status and message, a runner that does not answer RunnerFailed."""
+        try:
+            response = await self.pool.post_json(self.port, path, body)
+            if response.status_code != 200:
+                raw = await response.read()
+                await response.aclose()
+                raise MgrError(error_message(raw), response.status_code)
+        except RunnerGone as e:
+            raise RunnerFailed(str(e)) from None
+        return response
+
+
+async def whole(response: RunnerResponse) -> bytes:
+    """A whole (not streamed) answer; cancelling the wait closes the runner connection, which stops the
+    runner."""
+    try:
+        return await response.read()
+    except RunnerGone:
+        raise RunnerFailed(RUNNER_STOPPED) from None
+    finally:
+        await response.aclose()
+
+
+async def events(response: RunnerResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a runner's SSE stream; raises an MgrError for an error event or a broken stream."""
+    decoder = SseDecoder()
+    try:
+        async for data in response.iter_bytes():
+            for event in decoder.feed(data):
+                if "error" in event:
+                    error = event["error"]
+                    if not isinstance(error, dict):
+                        raise RunnerFailed(str(error))
+                    code = error.get("code")
+                    raise MgrError(str(error.get("message")), code if isinstance(code, int) and code >= 400 else 500)
+                yield event
+            if decoder.done:
+                return
+    except RunnerGone:
+        raise RunnerFailed(RUNNER_STOPPED) from None
+
+
+class RunnerPool:
+    """Pooled keep-alive connections to every runner on 127.0.0.1, by port: one per daemon."""
+
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[Connection]] = defaultdict(list)
 
-    async def post_json(self, url: str, body: Any) -> RunnerResponse:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    def client(self, port: int) -> RunnerClient:
+        return RunnerClient(self, port)
+
+    async def post_json(self, port: int, path: str, body: Any) -> RunnerResponse:
+        host = "127.0.0.1"
         payload = json.dumps(body).encode()
-        head = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Accept: */*\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
         for attempt in (1, 2):
             reader, writer, reused = await self._connect(host, port)
@@ -88,7 +164,7 @@ class RunnerHttp:
 
 
 class RunnerResponse:
-    def __init__(self, pool: RunnerHttp, key: tuple[str, int], reader: asyncio.StreamReader,
+    def __init__(self, pool: RunnerPool, key: tuple[str, int], reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, status_line: bytes, raw_headers: bytes) -> None:
         self._pool = pool
         self._key = key

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import MgrError
 from .gguf_header import GGUFError, read_header
 
 
-class InvalidModel(ValueError):
-    pass
+class InvalidModel(MgrError, ValueError):
+    status = 400
 
 
 def _size_label(parameters: int) -> str:
@@ -84,9 +85,12 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         if length > 100_000_000:
             raise InvalidModel(f"{path.name} is not a safetensors file (header length {length})")
         try:
-            return json.loads(f.read(length))
+            header = json.loads(f.read(length))
         except ValueError:
             raise InvalidModel(f"{path.name} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise InvalidModel(f"{path.name} is not a safetensors file (its header is not a JSON object)")
+    return header
 
 
 def inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
@@ -113,7 +117,8 @@ def inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
                 count *= int(dim)
             parameters += count
             dtypes.add(str(info.get("dtype", "")))
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    nested = config.get("text_config")
+    text_config: dict[str, Any] = nested if isinstance(nested, dict) else config
     arch = str(config.get("model_type") or "unknown")
     template = ""
     for name in ("chat_template.jinja", "tokenizer_config.json"):

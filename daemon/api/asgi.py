@@ -1,0 +1,107 @@
+"""ASGI plumbing both API adapters share: reading the body, noticing a client that leaves while it waits,
+taking a lease unless the client leaves first, and a streaming response that releases what it holds
+however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from mgr.registry.errors import MgrError
+
+from ..errors import BadRequest, ClientGone
+from ..instances import Lease
+from ..scheduler import Scheduler
+from .operations import Target
+
+T = TypeVar("T")
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    return parse_json(await request.body())
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body from ASGI messages (for handlers that run without a Request)."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("client closed the connection while sending its request")
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise BadRequest("missing request body: send a JSON object")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"invalid JSON in request body: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+async def lease_for(receive: Receive, scheduler: Scheduler, target: Target) -> Lease:
+    """A lease on the model's runner: at once on the fast path; otherwise after waiting (load, queue),
+    unless the client leaves first."""
+    lease = scheduler.try_acquire(target.model, target.num_ctx, target.keep_alive)
+    if lease is not None:
+        return lease
+    return await unless_disconnected(receive, scheduler.acquire(target.model, target.num_ctx, target.keep_alive))
+
+
+async def client_disconnected(receive: Receive) -> None:
+    """Return when the client has gone; the request body must have been read already."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` (a queue wait, a load, a whole answer) but give up with ClientGone if the client
+    goes away first; the body has been read, so the next ASGI message can only be the disconnect."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(client_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, MgrError):
+        pass
+    raise ClientGone("client closed the connection while waiting")
+
+
+class CleanupStreamingResponse(StreamingResponse):
+    """A StreamingResponse that runs its cleanups (release the lease, close the upstream stream) whatever
+    happens, also when the client leaves before the body generator ever starts."""
+
+    def __init__(self, content: AsyncIterator[bytes], media_type: str,
+                 cleanups: list[Callable[[], Awaitable[None] | None]]) -> None:
+        super().__init__(content, media_type=media_type)
+        self.cleanups = cleanups
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for cleanup in self.cleanups:
+                result = cleanup()
+                if result is not None:
+                    await result

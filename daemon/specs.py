@@ -1,0 +1,66 @@
+"""Load specs: how a model will be loaded (context, parallel slots, the memory it will take), from its
+manifest, the settings and what earlier loads of it really used."""
+
+from __future__ import annotations
+
+from mgr.registry.config import Settings
+from mgr.registry.store import Store
+
+from .memory import estimate
+from .runners.base import LoadSpec
+from .runners.engines import DEFAULT_PARALLEL
+
+
+class SpecBook:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        # What runners really used, by (digest, num_ctx, num_parallel): better than any estimate next time.
+        self._learned: dict[tuple[str, int, int], int] = {}
+        self._specs: dict[tuple[str, int | None], tuple[int, LoadSpec]] = {}  # by the store's generation
+
+    def spec_for(self, name: str, num_ctx: int | None = None) -> LoadSpec:
+        """Raises ModelNotFound for a model the store does not have. Cached until the store or what was
+        learned changes: the fast path must not read manifests from disk."""
+        key = (name.lower(), num_ctx)
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == self.store.generation:
+            return cached[1]
+        spec = self._build(name, num_ctx)
+        self._specs[key] = (self.store.generation, spec)
+        return spec
+
+    def _build(self, name: str, num_ctx: int | None) -> LoadSpec:
+        manifest = self.store.get(name)
+        overrides = self.settings.for_model(manifest.name)
+        ctx = num_ctx or overrides.num_ctx or self.settings.num_ctx
+        if manifest.context_length:
+            ctx = min(ctx, manifest.context_length)
+        parallel = overrides.num_parallel or self.settings.num_parallel or DEFAULT_PARALLEL[manifest.format]
+        arch = manifest.model_info.get("general.architecture")
+        need = self._learned.get((manifest.digest, ctx, parallel)) or estimate(
+            manifest.format, manifest.size, manifest.model_info, ctx, parallel)
+        return LoadSpec(
+            name=manifest.name,
+            digest=manifest.digest,
+            format=manifest.format,
+            model_path=self.store.model_path(manifest),
+            num_ctx=ctx,
+            num_parallel=parallel,
+            size=manifest.size,
+            estimate=need,
+            layers=int(manifest.model_info.get(f"{arch}.block_count") or 0),
+            pinned=overrides.gpus,
+        )
+
+    def learn(self, spec: LoadSpec, used: int) -> None:
+        """What a runner of this spec really took: the estimate for its next load."""
+        self._learned[(spec.digest, spec.num_ctx, spec.num_parallel)] = used
+        # the cached specs of this model estimated from what we knew before; other models' stay right
+        self._specs = {key: cached for key, cached in self._specs.items() if cached[1].digest != spec.digest}
+
+    def keep_alive_for(self, name: str, requested: float | None) -> float:
+        if requested is not None:
+            return requested
+        override = self.settings.for_model(name).keep_alive
+        return override if override is not None else self.settings.keep_alive
