@@ -92,8 +92,9 @@ def main() -> None:
     store.create("smol", {name: import_file(store, folder / name) for name in ("config.json", "model.safetensors")},
                  {"type": "bench"})
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{fake_vllm_package(root, args.step_ms)}{os.pathsep}"
-               f"{os.environ.get('PYTHONPATH', '')}", MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
+    # the stand-in vLLM package, and tests/ for the imaginary GPUs (standin.gpus)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake_vllm_package(root, args.step_ms)), str(HERE.parent),
+                                                       os.environ.get("PYTHONPATH", "")]), MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
     daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(root), str(port), args.profile], env=env,
                               stdout=(root / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
