@@ -93,8 +93,8 @@ def main() -> None:
                  {"type": "bench"})
     port = free_port()
     # the stand-in vLLM package, and tests/ for the imaginary GPUs (standin.gpus)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake_vllm_package(root, args.step_ms)), str(HERE.parent),
-                                                       os.environ.get("PYTHONPATH", "")]), MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
+    paths = [str(fake_vllm_package(root, args.step_ms)), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
     daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(root), str(port), args.profile], env=env,
                               stdout=(root / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
