@@ -30,10 +30,19 @@ class ToolCall(TypedDict):
 
 class ChatMessage(TypedDict, total=False):
     role: str
-    content: str | None
+    content: str | list[dict[str, Any]] | None  # a list: OpenAI content parts (text, image_url)
     name: str  # a tool result's tool name
     tool_calls: list[ToolCall]
     tool_call_id: str
+    reasoning_content: str  # the model's reasoning, split from content (vLLM's and llama-server's name)
+
+
+class NamedToolChoice(TypedDict):
+    type: Literal["function"]
+    function: dict[str, str]  # {"name": ...}
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class StreamOptions(TypedDict, total=False):
@@ -68,23 +77,34 @@ class ChatBody(SamplingFields, total=False):
     stream: bool
     stream_options: StreamOptions
     response_format: ResponseFormat
-    tools: list[dict[str, Any]]
-    chat_template_kwargs: dict[str, Any]
+    tools: list[dict[str, Any]]  # OpenAI's [{type: function, function: {name, description, parameters}}]
+    tool_choice: ToolChoice
+    parallel_tool_calls: bool
+    chat_template_kwargs: dict[str, Any]  # e.g. {"enable_thinking": false}
+    reasoning_effort: Literal["low", "medium", "high"]
+    logprobs: bool
+    top_logprobs: int
+    n: int
     truncate: bool  # mgr: drop the oldest non-system messages to fit the context
 
 
 class CompletionBody(SamplingFields, total=False):
     model: str
     prompt: str
+    suffix: str  # fill-in-the-middle: the text after the insertion point
     stream: bool
     stream_options: StreamOptions
     response_format: ResponseFormat
+    logprobs: int  # legacy completions: how many alternatives per token
+    echo: bool
+    n: int
 
 
 class EmbeddingBody(TypedDict, total=False):
     model: str
     input: list[str]
     encoding_format: Literal["float", "base64"]
+    dimensions: int  # cut to this many and renormalized
     truncate: bool  # mgr: cut inputs longer than the context instead of failing
 
 
@@ -111,13 +131,31 @@ class ToolCallDelta(TypedDict, total=False):
 class ChatDelta(TypedDict, total=False):
     role: str
     content: str | None
+    reasoning_content: str
     tool_calls: list[ToolCallDelta]
 
 
-class ChatChunkChoice(TypedDict):
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(TypedDict):
+    """Chat logprobs: one entry per generated token."""
+
+    content: list[TokenLogprob] | None
+
+
+class ChatChunkChoice(TypedDict, total=False):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None
+    logprobs: ChoiceLogprobs | None
 
 
 class ChatChunk(TypedDict, total=False):
@@ -130,11 +168,20 @@ class ChatChunk(TypedDict, total=False):
     timings: Timings  # mgr: on the chunk that carries finish_reason
 
 
+class TextLogprobs(TypedDict):
+    """Legacy completions logprobs."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class TextChoice(TypedDict):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None
+    logprobs: TextLogprobs | None
 
 
 class TextChunk(TypedDict, total=False):
@@ -147,10 +194,11 @@ class TextChunk(TypedDict, total=False):
     timings: Timings
 
 
-class ChatChoice(TypedDict):
+class ChatChoice(TypedDict, total=False):
     index: int
     message: ChatMessage
     finish_reason: FinishReason | None
+    logprobs: ChoiceLogprobs | None
 
 
 class ChatCompletion(TypedDict, total=False):
