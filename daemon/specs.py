@@ -51,6 +51,7 @@ class SpecBook:
             estimate=need,
             layers=int(manifest.model_info.get(f"{arch}.block_count") or 0),
             pinned=overrides.gpus,
+            capabilities=tuple(manifest.capabilities),
         )
 
     def learn(self, spec: LoadSpec, used: int) -> None:

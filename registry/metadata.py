@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .capabilities import FIM_KEYS, VISION_KEY
 from .errors import MgrError
 from .gguf_header import GGUFError, read_header
 
@@ -52,6 +53,9 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         value = field(f"{arch}.{suffix}")
         if value is not None:
             model_info[f"{arch}.{suffix}"] = value
+    for key in FIM_KEYS:  # fill-in-the-middle tokens: the `insert` capability
+        if field(key) is not None:
+            model_info[key] = field(key)
     return {
         "details": {
             "format": "gguf",
@@ -132,6 +136,8 @@ def inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
         "general.parameter_count": parameters,
         "architectures": config.get("architectures"),
     }
+    if isinstance(config.get("vision_config"), dict):
+        model_info[VISION_KEY] = True  # the `vision` capability
     for key, ours in (
         ("max_position_embeddings", "context_length"), ("num_hidden_layers", "block_count"),
         ("hidden_size", "embedding_length"), ("num_attention_heads", "attention.head_count"),

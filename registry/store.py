@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .capabilities import Capability, capabilities
 from .catalog import Format, as_format
 from .errors import MgrError
 from .metadata import InvalidModel, inspect_gguf, inspect_safetensors
@@ -117,6 +118,10 @@ class Manifest:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def capabilities(self) -> list[Capability]:
+        return capabilities(self.template, self.model_info, (f.path for f in self.files))
 
     @property
     def context_length(self) -> int | None:

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from mgr.registry.capabilities import Capability
 from mgr.registry.errors import MgrError
 
 from ..errors import BadRequest, ClientGone
 from ..instances import Lease
 from ..scheduler import Scheduler
-from .operations import Target
+from .operations import Target, unsupported
 
 T = TypeVar("T")
 
@@ -51,9 +52,16 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-async def lease_for(receive: Receive, scheduler: Scheduler, target: Target) -> Lease:
+async def lease_for(receive: Receive, scheduler: Scheduler, target: Target,
+                    needs: Iterable[Capability] = ()) -> Lease:
     """A lease on the model's runner: at once on the fast path; otherwise after waiting (load, queue),
-    unless the client leaves first."""
+    unless the client leaves first. A model that lacks a capability the request `needs` is a 400 before
+    anything loads."""
+    if needs:
+        capabilities = scheduler.spec_for(target.model, target.num_ctx).capabilities
+        for capability in needs:
+            if capability not in capabilities:
+                raise unsupported(target.model, capability)
     lease = scheduler.try_acquire(target.model, target.num_ctx, target.keep_alive)
     if lease is not None:
         return lease

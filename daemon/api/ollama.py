@@ -6,6 +6,7 @@ decided here. The model and status endpoints are in ollama_models.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
 import time
@@ -28,12 +29,16 @@ from .asgi import CleanupStreamingResponse, lease_for, read_json, unless_disconn
 from .operations import (
     ChatRequest,
     CompletionRequest,
+    Effort,
     EmbeddingRequest,
     Target,
     optional_bool,
     optional_str,
+    positive_int,
     required_str,
     strings,
+    tool_choice,
+    tool_list,
 )
 from .options import map_format, map_options, parse_keep_alive
 
@@ -45,26 +50,85 @@ def now_iso() -> str:
 
 
 # Ollama bodies -> internal requests ---------------------------------------------------------------------
-def _message(message: Any, index: int) -> shapes.ChatMessage:
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise BadRequest(f"messages[{index}] must be an object with a string role")
-    if message.get("images"):
-        raise BadRequest("this model does not accept images")
-    content = message.get("content", "")
-    if not isinstance(content, str):
-        raise BadRequest(f"messages[{index}].content must be a string")
-    result: shapes.ChatMessage = {"role": message["role"], "content": content}
-    if message.get("tool_calls"):
-        result["tool_calls"] = [
-            {"id": f"call_{index}_{i}", "type": "function", "function": {
-                "name": call.get("function", {}).get("name", ""),
-                "arguments": json.dumps(call.get("function", {}).get("arguments", {})),
-            }}
-            for i, call in enumerate(message["tool_calls"])
-        ]
-    if message.get("tool_name"):
-        result["name"] = message["tool_name"]
-    return result
+_IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+                (b"RIFF", "image/webp"))
+
+
+def _image_part(data: Any, where: str) -> dict[str, Any]:
+    """An Ollama image (base64, no data: prefix) as an OpenAI image_url part with a data URL."""
+    if not isinstance(data, str) or not data:
+        raise BadRequest(f"{where} must be base64-encoded image data")
+    try:
+        head = base64.b64decode(data[:64], validate=True)
+    except ValueError:
+        raise BadRequest(f"{where} is not valid base64") from None
+    kind = next((t for magic, t in _IMAGE_TYPES if head.startswith(magic)), "image/png")
+    return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
+
+
+def _images(value: Any, where: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"{where} must be a list of base64-encoded images")
+    return [_image_part(image, f"{where}[{i}]") for i, image in enumerate(value)]
+
+
+def _messages(raw: list[Any]) -> list[shapes.ChatMessage]:
+    """Ollama messages as OpenAI's: tool calls with JSON-string arguments and ids, which the tool results
+    that follow refer to (Ollama matches them by tool_name); images as image_url parts."""
+    messages: list[shapes.ChatMessage] = []
+    call_ids: dict[str, str] = {}  # function name -> id of its latest call
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{index}] must be an object with a string role")
+        content = message.get("content", "")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{index}].content must be a string")
+        result: shapes.ChatMessage = {"role": message["role"], "content": content}
+        images = _images(message.get("images"), f"messages[{index}].images")
+        if images:
+            result["content"] = [{"type": "text", "text": content}, *images]
+        calls = message.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise BadRequest(f"messages[{index}].tool_calls must be a list")
+            result["tool_calls"] = []
+            for i, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    raise BadRequest(f"messages[{index}].tool_calls[{i}] needs a function with a name")
+                arguments = function.get("arguments", {})
+                ident = str(call.get("id") or f"call_{index}_{i}")
+                call_ids[function["name"]] = ident
+                result["tool_calls"].append({"id": ident, "type": "function", "function": {
+                    "name": function["name"],
+                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+        name = message.get("tool_name") or message.get("name")
+        if isinstance(name, str) and name:
+            result["name"] = name
+            if message["role"] == "tool" and name in call_ids:
+                result["tool_call_id"] = call_ids[name]
+        thinking = message.get("thinking")
+        if isinstance(thinking, str) and thinking:
+            result["reasoning_content"] = thinking
+        messages.append(result)
+    return messages
+
+
+def _think(body: dict[str, Any]) -> bool | Effort | None:
+    think = body.get("think")
+    if think is None or isinstance(think, bool):
+        return think
+    if think in ("low", "medium", "high"):
+        return think  # type: ignore[no-any-return]
+    raise BadRequest('think must be true, false, "low", "medium" or "high"')
+
+
+def _logprobs(body: dict[str, Any]) -> tuple[bool, int | None]:
+    return optional_bool(body, "logprobs", False), positive_int(body, "top_logprobs", 20)
 
 
 def _target(body: dict[str, Any], num_ctx: int | None) -> Target:
@@ -72,17 +136,22 @@ def _target(body: dict[str, Any], num_ctx: int | None) -> Target:
 
 
 def chat_request(body: dict[str, Any]) -> ChatRequest:
-    messages = body.get("messages") or []
-    if not isinstance(messages, list):
+    raw = body.get("messages") or []
+    if not isinstance(raw, list):
         raise BadRequest("messages must be a list")
     options = map_options(body.get("options"))
-    tools = body.get("tools") or None
-    if tools is not None and not isinstance(tools, list):
-        raise BadRequest("tools must be a list")
+    messages = _messages(raw)
+    logprobs, top = _logprobs(body)
+    tools = tool_list(body.get("tools"))
     return ChatRequest(
-        target=_target(body, options.num_ctx), messages=[_message(m, i) for i, m in enumerate(messages)],
+        target=_target(body, options.num_ctx), messages=messages,
         stream=optional_bool(body, "stream", True), sampling=options.sampling,
         response_format=map_format(body.get("format")), tools=tools,
+        # mgr goes past Ollama here (its #17921): tool_choice and parallel_tool_calls as OpenAI's, enforced
+        tool_choice=tool_choice(body.get("tool_choice"), tools),
+        parallel_tool_calls=optional_bool(body, "parallel_tool_calls", True) if tools else None,
+        thinking=_think(body), logprobs=logprobs, top_logprobs=top,
+        images=any(isinstance(m.get("content"), list) for m in messages),
         # Ollama drops the oldest messages (never the system prompt) when a chat outgrows num_ctx
         truncate=body.get("truncate", True) is not False,
     )
@@ -93,26 +162,36 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest:
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
-    if body.get("images"):
-        raise BadRequest("this model does not accept images")
     options = map_options(body.get("options"))
     target = _target(body, options.num_ctx)
     stream = optional_bool(body, "stream", True)
     response_format = map_format(body.get("format"))
     if not prompt:  # an empty prompt loads (or with keep_alive 0 unloads) the model
         return ChatRequest(target, [], stream)
-    if body.get("raw"):
-        return CompletionRequest(target, prompt, stream, options.sampling, response_format)
     system = optional_str(body, "system")
+    suffix = optional_str(body, "suffix")
+    images = _images(body.get("images"), "images")
+    logprobs, top = _logprobs(body)
+    if body.get("raw") or suffix:
+        if images:
+            raise BadRequest("images need the chat template: leave raw and suffix off")
+        return CompletionRequest(target, prompt, stream, options.sampling, response_format, suffix=suffix,
+                                 logprobs=(top or 0) if logprobs else None)
     messages: list[shapes.ChatMessage] = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    return ChatRequest(target, messages, stream, options.sampling, response_format,
+    content: str | list[dict[str, Any]] = [{"type": "text", "text": prompt}, *images] if images else prompt
+    messages.append({"role": "user", "content": content})
+    return ChatRequest(target, messages, stream, options.sampling, response_format, thinking=_think(body),
+                       logprobs=logprobs, top_logprobs=top, images=bool(images),
                        truncate=body.get("truncate", True) is not False)
 
 
 def embedding_request(body: dict[str, Any], inputs: list[str]) -> EmbeddingRequest:
     options = map_options(body.get("options"))
-    return EmbeddingRequest(_target(body, options.num_ctx), inputs, truncate=body.get("truncate", True) is not False)
+    dimensions = positive_int(body, "dimensions")
+    if dimensions == 0:
+        raise BadRequest("dimensions must be at least 1")
+    return EmbeddingRequest(_target(body, options.num_ctx), inputs, truncate=body.get("truncate", True) is not False,
+                            dimensions=dimensions)
 
 
 class OllamaGeneration:
@@ -192,7 +271,7 @@ class OllamaGeneration:
 
     async def _generate(self, request: Request, op: ChatRequest | CompletionRequest, chat: bool,
                         started: int) -> Response:
-        lease = await lease_for(request.receive, self.scheduler, op.target)
+        lease = await lease_for(request.receive, self.scheduler, op.target, op.needs())
         if not op.stream:
             try:
                 # A runner sends a whole answer's headers only when it is done: the client may leave before
@@ -226,9 +305,25 @@ class OllamaGeneration:
 
 
 # runner chunks -> Ollama chunks ---------------------------------------------------------------------------
+def _ollama_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """A choice's logprobs in Ollama's shape ([{token, logprob, bytes, top_logprobs}]), from chat's
+    (already that shape) or legacy completions' (parallel lists)."""
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return []
+    if logprobs.get("content") is not None:
+        return list(logprobs["content"])
+    tops = logprobs.get("top_logprobs") or []
+    return [{"token": token, "logprob": logprob,
+             "top_logprobs": [{"token": t, "logprob": v} for t, v in (tops[i] or {}).items()] if i < len(tops) else []}
+            for i, (token, logprob) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [],
+                                                     strict=False))]
+
+
 async def _ollama_chunks(upstream: RunnerResponse, lease: Lease, chat: bool,
                          started: int) -> AsyncIterator[dict[str, Any]]:
-    """Runner SSE events -> Ollama chunks; the last one carries done_reason and the metrics."""
+    """Runner SSE events -> Ollama chunks (content, thinking, logprobs); tool calls, gathered, in one chunk at
+    the end; the last one carries done_reason and the metrics."""
     model = lease.spec.name
     sent = time.perf_counter_ns()
     first_token: int | None = None
@@ -244,23 +339,37 @@ async def _ollama_chunks(upstream: RunnerResponse, lease: Lease, chat: bool,
                 finish = "length" if choice["finish_reason"] == "length" else "stop"
             delta = choice.get("delta") or {}
             for call in delta.get("tool_calls") or []:
-                slot = calls.setdefault(call.get("index", 0), {"name": "", "arguments": ""})
+                slot = calls.setdefault(call.get("index", 0), {"id": "", "name": "", "arguments": ""})
                 function = call.get("function") or {}
+                slot["id"] = call.get("id") or slot["id"]
                 slot["name"] += function.get("name") or ""
                 slot["arguments"] += function.get("arguments") or ""
             piece = delta.get("content") if chat else choice.get("text", delta.get("content"))
-            if piece:
+            thinking = delta.get("reasoning_content") or delta.get("reasoning")
+            logprobs = _ollama_logprobs(choice)
+            if piece or thinking or logprobs:
                 if first_token is None:
                     first_token = time.perf_counter_ns()
-                yield {"model": model, "created_at": now_iso(),
-                       **({"message": {"role": "assistant", "content": piece}} if chat else {"response": piece}),
-                       "done": False}
+                chunk: dict[str, Any] = {"model": model, "created_at": now_iso()}
+                if chat:
+                    chunk["message"] = {"role": "assistant", "content": piece or ""}
+                    if thinking:
+                        chunk["message"]["thinking"] = thinking
+                else:
+                    chunk["response"] = piece or ""
+                    if thinking:
+                        chunk["thinking"] = thinking
+                if logprobs:
+                    chunk["logprobs"] = logprobs
+                chunk["done"] = False
+                yield chunk
     if calls:
-        yield {"model": model, "created_at": now_iso(), "done": False, "message": {
-            "role": "assistant", "content": "",
-            "tool_calls": [{"function": {"name": c["name"], "arguments": _json_object(c["arguments"])}}
-                           for _, c in sorted(calls.items())],
-        }} if chat else {"model": model, "created_at": now_iso(), "response": "", "done": False}
+        tool_calls = [{"id": c["id"] or f"call_{i}", "function": {
+            "index": i, "name": c["name"], "arguments": _json_object(c["arguments"])}}
+            for i, (_, c) in enumerate(sorted(calls.items()))]
+        yield {"model": model, "created_at": now_iso(), "done": False,
+               **({"message": {"role": "assistant", "content": "", "tool_calls": tool_calls}} if chat
+                  else {"response": ""})}
     finished = time.perf_counter_ns()
     first_token = first_token or finished
     prompt_ns = int(timings["prompt_ms"] * 1e6) if "prompt_ms" in timings else first_token - sent
@@ -276,24 +385,38 @@ async def _ollama_chunks(upstream: RunnerResponse, lease: Lease, chat: bool,
 
 
 async def _collect(chunks: AsyncIterator[dict[str, Any]], chat: bool) -> dict[str, Any]:
-    """One answer from the chunks of a stream: the final chunk with the whole text (and tool calls)."""
+    """One answer from the chunks of a stream: the final chunk with the whole text, thinking, tool calls and
+    logprobs."""
     parts: list[str] = []
+    thoughts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    logprobs: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
     async for chunk in chunks:
         if chunk["done"]:
             final = chunk
-        elif chat:
+            continue
+        logprobs += chunk.get("logprobs", [])
+        if chat:
             parts.append(chunk["message"]["content"])
+            thoughts.append(chunk["message"].get("thinking", ""))
             tool_calls += chunk["message"].get("tool_calls", [])
         else:
             parts.append(chunk["response"])
+            thoughts.append(chunk.get("thinking", ""))
+    thinking = "".join(thoughts)
     if chat:
         final["message"] = {"role": "assistant", "content": "".join(parts)}
+        if thinking:
+            final["message"]["thinking"] = thinking
         if tool_calls:
             final["message"]["tool_calls"] = tool_calls
     else:
         final["response"] = "".join(parts)
+        if thinking:
+            final["thinking"] = thinking
+    if logprobs:
+        final["logprobs"] = logprobs
     return final
 
 

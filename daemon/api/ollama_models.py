@@ -119,13 +119,10 @@ class OllamaModels:
     async def show(self, request: Request) -> Response:
         body = await read_json(request)
         manifest = await asyncio.to_thread(self.store.get, _model_name(body))
-        capabilities = ["completion"]
-        if "tools" in manifest.template:
-            capabilities.append("tools")
         return JSONResponse({
             "modelfile": "", "parameters": "", "license": "", "template": manifest.template,
             "details": dict(manifest.details), "model_info": dict(manifest.model_info),
-            "capabilities": capabilities, "modified_at": manifest.modified_at,
+            "capabilities": manifest.capabilities, "modified_at": manifest.modified_at,
             "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in manifest.files],
             "source": dict(manifest.source),
         })

@@ -30,7 +30,16 @@ from ..protocol.errors import openai_error_body
 from ..runners.http import RUNNER_STOPPED, RunnerGone, RunnerResponse, whole
 from ..scheduler import Scheduler
 from .asgi import client_disconnected, lease_for, parse_json, read_body, unless_disconnected
-from .operations import ChatRequest, CompletionRequest, EmbeddingRequest, Target, optional_bool, required_str
+from .operations import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Target,
+    optional_bool,
+    required_str,
+    tool_choice,
+    tool_list,
+)
 from .render import error_response
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
@@ -49,20 +58,41 @@ def _rest(body: dict[str, Any], *taken: str) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in taken}
 
 
+def _has_image(messages: list[Any]) -> bool:
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") in ("image_url", "input_image", "image")
+                       for p in m["content"])
+               for m in messages)
+
+
 def chat_request(body: dict[str, Any]) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
-    return ChatRequest(Target(required_str(body, "model")), messages, optional_bool(body, "stream", False),
-                       passthrough=_rest(body, "model", "messages", "stream"))
+    tools = tool_list(body.get("tools"))
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in ("low", "medium", "high"):
+        raise BadRequest('reasoning_effort must be "low", "medium" or "high"')
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise BadRequest("parallel_tool_calls must be true or false")
+    return ChatRequest(
+        Target(required_str(body, "model")), messages, optional_bool(body, "stream", False), tools=tools,
+        tool_choice=tool_choice(body.get("tool_choice"), tools), parallel_tool_calls=parallel, thinking=effort,
+        images=_has_image(messages),
+        passthrough=_rest(body, "model", "messages", "stream", "tools", "tool_choice", "parallel_tool_calls",
+                          "reasoning_effort"))
 
 
 def completion_request(body: dict[str, Any]) -> CompletionRequest:
     if "prompt" not in body:
         raise BadRequest("missing field 'prompt'")
+    suffix = body.get("suffix") or ""
+    if not isinstance(suffix, str):
+        raise BadRequest("suffix must be a string")
     return CompletionRequest(Target(required_str(body, "model")), body["prompt"],
-                             optional_bool(body, "stream", False),
-                             passthrough=_rest(body, "model", "prompt", "stream"))
+                             optional_bool(body, "stream", False), suffix=suffix,
+                             passthrough=_rest(body, "model", "prompt", "stream", "suffix"))
 
 
 def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
@@ -103,7 +133,7 @@ class OpenAIApi:
             lease: Lease | None = None
             try:
                 op = parse(parse_json(await read_body(receive)))
-                lease = await lease_for(receive, self.scheduler, op.target)
+                lease = await lease_for(receive, self.scheduler, op.target, op.needs())
                 stream = not isinstance(op, EmbeddingRequest) and op.stream
                 if not stream:
                     # A runner sends a whole answer's headers only when it is done: the client may leave

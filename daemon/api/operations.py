@@ -9,10 +9,18 @@ The runner protocol is OpenAI's (daemon/protocol), so fields an adapter does not
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
+
+from mgr.registry.capabilities import Capability
 
 from ..errors import BadRequest
 from ..protocol import shapes
+
+Effort = Literal["low", "medium", "high"]
+# How a missing capability is named in Ollama's 400: "<model>" does not support <this>
+CAPABILITY_WORDS: dict[Capability, str] = {"vision": "images", "insert": "insert", "tools": "tools",
+                                           "thinking": "thinking", "completion": "completion",
+                                           "embedding": "embeddings"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,8 +40,26 @@ class ChatRequest:
     sampling: shapes.SamplingFields = dataclasses.field(default_factory=lambda: shapes.SamplingFields())
     response_format: shapes.ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: shapes.ToolChoice | None = None  # None: "auto" when there are tools
+    parallel_tool_calls: bool | None = None
+    thinking: bool | Effort | None = None  # Ollama's think, OpenAI's reasoning_effort; None = the model's way
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    images: bool = False  # some message carries an image
     truncate: bool | None = None  # mgr's extension; None = the runner's default (no truncation)
     passthrough: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def needs(self) -> list[Capability]:
+        """What the model must be able to do. A forced tool call (required, or a named function) is not
+        among them: the runners enforce it with a grammar even where the template has no tool syntax."""
+        needed: list[Capability] = ["completion"]
+        if self.tools and self.tool_choice in (None, "auto"):
+            needed.append("tools")
+        if self.thinking not in (None, False):
+            needed.append("thinking")
+        if self.images:
+            needed.append("vision")
+        return needed
 
     def runner_body(self, model: str, *, stream: bool, usage: bool = False) -> shapes.ChatBody:
         body: shapes.ChatBody = {**self.passthrough, **self.sampling}  # type: ignore[typeddict-item]
@@ -44,8 +70,22 @@ class ChatRequest:
             body["stream_options"] = {"include_usage": True}
         if self.response_format is not None:
             body["response_format"] = self.response_format
-        if self.tools:
+        if self.tools and self.tool_choice != "none":
             body["tools"] = self.tools
+            if self.tool_choice is not None:
+                body["tool_choice"] = self.tool_choice
+            if self.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.thinking is not None:
+            kwargs = dict(body.get("chat_template_kwargs") or {})
+            kwargs["enable_thinking"] = self.thinking is not False
+            body["chat_template_kwargs"] = kwargs
+            if isinstance(self.thinking, str):
+                body["reasoning_effort"] = self.thinking
+        if self.logprobs:
+            body["logprobs"] = True
+            if self.top_logprobs:
+                body["top_logprobs"] = self.top_logprobs
         if self.truncate is not None:
             body["truncate"] = self.truncate
         return body
@@ -60,7 +100,12 @@ class CompletionRequest:
     stream: bool
     sampling: shapes.SamplingFields = dataclasses.field(default_factory=lambda: shapes.SamplingFields())
     response_format: shapes.ResponseFormat | None = None
+    suffix: str = ""  # fill-in-the-middle
+    logprobs: int | None = None  # alternatives per token
     passthrough: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def needs(self) -> list[Capability]:
+        return ["completion", "insert"] if self.suffix else ["completion"]
 
     def runner_body(self, model: str, *, stream: bool, usage: bool = False) -> shapes.CompletionBody:
         body: shapes.CompletionBody = {**self.passthrough, **self.sampling}  # type: ignore[typeddict-item]
@@ -71,6 +116,10 @@ class CompletionRequest:
             body["stream_options"] = {"include_usage": True}
         if self.response_format is not None:
             body["response_format"] = self.response_format
+        if self.suffix:
+            body["suffix"] = self.suffix
+        if self.logprobs is not None:
+            body["logprobs"] = self.logprobs
         return body
 
 
@@ -79,7 +128,11 @@ class EmbeddingRequest:
     target: Target
     input: str | list[Any]  # strings; OpenAI clients may send token ids
     truncate: bool | None = None
+    dimensions: int | None = None
     passthrough: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def needs(self) -> list[Capability]:
+        return []  # as Ollama: any model embeds (a generative one through its last hidden state)
 
     def runner_body(self, model: str) -> shapes.EmbeddingBody:
         body: shapes.EmbeddingBody = {**self.passthrough}  # type: ignore[typeddict-item]
@@ -87,7 +140,51 @@ class EmbeddingRequest:
         body["input"] = self.input  # type: ignore[typeddict-item]
         if self.truncate is not None:
             body["truncate"] = self.truncate
+        if self.dimensions is not None:
+            body["dimensions"] = self.dimensions
         return body
+
+
+def unsupported(model: str, capability: Capability) -> BadRequest:
+    """Ollama's words, in every API."""
+    return BadRequest(f'"{model}" does not support {CAPABILITY_WORDS[capability]}')
+
+
+def tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> shapes.ToolChoice | None:
+    """OpenAI's tool_choice, checked: none, auto, required, or a function named in `tools`."""
+    if value is None or value in ("none", "auto", "required"):
+        if value == "required" and not tools:
+            raise BadRequest('tool_choice "required" needs tools')
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict):
+        name = value["function"].get("name")
+        names = {(t.get("function") or {}).get("name") for t in tools or [] if isinstance(t, dict)}
+        if not isinstance(name, str) or name not in names:
+            raise BadRequest(f"tool_choice names the function {name!r}, which is not among the tools")
+        return {"type": "function", "function": {"name": name}}
+    raise BadRequest('tool_choice must be "none", "auto", "required" or '
+                     '{"type": "function", "function": {"name": ...}}')
+
+
+def tool_list(value: Any) -> list[dict[str, Any]] | None:
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise BadRequest("tools must be a list of tool objects")
+    for tool in value:
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRequest('every tool needs {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+    return value
+
+
+def positive_int(body: dict[str, Any], key: str, upper: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (upper is not None and value > upper):
+        raise BadRequest(f"{key} must be a whole number from 0" + (f" to {upper}" if upper is not None else ""))
+    return value
 
 
 # field checks: one wording for every adapter -----------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 import httpx
 
+from mgr.registry.capabilities import Capability
 from mgr.registry.catalog import Format
 
 from ..protocol.shapes import HEALTH_PATH
@@ -41,6 +42,7 @@ class LoadSpec:
     estimate: int = dataclasses.field(default=0, compare=False)  # bytes it will take once loaded
     layers: int = dataclasses.field(default=0, compare=False)  # transformer blocks, for partial offload
     pinned: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)  # GPUs from the config
+    capabilities: tuple[Capability, ...] = dataclasses.field(default=("completion",), compare=False)
 
 
 def runner_log_path(log_dir: Path, spec: LoadSpec) -> Path:
