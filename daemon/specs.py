@@ -52,6 +52,7 @@ class SpecBook:
             layers=int(manifest.model_info.get(f"{arch}.block_count") or 0),
             pinned=overrides.gpus,
             capabilities=tuple(manifest.capabilities),
+            projector=self.store.projector_path(manifest),
         )
 
     def learn(self, spec: LoadSpec, used: int) -> None:

@@ -24,6 +24,12 @@ FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id"
 VISION_KEY = "general.vision"  # set from a safetensors config's vision_config
 
 
+def is_projector(path: str) -> bool:
+    """A vision projector file (llama.cpp's mmproj), which comes with a model but is not the model."""
+    name = path.rsplit("/", 1)[-1].lower()
+    return name.endswith(".gguf") and "mmproj" in name
+
+
 def capabilities(template: str, model_info: Mapping[str, Any], files: Iterable[str]) -> list[Capability]:
     arch = str(model_info.get("general.architecture") or "")
     architectures = model_info.get("architectures") or []
@@ -36,7 +42,7 @@ def capabilities(template: str, model_info: Mapping[str, Any], files: Iterable[s
         found.append("tools")
     if any(mark in template for mark in _THINKING_MARKS):
         found.append("thinking")
-    if model_info.get(VISION_KEY) or any("mmproj" in path.lower() for path in files):
+    if model_info.get(VISION_KEY) or any(is_projector(path) for path in files):
         found.append("vision")
     if all(key in model_info for key in FIM_KEYS):
         found.append("insert")

@@ -2,9 +2,10 @@
 
 GGUF repos hold one model in many quantizations; the tag picks one (case-insensitive). The quantization is the
 last `-` or `.` separated part of the file name before `.gguf` (and before `-00001-of-00003` for split files),
-so `Q4_K` never matches `Q4_K_M`. A full file name is a tag too. Split files come as a group; `mmproj`
-(vision projector) files are never picked. Without a tag: Q4_K_M, else the first of Q4_K_S, Q4_0, Q5_K_M,
-Q8_0, else the smallest.
+so `Q4_K` never matches `Q4_K_M`. A full file name is a tag too. Split files come as a group. A vision
+model's projector (`mmproj*.gguf`) comes along with whichever quantization is picked: the F16 one where there
+are several, else the smallest. Without a tag: Q4_K_M, else the first of Q4_K_S, Q4_0, Q5_K_M, Q8_0, else
+the smallest.
 
 Safetensors repos: the weights (`*.safetensors`, only the shards an index names when there is one), config,
 generation config, tokenizer files and chat template, from the repo's top folder. Never `.bin`, `.pt`, `.onnx`,
@@ -17,6 +18,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
+from .capabilities import is_projector
 from .catalog import Format
 from .errors import PullError
 from .sources import RemoteFile
@@ -85,7 +87,7 @@ def gguf_choices(files: Sequence[RemoteFile]) -> list[GgufChoice]:
     singles: list[GgufChoice] = []
     groups: dict[str, list[RemoteFile]] = {}
     for f in files:
-        if not f.path.lower().endswith(".gguf") or "mmproj" in _basename(f.path).lower():
+        if not f.path.lower().endswith(".gguf") or is_projector(f.path):
             continue
         stem, group = _stem(f.path)
         if group is None:
@@ -133,7 +135,16 @@ def select_gguf(files: Sequence[RemoteFile], tag: str | None, *, repo: str = "th
     expected = _SPLIT.search(_basename(choice.files[0].path)[: -len(".gguf")])
     if expected and len(choice.files) != int(expected.group(2)):
         raise NoModelFiles(f"{repo} lists {len(choice.files)} of the {int(expected.group(2))} parts of {choice.name}")
-    return Selection("gguf", choice.files, choice.quant)
+    projector = select_projector(files)
+    return Selection("gguf", choice.files + ((projector,) if projector else ()), choice.quant)
+
+
+def select_projector(files: Sequence[RemoteFile]) -> RemoteFile | None:
+    projectors = [f for f in files if is_projector(f.path)]
+    if not projectors:
+        return None
+    f16 = [f for f in projectors if re.search(r"(?<!b)f16", _basename(f.path).lower())]
+    return min(f16 or projectors, key=lambda f: (f.size, f.path))
 
 
 def select_safetensors(files: Sequence[RemoteFile], *, repo: str = "the repo") -> Selection:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .capabilities import Capability, capabilities
+from .capabilities import Capability, capabilities, is_projector
 from .catalog import Format, as_format
 from .errors import MgrError
 from .metadata import InvalidModel, inspect_gguf, inspect_safetensors
@@ -260,7 +260,9 @@ class Store:
             if missing:
                 raise BlobNotFound(f"the store has no blob for {', '.join(missing)}; upload it first")
             on_disk = {p: self.blob_path(d) for p, d in paths.items()}
-            ggufs = sorted(p for p in paths if p.lower().endswith(".gguf"))
+            ggufs = sorted(p for p in paths if p.lower().endswith(".gguf") and not is_projector(p))
+            if len([p for p in paths if is_projector(p)]) > 1:
+                raise InvalidModel("a model holds at most one vision projector (mmproj) file")
             if ggufs:
                 if len(ggufs) > 1 and not all(re.search(r"-\d{5}-of-\d{5}\.gguf$", p) for p in ggufs):
                     raise InvalidModel(f"a model holds one GGUF (or the parts of one split GGUF), got {ggufs}")
@@ -339,11 +341,17 @@ class Store:
         """What an engine opens: a GGUF blob; for a split GGUF the first part in a folder of links named as
         the parts were (llama.cpp finds the others by name beside it); for safetensors the folder of links."""
         if manifest.format == "gguf":
-            parts = sorted(f.path for f in manifest.files if f.path.lower().endswith(".gguf"))
+            parts = sorted(f.path for f in manifest.files
+                           if f.path.lower().endswith(".gguf") and not is_projector(f.path))
             if len(parts) == 1:
                 return self.blob_path(next(f.digest for f in manifest.files if f.path == parts[0]))
             return self._linked(manifest) / parts[0]
         return self._linked(manifest)
+
+    def projector_path(self, manifest: Manifest) -> Path | None:
+        """A GGUF vision model's projector (mmproj) blob, for llama.cpp's --mmproj; None for other models."""
+        found = next((f for f in manifest.files if is_projector(f.path)), None)
+        return self.blob_path(found.digest) if found is not None and manifest.format == "gguf" else None
 
     def _linked(self, manifest: Manifest) -> Path:
         folder = self.links_dir / manifest.digest

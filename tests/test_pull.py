@@ -45,7 +45,6 @@ def ggufs() -> dict[str, bytes]:
         "model-Q4_K_M.gguf": tiny_gguf("Q4_K_M", seed=1),
         "model-Q4_K.gguf": tiny_gguf("Q4_K", seed=2),
         "model-Q8_0.gguf": tiny_gguf("Q8_0", 60_000, seed=3),  # ~240 kB: room for faults mid-file
-        "mmproj-model-f16.gguf": tiny_gguf("mmproj", seed=4),
         "README.md": b"# tiny\n",
     }
 
@@ -123,9 +122,27 @@ def test_pull_gguf_from_each_source(hub: FakeHub, config: SourceConfig, store: S
         assert manifest.source["commit"] == hub.repos[("hf", "test/tiny-GGUF")].commit
     prefix = {"hf": "hf", "hf-mirror": "mirror", "modelscope": "ms"}[source]
     assert hub.bytes_served("model-Q8_0.gguf", prefix) == len(ggufs["model-Q8_0.gguf"])
-    assert hub.bytes_served("model-Q4_K_M.gguf") == 0 and hub.bytes_served("mmproj-model-f16.gguf") == 0
+    assert hub.bytes_served("model-Q4_K_M.gguf") == 0
     check_events(events, {f"sha256:{expected}": len(ggufs["model-Q8_0.gguf"])})
     assert [m.name for m in store.list()] == [manifest.name]
+
+
+def test_a_vision_model_comes_with_its_projector(hub: FakeHub, config: SourceConfig, store: Store,
+                                                 ggufs: dict[str, bytes]) -> None:
+    """A GGUF vision repo: the picked quantization and one projector (the F16 one), so the model can see."""
+    projectors = {"mmproj-model-f16.gguf": tiny_gguf("mmproj", seed=4),
+                  "mmproj-model-Q8_0.gguf": tiny_gguf("p8", seed=6)}
+    hub.add_repo("hf", "test/vision-GGUF", {**ggufs, **projectors})
+    manifest, _ = run_pull(store, "hf.co/test/vision-GGUF:Q8_0", config)
+    assert [f.path for f in manifest.files] == ["mmproj-model-f16.gguf", "model-Q8_0.gguf"]
+    assert hub.bytes_served("mmproj-model-Q8_0.gguf") == 0
+    assert manifest.capabilities == ["completion", "vision"]
+    projector = store.projector_path(manifest)
+    assert projector is not None and projector.read_bytes() == projectors["mmproj-model-f16.gguf"]
+    assert store.model_path(manifest).read_bytes() == ggufs["model-Q8_0.gguf"]
+    text_only, _ = run_pull(store, "hf.co/test/tiny-GGUF:Q8_0", config)
+    assert text_only.capabilities == ["completion"] and store.projector_path(text_only) is None
+    assert manifest.model_info == text_only.model_info  # read from the model's file, not the projector's
 
 
 def test_default_quant_and_latest_name(config: SourceConfig, store: Store) -> None:

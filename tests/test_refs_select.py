@@ -221,10 +221,11 @@ QUANTS = files("model-Q4_K.gguf", "model-Q4_K_M.gguf", "model-Q8_0.gguf", "model
 
 
 def test_default_is_q4_k_m_and_q4_k_is_not_q4_k_m() -> None:
-    assert paths(select_gguf(QUANTS, None)) == ["model-Q4_K_M.gguf"]
-    assert paths(select_gguf(QUANTS, "Q4_K")) == ["model-Q4_K.gguf"]
-    assert paths(select_gguf(QUANTS, "q4_k_m")) == ["model-Q4_K_M.gguf"]
-    assert paths(select_gguf(QUANTS, "latest")) == ["model-Q4_K_M.gguf"]
+    # the repo's vision projector comes along with whichever quantization is picked
+    assert paths(select_gguf(QUANTS, None)) == ["model-Q4_K_M.gguf", "mmproj-model-Q4_K_M.gguf"]
+    assert paths(select_gguf(QUANTS, "Q4_K")) == ["model-Q4_K.gguf", "mmproj-model-Q4_K_M.gguf"]
+    assert paths(select_gguf(QUANTS, "q4_k_m")) == ["model-Q4_K_M.gguf", "mmproj-model-Q4_K_M.gguf"]
+    assert paths(select_gguf(QUANTS, "latest")) == ["model-Q4_K_M.gguf", "mmproj-model-Q4_K_M.gguf"]
     assert select_gguf(QUANTS, "q8_0").quant == "Q8_0"
 
 
@@ -242,18 +243,19 @@ def test_default_falls_back_in_order_then_to_smallest() -> None:
 
 
 def test_a_full_file_name_is_a_tag() -> None:
-    assert paths(select_gguf(QUANTS, "model-Q8_0.gguf")) == ["model-Q8_0.gguf"]
-    assert paths(select_gguf(QUANTS, "MODEL-Q8_0")) == ["model-Q8_0.gguf"]
+    assert paths(select_gguf(QUANTS, "model-Q8_0.gguf")) == ["model-Q8_0.gguf", "mmproj-model-Q4_K_M.gguf"]
+    assert paths(select_gguf(QUANTS, "MODEL-Q8_0")) == ["model-Q8_0.gguf", "mmproj-model-Q4_K_M.gguf"]
 
 
-def test_split_files_come_together_and_mmproj_is_skipped() -> None:
+def test_split_files_come_together_and_the_projector_is_not_a_quantization() -> None:
     repo = files("m-Q4_K_M-00002-of-00003.gguf", "m-Q4_K_M-00001-of-00003.gguf", "m-Q4_K_M-00003-of-00003.gguf",
-                 "m-Q8_0.gguf", "mmproj-m-f16.gguf", "sub/big-Q5_K_M-00001-of-00002.gguf",
-                 "sub/big-Q5_K_M-00002-of-00002.gguf")
-    q4_k_m = [f"m-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+                 "m-Q8_0.gguf", ("mmproj-m-f16.gguf", 20), ("mmproj-m-bf16.gguf", 20), ("mmproj-m-q8_0.gguf", 10),
+                 "sub/big-Q5_K_M-00001-of-00002.gguf", "sub/big-Q5_K_M-00002-of-00002.gguf")
+    q4_k_m = [f"m-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)] + ["mmproj-m-f16.gguf"]
     assert paths(select_gguf(repo, None)) == q4_k_m
     assert paths(select_gguf(repo, "m-Q4_K_M-00002-of-00003.gguf")) == q4_k_m
-    assert paths(select_gguf(repo, "q5_k_m")) == [f"sub/big-Q5_K_M-0000{i}-of-00002.gguf" for i in (1, 2)]
+    assert paths(select_gguf(repo, "q5_k_m")) == [
+        f"sub/big-Q5_K_M-0000{i}-of-00002.gguf" for i in (1, 2)] + ["mmproj-m-f16.gguf"]
     assert all("mmproj" not in c.name for c in gguf_choices(repo))
     with pytest.raises(TagNotFound):
         select_gguf(files("mmproj-m-f16.gguf"), None)

@@ -43,6 +43,7 @@ class LoadSpec:
     layers: int = dataclasses.field(default=0, compare=False)  # transformer blocks, for partial offload
     pinned: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)  # GPUs from the config
     capabilities: tuple[Capability, ...] = dataclasses.field(default=("completion",), compare=False)
+    projector: Path | None = dataclasses.field(default=None, compare=False)  # a GGUF vision model's mmproj
 
 
 def runner_log_path(log_dir: Path, spec: LoadSpec) -> Path:
