@@ -42,6 +42,10 @@ class ModelOverrides:
     keep_alive: float | None = None
     gpus: tuple[int, ...] | None = None  # pin the model to these GPU indices
     vllm_args: tuple[str, ...] = ()  # extra command-line arguments for its vLLM server
+    # vLLM's --tool-call-parser / --reasoning-parser for it: None = picked from the model (registry/vllm_parsers.py),
+    # "" = none, else that parser's name.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +243,8 @@ def _model_overrides(table: Any, path: Path) -> dict[str, ModelOverrides]:
     for name, values in table.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: [models.{name!r}] must be a table")
-        unknown = set(values) - {"num_parallel", "num_ctx", "keep_alive", "gpus", "vllm_args"}
+        unknown = set(values) - {"num_parallel", "num_ctx", "keep_alive", "gpus", "vllm_args", "tool_call_parser",
+                                 "reasoning_parser"}
         if unknown:
             raise ConfigError(f"{path}: [models.{name!r}] has unknown keys {sorted(unknown)}")
         result[name.lower()] = ModelOverrides(
@@ -248,6 +253,8 @@ def _model_overrides(table: Any, path: Path) -> dict[str, ModelOverrides]:
             keep_alive=parse_duration(values["keep_alive"]) if "keep_alive" in values else None,
             gpus=_gpu_list(values["gpus"], path, name) if "gpus" in values else None,
             vllm_args=_string_list(values.get("vllm_args", []), path, name),
+            tool_call_parser=_parser_name(values, "tool_call_parser", path, name),
+            reasoning_parser=_parser_name(values, "reasoning_parser", path, name),
         )
     return result
 
@@ -262,6 +269,17 @@ def _string_list(value: Any, path: Path, model: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{path}: [models.{model!r}] vllm_args must be a list of strings")
     return tuple(value)
+
+
+def _parser_name(values: Mapping[str, Any], key: str, path: Path, model: str) -> str | None:
+    """A vLLM parser name as in tool_call_parser = "hermes"; "" turns the parser off; absent = picked from the model."""
+    if key not in values:
+        return None
+    value = values[key]
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]*", value.strip()):
+        raise ConfigError(f"{path}: [models.{model!r}] {key} must be a vLLM parser name, as in {key} = \"hermes\", "
+                          f"or \"\" for none; got {value!r}")
+    return value.strip()
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:

@@ -3,7 +3,11 @@
     python -m vllm.entrypoints.openai.api_server --model <store folder> --served-model-name <name>
         --host 127.0.0.1 --port <free> --gpu-memory-utilization <granted share of the GPU's total>
         --max-model-len <num_ctx> --max-num-seqs <num_parallel> --tensor-parallel-size <gpus>
-        --enable-sleep-mode
+        --enable-sleep-mode [--enable-auto-tool-choice --tool-call-parser <p>] [--reasoning-parser <p>]
+
+The parsers come from the model (mgr.registry.vllm_parsers: its config.json and chat template; a model of no known
+family gets hermes, so that forced tool calls work) unless its config.toml table names them (tool_call_parser,
+reasoning_parser; "" = none) or its vllm_args already pass them.
 
 Sleep mode is the warm tier: level 1 moves weights to host RAM (wake in well under a second instead of a
 60-120 s cold start), level 2 drops them. Its endpoints exist only with VLLM_SERVER_DEV_MODE=1, which is
@@ -13,6 +17,7 @@ why a runner never listens beyond 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import re
@@ -22,6 +27,7 @@ import sys
 import httpx
 
 from mgr.registry.config import Settings
+from mgr.registry.vllm_parsers import VllmParsers, vllm_parsers
 
 from ..errors import EngineUnavailable, RunnerFailed
 from ..placement import Placement
@@ -45,7 +51,8 @@ def vllm_version(python: str) -> tuple[int, ...]:
 
 
 def vllm_argv(spec: LoadSpec, placement: Placement, port: int, python: str, version: tuple[int, ...],
-              extra_args: tuple[str, ...] = (), ray_address: str | None = None) -> list[str]:
+              extra_args: tuple[str, ...] = (), ray_address: str | None = None,
+              parsers: VllmParsers | None = None) -> list[str]:
     # GPUs are split into pipeline stages (one per machine with Ray); each stage is tensor parallel
     tensor_parallel = placement.tensor_size
     argv = [
@@ -67,6 +74,14 @@ def vllm_argv(spec: LoadSpec, placement: Placement, port: int, python: str, vers
     # deprecate the flag.
     if version < (0, 10):
         argv.append("--disable-log-requests")
+    # The model's parsers, each unless its extra arguments choose it (one of each flag on the command line)
+    if parsers is not None:
+        given = {arg.split("=")[0] for arg in extra_args}
+        if given & {"--enable-auto-tool-choice", "--tool-call-parser"}:
+            parsers = dataclasses.replace(parsers, tool_call_parser=None)
+        if "--reasoning-parser" in given:
+            parsers = dataclasses.replace(parsers, reasoning_parser=None)
+        argv += parsers.argv()
     return argv + list(extra_args)
 
 
@@ -79,6 +94,7 @@ class VllmRunner(ProcessRunner):
         self.python = python or sys.executable
         self.extra_args = extra_args
         self.ray_address = ray_address
+        self.overrides = settings.for_model(spec.name)
         env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)
         if ray_address is not None:
@@ -89,8 +105,10 @@ class VllmRunner(ProcessRunner):
 
     async def start(self, timeout: float) -> None:
         version = await asyncio.to_thread(vllm_version, self.python)
+        parsers = await asyncio.to_thread(vllm_parsers, self.spec.model_path, self.overrides.tool_call_parser,
+                                          self.overrides.reasoning_parser)
         self.process.argv = vllm_argv(self.spec, self.placement, self.port, self.python, version,
-                                      self.extra_args, self.ray_address)
+                                      self.extra_args, self.ray_address, parsers)
         await super().start(timeout)
 
     async def sleep(self, level: int) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[4]))  # tests/standin, for runner.py
 import runner
 
+from vllm.registered_parsers import REASONING_PARSERS, TOOL_PARSERS
+
 parser = argparse.ArgumentParser(prog="vllm-stand-in")
 parser.add_argument("--model", required=True)
 parser.add_argument("--served-model-name", required=True)
@@ -21,7 +23,12 @@ parser.add_argument("--enable-sleep-mode", action="store_true")
 parser.add_argument("--distributed-executor-backend")
 parser.add_argument("--pipeline-parallel-size", type=int)
 parser.add_argument("--enforce-eager", action="store_true")
+parser.add_argument("--enable-auto-tool-choice", action="store_true")
+parser.add_argument("--tool-call-parser", choices=TOOL_PARSERS)
+parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS)
 args = parser.parse_args()
+if args.enable_auto_tool_choice and not args.tool_call_parser:
+    sys.exit("stand-in vLLM: --enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's cli_args
 if not Path(args.model, "config.json").is_file():
     sys.exit(f"stand-in vLLM: {args.model} is not a model folder (no config.json)")
 runner.main(["--port", str(args.port), "--model-name", args.served_model_name, "--ctx-size", str(args.max_model_len),
