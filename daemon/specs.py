@@ -4,7 +4,9 @@ manifest, the settings and what earlier loads of it really used."""
 from __future__ import annotations
 
 from mgr.registry.config import Settings
+from mgr.registry.capabilities import CAPABILITIES
 from mgr.registry.store import Store
+from mgr.registry.vllm_parsers import vllm_parsers
 
 from .memory import estimate
 from .runners.base import LoadSpec
@@ -40,18 +42,26 @@ class SpecBook:
         arch = manifest.model_info.get("general.architecture")
         need = self._learned.get((manifest.digest, ctx, parallel)) or estimate(
             manifest.format, manifest.size, manifest.model_info, ctx, parallel)
+        model_path = self.store.model_path(manifest)
+        capabilities = manifest.capabilities
+        if manifest.format == "safetensors" and "completion" in capabilities:
+            # On vLLM, tools and thinking are what its parsers for this model (and the config) make of them
+            parsers = vllm_parsers(model_path, overrides.tool_call_parser, overrides.reasoning_parser)
+            capabilities = [c for c in capabilities if c not in ("tools", "thinking")]
+            found = set(capabilities) | ({"tools"} if parsers.tools else set()) | ({"thinking"} if parsers.thinking else set())
+            capabilities = [c for c in CAPABILITIES if c in found]
         return LoadSpec(
             name=manifest.name,
             digest=manifest.digest,
             format=manifest.format,
-            model_path=self.store.model_path(manifest),
+            model_path=model_path,
             num_ctx=ctx,
             num_parallel=parallel,
             size=manifest.size,
             estimate=need,
             layers=int(manifest.model_info.get(f"{arch}.block_count") or 0),
             pinned=overrides.gpus,
-            capabilities=tuple(manifest.capabilities),
+            capabilities=tuple(capabilities),
             projector=self.store.projector_path(manifest),
         )
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 Capability = Literal["completion", "embedding", "tools", "thinking", "vision", "insert"]
+CAPABILITIES: tuple[Capability, ...] = ("completion", "embedding", "tools", "thinking", "vision", "insert")
 
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "xlm-roberta", "roberta", "t5encoder",
              "modernbert", "neo-bert", "new"}

@@ -369,5 +369,23 @@ def test_the_daemon_starts_vllm_with_the_models_parsers_and_its_settings(daemon_
     argv = runner_process(daemon_url).cmdline()
     assert flag(argv, "--tool-call-parser") == "hermes"  # from its Qwen3-style template
     assert flag(argv, "--reasoning-parser") == "deepseek_r1"  # config.toml's reasoning_parser over the table's qwen3
+    # vLLM 0.25 calls the reasoning "reasoning": OpenAI clients get it as reasoning_content, Ollama's as thinking
+    sse = httpx.post(daemon_url + "/v1/chat/completions", timeout=60, json={
+        "model": "qwenish", "stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]}).text
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in sse.splitlines()
+              if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "The user asks for a capital."
+    assert not any("reasoning" in d for d in deltas)
+    whole = httpx.post(daemon_url + "/v1/chat/completions", timeout=60, json={
+        "model": "qwenish", "messages": [{"role": "user", "content": "Capital of France?"}]}).json()
+    assert whole["choices"][0]["message"]["reasoning_content"] == "The user asks for a capital."
+    chat = httpx.post(daemon_url + "/api/chat", timeout=60, json={
+        "model": "qwenish", "stream": False, "think": True,
+        "messages": [{"role": "user", "content": "Capital of France?"}]}).json()
+    assert chat["message"]["thinking"] == "The user asks for a capital."
+    assert chat["message"]["content"] == "The capital of France is Paris."
+    show = httpx.post(daemon_url + "/api/show", json={"model": "qwenish"}).json()
+    assert show["capabilities"] == ["completion", "tools", "thinking"]
+    assert httpx.post(daemon_url + "/api/show", json={"model": "smol"}).json()["capabilities"] == ["completion"]
     assert httpx.post(daemon_url + "/api/generate", json={"model": "qwenish", "keep_alive": 0},
                       timeout=60).json()["done_reason"] == "unload"

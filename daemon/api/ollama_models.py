@@ -122,7 +122,9 @@ class OllamaModels:
         return JSONResponse({
             "modelfile": "", "parameters": "", "license": "", "template": manifest.template,
             "details": dict(manifest.details), "model_info": dict(manifest.model_info),
-            "capabilities": manifest.capabilities, "modified_at": manifest.modified_at,
+            # as the scheduler sees them (for a vLLM model, what its parsers allow)
+            "capabilities": list(self.scheduler.spec_for(manifest.name).capabilities),
+            "modified_at": manifest.modified_at,
             "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in manifest.files],
             "source": dict(manifest.source),
         })

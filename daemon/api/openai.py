@@ -44,6 +44,7 @@ from .render import error_response
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 JSON_TYPE = (b"content-type", b"application/json")
+VLLM_REASONING, REASONING = b'"reasoning":', b'"reasoning_content":'
 
 Operation = ChatRequest | CompletionRequest | EmbeddingRequest
 
@@ -135,10 +136,13 @@ class OpenAIApi:
                 op = parse(parse_json(await read_body(receive)))
                 lease = await lease_for(receive, self.scheduler, op.target, op.needs())
                 stream = not isinstance(op, EmbeddingRequest) and op.stream
+                rename = _renames_reasoning(lease)
                 if not stream:
                     # A runner sends a whole answer's headers only when it is done: the client may leave
                     # before that, and then the runner must stop (the connection to it is closed).
                     content = await unless_disconnected(receive, _whole(op, lease))
+                    if rename:
+                        content = content.replace(VLLM_REASONING, REASONING)
                     lease.release()
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": [JSON_TYPE, (b"content-length", str(len(content)).encode())]})
@@ -153,7 +157,7 @@ class OpenAIApi:
                 await error_response(scope["method"], path, exc)(scope, receive, send)
                 return
             try:
-                await _relay_stream(upstream, receive, send)
+                await _relay_stream(upstream, receive, send, rename)
             finally:
                 lease.release()
                 await upstream.aclose()
@@ -174,7 +178,13 @@ async def _whole(op: Operation, lease: Lease) -> bytes:
     return await whole(await _open(op, lease))
 
 
-async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send) -> None:
+def _renames_reasoning(lease: Lease) -> bool:
+    """vLLM 0.25 names the reasoning `reasoning`; clients read `reasoning_content` (vLLM's earlier name,
+    llama-server's and mgr's own runner's): rename it on the way through, for vLLM models that reason."""
+    return lease.spec.format == "safetensors" and "thinking" in lease.spec.capabilities
+
+
+async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send, rename: bool = False) -> None:
     """Relay the runner's SSE body as it arrives. A client that leaves closes the runner connection, which
     is how the runner learns to stop generating; one watcher task per stream notices it."""
     async def abort_when_the_client_leaves() -> None:
@@ -186,6 +196,8 @@ async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send) 
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         try:
             async for chunk in upstream.iter_bytes():
+                if rename:  # a JSON key: inside a string its quotes would be escaped, so nothing else matches
+                    chunk = chunk.replace(VLLM_REASONING, REASONING)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except RunnerGone:
             if not watcher.done():  # the runner failed, not the client: say so in the stream

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-seconds", type=float, default=0.0)
     parser.add_argument("--fail-load", action="store_true")
     parser.add_argument("--reply", default="Hello from the stand-in runner.")
+    # reasoning sent before the reply, under vLLM 0.25's name for it ("reasoning"), as a reasoning parser does
+    parser.add_argument("--reasoning", default="")
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--model-name", default="stand-in")
     parser.add_argument("--ctx-size", type=int, default=0, help="only reported back by /health")
@@ -109,8 +111,10 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {
                 "id": completion_id, "object": "chat.completion", "created": created,
                 "model": self.options.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.options.reply},
-                             "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {
+                    "role": "assistant", "content": self.options.reply,
+                    **({"reasoning": self.options.reasoning} if self.options.reasoning else {})},
+                    "finish_reason": "stop"}],
                 "usage": usage,
             })
             return
@@ -125,6 +129,9 @@ class Handler(BaseHTTPRequestHandler):
                     "model": self.options.model_name, "choices": choices, **(extra or {})}
 
         events: list[bytes] = []
+        if self.options.reasoning:
+            events += [sse.encode(chunk([{"index": 0, "delta": {"reasoning": piece}, "finish_reason": None}]))
+                       for piece in split_reply(self.options.reasoning)]
         for i, piece in enumerate(pieces):
             delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
             last = i == len(pieces) - 1

@@ -31,5 +31,7 @@ if args.enable_auto_tool_choice and not args.tool_call_parser:
     sys.exit("stand-in vLLM: --enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's cli_args
 if not Path(args.model, "config.json").is_file():
     sys.exit(f"stand-in vLLM: {args.model} is not a model folder (no config.json)")
+# With a reasoning parser, the answer comes after some reasoning, as vLLM 0.25 sends it ("reasoning")
+reasoning = ["--reasoning", "The user asks for a capital."] if args.reasoning_parser else []
 runner.main(["--port", str(args.port), "--model-name", args.served_model_name, "--ctx-size", str(args.max_model_len),
-             "--reply", "The capital of France is Paris.", "--load-seconds", "0.3"])
+             "--reply", "The capital of France is Paris.", "--load-seconds", "0.3", *reasoning])
