@@ -3,8 +3,8 @@ manifest, the settings and what earlier loads of it really used."""
 
 from __future__ import annotations
 
-from mgr.registry.config import Settings
 from mgr.registry.capabilities import CAPABILITIES
+from mgr.registry.config import Settings
 from mgr.registry.store import Store
 from mgr.registry.vllm_parsers import vllm_parsers
 
@@ -48,7 +48,7 @@ class SpecBook:
             # On vLLM, tools and thinking are what its parsers for this model (and the config) make of them
             parsers = vllm_parsers(model_path, overrides.tool_call_parser, overrides.reasoning_parser)
             capabilities = [c for c in capabilities if c not in ("tools", "thinking")]
-            found = set(capabilities) | ({"tools"} if parsers.tools else set()) | ({"thinking"} if parsers.thinking else set())
+            found = {*capabilities, *(["tools"] if parsers.tools else []), *(["thinking"] if parsers.thinking else [])}
             capabilities = [c for c in CAPABILITIES if c in found]
         return LoadSpec(
             name=manifest.name,
