@@ -235,3 +235,203 @@ def test_embeddings_shape_determinism_and_batching(runner: str) -> None:
     assert one["usage"]["prompt_tokens"] > 10
     bad = httpx.post(runner + "/v1/embeddings", json={"input": 5}, timeout=60)
     assert bad.status_code == 400
+
+
+# tools, logprobs, n, echo, dimensions (issue 11) ---------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the current time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}, "hour24": {"type": "boolean"}},
+                   "required": ["zone"]}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def sse_events(url: str, path: str, body: dict) -> list[dict]:
+    response = httpx.post(url + path, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                          timeout=300)
+    assert response.status_code == 200, response.text
+    lines = response.text.splitlines()
+    assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def streamed_calls(events: list[dict]) -> tuple[dict[int, dict[str, str]], str | None, str]:
+    """OpenAI's way of putting streamed tool calls together: by index; and the finish reason and content."""
+    calls: dict[int, dict[str, str]] = {}
+    finish, content = None, ""
+    for event in events:
+        for choice in event["choices"]:
+            finish = choice["finish_reason"] or finish
+            content += choice["delta"].get("content") or ""
+            for delta in choice["delta"].get("tool_calls", []):
+                call = calls.setdefault(delta["index"], {"id": "", "name": "", "arguments": ""})
+                call["id"] += delta.get("id", "")
+                call["name"] += delta.get("function", {}).get("name", "")
+                call["arguments"] += delta.get("function", {}).get("arguments", "")
+    return calls, finish, content
+
+
+def check_call(name: str, arguments: str, expected: str | None) -> None:
+    import jsonschema
+
+    assert name in SCHEMAS and (expected is None or name == expected)
+    jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+@pytest.mark.parametrize("choice", [NAMED, "required"], ids=["named", "required"])
+def test_forced_call_parses_and_matches_its_schema(runner: str, choice: object) -> None:
+    """SmolLM2's template has no tool syntax: only the grammar makes this 135M model call, whole and streamed."""
+    expected = "get_weather" if choice == NAMED else None
+    body = {"messages": ASK, "tools": [WEATHER, TIME], "tool_choice": choice, "temperature": 0, "max_tokens": 150}
+    whole = httpx.post(runner + "/v1/chat/completions", json=body, timeout=300).json()["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+    calls = whole["message"]["tool_calls"]
+    assert len(calls) >= 1 and (choice != NAMED or len(calls) == 1)
+    for call in calls:
+        assert call["id"].startswith("call_") and call["type"] == "function"
+        check_call(call["function"]["name"], call["function"]["arguments"], expected)
+    streamed, finish, content = streamed_calls(sse_events(runner, "/v1/chat/completions", body))
+    assert finish == "tool_calls" and content == "" and len(streamed) == len(calls)
+    for index, call in streamed.items():
+        check_call(call["name"], call["arguments"], expected)
+        assert call["name"] == calls[index]["function"]["name"]
+        assert json.loads(call["arguments"]) == json.loads(calls[index]["function"]["arguments"])
+    # and with sampling, several times: always a call that matches
+    for seed in range(3):
+        answer = chat(runner, ASK[0]["content"], tools=[WEATHER, TIME], tool_choice=choice, temperature=1.2,
+                      seed=seed, max_tokens=150, parallel_tool_calls=False)["choices"][0]
+        assert answer["finish_reason"] == "tool_calls" and len(answer["message"]["tool_calls"]) == 1
+        call = answer["message"]["tool_calls"][0]["function"]
+        check_call(call["name"], call["arguments"], expected)
+
+
+def test_tool_choice_none_renders_no_tools_and_parses_nothing(runner: str) -> None:
+    plain = chat(runner, ASK[0]["content"], temperature=0, max_tokens=20)["choices"][0]
+    none = chat(runner, ASK[0]["content"], tools=[WEATHER], tool_choice="none", temperature=0,
+                max_tokens=20)["choices"][0]
+    assert none == plain and none["message"]["content"]  # the same prompt: the same answer
+
+
+def test_tool_results_round_trip(runner: str) -> None:
+    """The assistant's call (arguments as a JSON string, as OpenAI sends them) and the tool's result, with
+    tool_call_id (OpenAI) or tool_name (Ollama), render and get an answer."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}
+    for result in ({"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+                   {"role": "tool", "tool_name": "get_weather", "content": '{"temperature": 21}'}):
+        body = {"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}, result],
+                "temperature": 0, "max_tokens": 30, "tools": [WEATHER]}
+        response = httpx.post(runner + "/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
+
+
+def test_bad_tool_requests_are_400s_in_the_protocol_shape(runner: str) -> None:
+    for fields in ({"tools": [WEATHER], "tool_choice": "sometimes"},
+                   {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+                   {"tool_choice": "required"}, {"tools": [{"type": "function"}]},
+                   {"logprobs": True, "top_logprobs": 21}, {"n": 0}):
+        response = httpx.post(runner + "/v1/chat/completions", timeout=60,
+                              json={"messages": ASK, "max_tokens": 2, **fields})
+        assert response.status_code == 400, fields
+        assert response.json() == openai_error_body(response.json()["error"]["message"], 400)
+
+
+def check_logprobs(entries: list[dict], content: str, top_n: int) -> None:
+    assert "".join(e["token"] for e in entries) == content
+    for entry in entries:
+        assert entry["logprob"] <= 0 and bytes(entry["bytes"]).decode() == entry["token"]
+        top = entry["top_logprobs"]
+        assert len(top) == top_n
+        assert top[0]["token"] == entry["token"] and math.isclose(top[0]["logprob"], entry["logprob"])  # greedy
+        assert all(a["logprob"] >= b["logprob"] for a, b in zip(top, top[1:], strict=False))
+
+
+def test_chat_logprobs_at_temperature_zero(runner: str) -> None:
+    body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 12,
+            "logprobs": True, "top_logprobs": 3}
+    whole = httpx.post(runner + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    content = whole["message"]["content"]
+    assert content.startswith("The capital of France is Paris")
+    check_logprobs(whole["logprobs"]["content"], content, 3)
+    events = sse_events(runner, "/v1/chat/completions", body)
+    chunks = [c for e in events for c in e["choices"] if c.get("logprobs")]
+    streamed = [entry for c in chunks for entry in c["logprobs"]["content"]]
+    assert streamed == whole["logprobs"]["content"]
+    assert all("".join(e["token"] for e in c["logprobs"]["content"]) == c["delta"]["content"] for c in chunks)
+    plain = chat(runner, QUESTION, temperature=0, max_tokens=12)["choices"][0]
+    assert plain["message"]["content"] == content and "logprobs" not in plain  # the plain path: none
+
+
+def test_completion_logprobs_and_echo(runner: str) -> None:
+    prompt = "The capital of France is"
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": 4, "logprobs": 2, "echo": True}
+    choice = httpx.post(runner + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert choice["text"].startswith(prompt + " Paris")
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"][len(prompt):]
+    assert logprobs["text_offset"][0] == len(prompt)
+    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"],
+                                   strict=True):
+        assert logprob <= 0 and max(top.values()) == logprob and top[token] == logprob and len(top) <= 3
+    events = sse_events(runner, "/v1/completions", body)
+    texts = [c["text"] for e in events for c in e["choices"]]
+    assert texts[0] == prompt and "".join(texts) == choice["text"]
+
+
+def test_n_choices(runner: str) -> None:
+    body = {"messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 1.0, "seed": 5,
+            "max_tokens": 16, "n": 2}
+    answer = httpx.post(runner + "/v1/chat/completions", json=body, timeout=60).json()
+    choices = answer["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert choices[0]["message"]["content"] != choices[1]["message"]["content"]  # two samples, not one twice
+    assert answer["usage"]["completion_tokens"] == 32 or all(c["finish_reason"] for c in choices)
+    events = sse_events(runner, "/v1/chat/completions", body)
+    texts = {0: "", 1: ""}
+    finished = set()
+    for event in events:
+        for c in event["choices"]:
+            texts[c["index"]] += c["delta"].get("content") or ""
+            if c["finish_reason"]:
+                finished.add(c["index"])
+    assert finished == {0, 1} and texts == {i: c["message"]["content"] for i, c in enumerate(choices)}
+    assert events[-1]["usage"] == answer["usage"]
+    completions = httpx.post(runner + "/v1/completions", timeout=60, json={
+        "prompt": "Once upon a time", "max_tokens": 8, "n": 3, "seed": 1}).json()["choices"]
+    assert [c["index"] for c in completions] == [0, 1, 2]
+
+
+def test_embedding_dimensions(runner: str) -> None:
+    full = httpx.post(runner + "/v1/embeddings", json={"input": "The cat sat."}, timeout=60).json()["data"][0]
+    cut = httpx.post(runner + "/v1/embeddings", json={"input": "The cat sat.", "dimensions": 64},
+                     timeout=60).json()["data"][0]["embedding"]
+    assert len(cut) == 64 and math.isclose(sum(v * v for v in cut), 1.0, rel_tol=1e-6)
+    norm = math.sqrt(sum(v * v for v in full["embedding"][:64]))
+    assert all(math.isclose(a, b / norm, abs_tol=1e-6) for a, b in zip(cut, full["embedding"][:64], strict=True))
+    for bad in (0, 577, "64"):
+        response = httpx.post(runner + "/v1/embeddings", json={"input": "x", "dimensions": bad}, timeout=60)
+        assert response.status_code == 400 and "dimensions" in response.json()["error"]["message"]
+
+
+def test_suffix_needs_fim_tokens(runner: str) -> None:
+    response = httpx.post(runner + "/v1/completions", json={"prompt": "def f(", "suffix": "\n", "max_tokens": 4},
+                          timeout=60)
+    assert response.status_code == 400 and "fill-in-the-middle" in response.json()["error"]["message"]
+
+
+def test_leaving_a_rich_stream_frees_every_choice(runner: str) -> None:
+    """Two choices with logprobs, streamed; the client leaves after a few chunks: both sequences stop."""
+    with httpx.stream("POST", runner + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 400, "ignore_eos": True,
+            "n": 2, "logprobs": True, "stream": True}) as stream:
+        lines = stream.iter_lines()
+        for _ in range(6):
+            next(lines)
+    assert wait_for(lambda: httpx.get(runner + "/health").json()["active"] == 0, timeout=10)

@@ -11,6 +11,11 @@ else shares the batch.
 
 The asyncio side talks to the thread through a SimpleQueue (requests in) and loop.call_soon_threadsafe
 (events out); a request's `cancelled` flag is read at every step.
+
+A request that asks for logprobs, or for control tokens rendered as text (a tool-call parser's markers), is
+sampled by `_sample_rich`; every other one by `_sample`, which does nothing more per token than it needs.
+Logprobs are llama-server's n_probs: the log-softmax of the model's raw logits at the sampled position (before
+logit bias, penalties, grammar and temperature), the chosen token's and the top N.
 """
 
 from __future__ import annotations
@@ -21,19 +26,23 @@ import ctypes
 import dataclasses
 import heapq
 import logging
+import math
 import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NoReturn, TypedDict
 
 import llama_cpp as llama
+import numpy as np
 
 from ...protocol.shapes import FinishReason
 from .embeddings import Embedder, put_token
+from .reasoning import CLOSE, OPEN
 from .sampling import BadRequest, SamplingParams, StopMatcher
+from .tool_calls import MARKERS
 
 log = logging.getLogger("mgr.runner")
 
@@ -48,7 +57,11 @@ class EngineConfig:
     n_gpu_layers: int = -1  # -1 = all layers when the build can offload
 
 
+# What output parsers look for: rendered as text for the requests they read, even where they are control tokens.
+OUTPUT_MARKERS = (OPEN, CLOSE, *(marker for markers in MARKERS.values() for marker in markers))
 EventKind = Literal["started", "text", "done", "error", "embeddings"]
+# One generated token's logprobs: its bytes, its logprob, and the top alternatives' (bytes, logprob), best first.
+LogprobEntry = tuple[bytes, float, list[tuple[bytes, float]]]
 
 
 class EventUsage(TypedDict, total=False):
@@ -68,6 +81,7 @@ class Event:
     finish_reason: FinishReason | None = None  # "done"
     status: int = 500  # "error": the HTTP status to answer with
     usage: EventUsage | None = None
+    logprobs: list[LogprobEntry] | None = None  # "text", when asked: the tokens that made it (and earlier held ones)
 
 
 class Submission:
@@ -90,12 +104,15 @@ class Request(Submission):
     that does."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, params: SamplingParams, prompt: str,
-                 add_special: bool, shorter: Iterator[str] = iter(())) -> None:
+                 add_special: bool, shorter: Iterator[str] = iter(()), *, top_logprobs: int | None = None,
+                 specials: frozenset[int] = frozenset()) -> None:
         super().__init__(loop)
         self.params = params
         self.prompt = prompt
         self.shorter = shorter
         self.add_special = add_special
+        self.top_logprobs = top_logprobs  # None: no logprobs; N: the chosen token's and the top N
+        self.specials = specials  # control tokens rendered as their text (others render as nothing)
 
 
 class EmbedRequest(Submission):
@@ -110,7 +127,8 @@ class EmbedRequest(Submission):
 class _Slot:
     """Engine-thread state of one sequence."""
 
-    def __init__(self, seq_id: int, request: Request, tokens: list[int], chain: Any) -> None:
+    def __init__(self, seq_id: int, request: Request, tokens: list[int], chain: Any,
+                 sample: Callable[[_Slot], None]) -> None:
         self.seq_id = seq_id
         self.request = request
         self.prompt = tokens
@@ -124,6 +142,8 @@ class _Slot:
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
         self.logit_index = -1
+        self.pending: list[LogprobEntry] = []  # logprobs of tokens whose text is still held back
+        self.sample = sample  # the engine's _sample, or _sample_rich for logprobs and rendered control tokens
 
     @property
     def prefilling(self) -> bool:
@@ -150,6 +170,9 @@ class Engine:
         self.chat_template: str | None = None
         self.bos_text = ""
         self.eos_text = ""
+        self.n_embd = 0
+        self.fim: tuple[str, str, str] | None = None  # the FIM prefix, suffix and middle tokens' texts
+        self.controls: dict[str, int] = {}  # output markers that are control tokens in this vocabulary
         self._inbox: queue.SimpleQueue[Request | EmbedRequest] = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()  # admitted, waiting for a free sequence slot
         self._embedder: Embedder | None = None
@@ -223,6 +246,16 @@ class Engine:
         self.bos_text = self._special_text(llama.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(llama.llama_vocab_eos(self.vocab))
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self.n_embd = llama.llama_model_n_embd(self.model)
+        fim = [self._special_text(llama.llama_vocab_fim_pre(self.vocab)),
+               self._special_text(llama.llama_vocab_fim_suf(self.vocab)),
+               self._special_text(llama.llama_vocab_fim_mid(self.vocab))]
+        self.fim = (fim[0], fim[1], fim[2]) if all(fim) else None
+        self.controls = {}  # the output markers that are control tokens (rendered as nothing unless asked)
+        for text in OUTPUT_MARKERS:
+            tokens = self.tokenize(text, False)
+            if len(tokens) == 1 and llama.llama_vocab_get_attr(self.vocab, tokens[0]) & llama.LLAMA_TOKEN_ATTR_CONTROL:
+                self.controls[text] = tokens[0]
         self.eog_tokens = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._free_seq_ids = list(range(cfg.n_parallel))
@@ -263,6 +296,15 @@ class Engine:
             n = llama.llama_token_to_piece(self.vocab, token, buffer, -n, 0, False)
             return buffer.raw[:n]
         return self._piece_buffer.raw[:n]
+
+    def _piece_special(self, token: int) -> bytes:
+        """A token's text, control tokens included (`_piece` renders them as nothing)."""
+        buffer = ctypes.create_string_buffer(256)
+        n = llama.llama_token_to_piece(self.vocab, token, buffer, 256, 0, True)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buffer, -n, 0, True)
+        return buffer.raw[:n]
 
     def _admit(self, block: bool) -> None:
         """Drain the inbox: embeddings are answered at once, generations take free slots in arrival order."""
@@ -324,7 +366,9 @@ class Engine:
         except BadRequest as e:
             request.emit(Event("error", text=str(e), status=400))
             return
-        slot = _Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain)
+        rich = request.top_logprobs is not None or bool(request.specials)
+        slot = _Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain,
+                     self._sample_rich if rich else self._sample)
         self._slots.append(slot)
         self.active = len(self._slots)
         request.emit(Event("started"))
@@ -335,8 +379,8 @@ class Engine:
         if flush:
             text, stopped = slot.stops.feed(slot.decoder.decode(b"", final=True))
             text += "" if stopped else slot.stops.flush()
-            if text:
-                slot.request.emit(Event("text", text=text))
+            if text or slot.pending:
+                slot.request.emit(Event("text", text=text, logprobs=slot.pending or None))
         now = time.perf_counter()
         t_first = slot.t_first or now
         slot.request.emit(Event("done", finish_reason=reason, usage={
@@ -401,7 +445,7 @@ class Engine:
                 continue
             for slot in list(self._slots):
                 if slot.logit_index >= 0:
-                    self._sample(slot)
+                    slot.sample(slot)
 
     def _sample(self, slot: _Slot) -> None:
         token: int = llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index)
@@ -420,3 +464,60 @@ class Engine:
         elif (slot.request.params.max_tokens is not None and slot.n_generated >= slot.request.params.max_tokens
               or slot.n_past + 1 >= self.n_ctx_seq):
             self._finish(slot, "length", flush=True)
+
+    def _sample_rich(self, slot: _Slot) -> None:
+        """`_sample`, with logprobs and control tokens rendered, as the request asked."""
+        token: int = llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index)
+        if slot.t_first is None:
+            slot.t_first = time.perf_counter()
+        if llama.llama_vocab_is_eog(self.vocab, token):
+            self._finish(slot, "stop", flush=True)
+            return
+        slot.n_generated += 1
+        slot.last_token = token
+        request = slot.request
+        piece = self._piece_special(token) if token in request.specials else self._piece(token)
+        text, stopped = slot.stops.feed(slot.decoder.decode(piece))
+        if request.top_logprobs is not None:
+            logits = llama.llama_get_logits_ith(self.ctx, slot.logit_index)
+            slot.pending.append(_logprobs(logits, self.n_vocab, token, request.top_logprobs, self._piece_special))
+        if stopped:
+            slot.pending = _through(slot.pending, len(text))
+        if text or stopped and slot.pending:
+            request.emit(Event("text", text=text, logprobs=slot.pending or None))
+            slot.pending = []
+        if stopped:
+            self._finish(slot, "stop")
+        elif (request.params.max_tokens is not None and slot.n_generated >= request.params.max_tokens
+              or slot.n_past + 1 >= self.n_ctx_seq):
+            self._finish(slot, "length", flush=True)
+
+
+def _logprobs(pointer: Any, n_vocab: int, token: int, top_n: int, piece: Callable[[int], bytes]) -> LogprobEntry:
+    """The log-softmax of the raw logits (`pointer`: llama.cpp's row for the sampled position): the chosen
+    token's, and the top N (ties in the order greedy sampling breaks them: lower token id first)."""
+    logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
+    top = logits.max()
+    log_total = float(top) + math.log(float(np.exp(logits - top).sum(dtype=np.float64)))
+    alternatives: list[tuple[bytes, float]] = []
+    if top_n > 0:
+        # the best are near the top: look there first (a full argpartition of the vocabulary costs ~0.4 ms)
+        margin = 2.0
+        while len(best := np.flatnonzero(logits >= top - margin)) < top_n and margin < 1e30:
+            margin *= 4
+        if len(best) > 4 * top_n + 64:
+            best = best[np.argpartition(logits[best], -top_n)[-top_n:]]
+        best = best[np.lexsort((best, -logits[best]))][:top_n]
+        alternatives = [(piece(int(t)), float(logits[t]) - log_total) for t in best]
+    return piece(token), float(logits[token]) - log_total, alternatives
+
+
+def _through(entries: list[LogprobEntry], n_chars: int) -> list[LogprobEntry]:
+    """The entries of the tokens that made the first `n_chars` characters (a stop string cut the rest)."""
+    kept, length = [], 0
+    for entry in entries:
+        if length >= n_chars:
+            break
+        kept.append(entry)
+        length += len(entry[0].decode("utf-8", errors="replace"))
+    return kept

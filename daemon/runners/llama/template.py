@@ -38,12 +38,18 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: dt.datetime.now().strftime(fmt)
         env.filters["tojson"] = _tojson
-        self._template = env.from_string(source or CHATML)
+        self.source = source or CHATML
+        self._template = env.from_string(self.source)
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # A template without tool syntax never shows the model its own earlier calls: they go into the
+        # assistant message's content instead, as the JSON a forced call is written in.
+        self.renders_tool_calls = "tool_calls" in self.source
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True, **extra: Any) -> str:
+        if not self.renders_tool_calls:
+            messages = [_calls_as_content(m) if m.get("tool_calls") else m for m in messages]
         try:
             return self._template.render(
                 messages=messages,
@@ -57,8 +63,40 @@ class ChatTemplate:
             raise BadRequest(f"the model's chat template refused these messages: {e}") from None
 
 
+def _calls_as_content(message: dict[str, Any]) -> dict[str, Any]:
+    calls = [{"name": c["function"]["name"], "arguments": c["function"].get("arguments", {})}
+             for c in message["tool_calls"]]
+    text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+    content = message.get("content") or ""
+    return {**message, "content": f"{content}\n{text}" if content else text}
+
+
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as templates expect them (transformers' convention): arguments as
+    an object, where OpenAI sends a JSON string."""
+    if not isinstance(value, list):
+        raise BadRequest(f"messages[{i}].tool_calls must be a list")
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f'messages[{i}].tool_calls: every call needs {{"function": {{"name": ..., '
+                             '"arguments": ...}}}}')
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                pass  # not JSON: the template gets the text as sent
+        elif arguments is None:
+            arguments = {}
+        calls.append({**call, "type": call.get("type", "function"), "function": {**function, "arguments": arguments}})
+    return calls
+
+
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
-    """OpenAI messages -> what templates expect: string content (text parts joined)."""
+    """OpenAI messages -> what templates expect: string content (text parts joined), tool calls with object
+    arguments, a tool result's tool name as `name` (Ollama sends `tool_name`)."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
     result = []
@@ -80,5 +118,11 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
         normalized = dict(message)
         normalized["content"] = content
+        if message.get("tool_calls"):
+            normalized["tool_calls"] = _tool_calls(message["tool_calls"], i)
+        elif "tool_calls" in normalized:
+            del normalized["tool_calls"]  # null or []: templates test for its presence
+        if message["role"] == "tool" and "name" not in normalized and isinstance(message.get("tool_name"), str):
+            normalized["name"] = message["tool_name"]
         result.append(normalized)
     return result
