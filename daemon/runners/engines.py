@@ -38,6 +38,8 @@ class LlamaCppRunner(ProcessRunner):
             "--threads", str(settings.num_thread or default_threads()),
             "--gpu-layers", str(placement.gpu_layers),
         ]
+        if spec.projector is not None:
+            argv += ["--mmproj", str(spec.projector)]
         env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)  # "" = the CPU
         super().__init__(spec, pool, port, argv, env, runner_log_path(settings.runner_log_dir, spec))

@@ -30,13 +30,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--gpu-layers", type=int, default=-1, help="-1 = all, when the build has a GPU backend")
+    p.add_argument("--mmproj", default=None, help="a vision model's projector GGUF: images are accepted with it")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> int:
     engine = Engine(EngineConfig(
         model_path=args.model, n_parallel=args.parallel, n_ctx_per_seq=args.ctx_size,
-        n_batch=args.batch_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+        n_batch=args.batch_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, mmproj=args.mmproj,
     ))
     engine.start()
     server = uvicorn.Server(uvicorn.Config(

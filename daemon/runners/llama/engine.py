@@ -16,6 +16,14 @@ A request that asks for logprobs, or for control tokens rendered as text (a tool
 sampled by `_sample_rich`; every other one by `_sample`, which does nothing more per token than it needs.
 Logprobs are llama-server's n_probs: the log-softmax of the model's raw logits at the sampled position (before
 logit bias, penalties, grammar and temperature), the chosen token's and the top N.
+
+Images (a vision model's mmproj, loaded as a libmtmd context after the model): a request with images is prefilled
+whole and at once when it takes its slot (`_start_media`), on this thread, between two batch steps: its bitmaps
+decoded from the image bytes, its prompt (the media marker where each image goes) tokenized by mtmd_tokenize into
+text and image chunks, and the chunks evaluated into the slot's own sequence by mtmd_helper_eval_chunks (text in
+token batches, each image encoded by the projector and its embeddings decoded in a batch of their own). Its first
+token is sampled at once from the last decode's logits; then it generates in the ordinary batched steps like any
+other sequence. Other sequences wait for that prefill (one step's delay); plain requests take no new path.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from .embeddings import Embedder, put_token
 from .reasoning import CLOSE, OPEN
 from .sampling import BadRequest, SamplingParams, StopMatcher
 from .tool_calls import MARKERS
+from .vision import Vision
 
 log = logging.getLogger("mgr.runner")
 
@@ -55,6 +64,7 @@ class EngineConfig:
     n_batch: int = 512
     n_threads: int = 2
     n_gpu_layers: int = -1  # -1 = all layers when the build can offload
+    mmproj: str | None = None  # a vision model's projector: images are accepted when it is set
 
 
 # What output parsers look for: rendered as text for the requests they read, even where they are control tokens.
@@ -105,7 +115,7 @@ class Request(Submission):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, params: SamplingParams, prompt: str,
                  add_special: bool, shorter: Iterator[str] = iter(()), *, top_logprobs: int | None = None,
-                 specials: frozenset[int] = frozenset()) -> None:
+                 specials: frozenset[int] = frozenset(), images: tuple[bytes, ...] = ()) -> None:
         super().__init__(loop)
         self.params = params
         self.prompt = prompt
@@ -113,6 +123,7 @@ class Request(Submission):
         self.add_special = add_special
         self.top_logprobs = top_logprobs  # None: no logprobs; N: the chosen token's and the top N
         self.specials = specials  # control tokens rendered as their text (others render as nothing)
+        self.images = images  # image file bytes, one per media marker in `prompt`, in order
 
 
 class EmbedRequest(Submission):
@@ -132,6 +143,7 @@ class _Slot:
         self.seq_id = seq_id
         self.request = request
         self.prompt = tokens
+        self.n_prompt = len(tokens)  # what usage counts (an image prompt's, its text and image tokens)
         self.n_prompt_done = 0  # prompt tokens already decoded
         self.n_past = 0  # tokens in this sequence's KV cache
         self.last_token = -1
@@ -176,6 +188,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[Request | EmbedRequest] = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()  # admitted, waiting for a free sequence slot
         self._embedder: Embedder | None = None
+        self.vision: Vision | None = None  # a vision model's projector
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self.active = 0  # sequences in a slot; read by /health for visibility only
 
@@ -210,33 +223,10 @@ class Engine:
 
     def _load(self) -> None:
         cfg = self.config
-        llama.llama_backend_init()
-        model_params = llama.llama_model_default_params()
-        # Offload when the build can and the daemon assigned a GPU (placement is CUDA_VISIBLE_DEVICES).
-        gpu_assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
-        if llama.llama_supports_gpu_offload() and gpu_assigned:
-            model_params.n_gpu_layers = 999 if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
-        else:
-            model_params.n_gpu_layers = 0
-        self.model = llama.llama_model_load_from_file(cfg.model_path.encode(), model_params)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {cfg.model_path} (see the lines above)")
+        self.model, on_gpu = _load_model(cfg)
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
-        train_ctx = llama.llama_model_n_ctx_train(self.model)
-        per_seq = min(cfg.n_ctx_per_seq, train_ctx) if train_ctx > 0 else cfg.n_ctx_per_seq
-        ctx_params = llama.llama_context_default_params()
-        ctx_params.n_seq_max = cfg.n_parallel
-        ctx_params.n_ctx = per_seq * cfg.n_parallel
-        ctx_params.n_batch = cfg.n_batch
-        ctx_params.n_ubatch = cfg.n_batch
-        ctx_params.n_threads = cfg.n_threads
-        ctx_params.n_threads_batch = cfg.n_threads
-        ctx_params.kv_unified = False  # an answer must not depend on its batch neighbours
-        ctx_params.no_perf = True
-        self.ctx = llama.llama_init_from_model(self.model, ctx_params)
-        if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a context (not enough memory for the KV cache?)")
+        self.ctx = _new_context(self.model, cfg)
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_ctx_seq = llama.llama_n_ctx_seq(self.ctx)
         self.n_batch = min(cfg.n_batch, llama.llama_n_batch(self.ctx))
@@ -257,6 +247,8 @@ class Engine:
             if len(tokens) == 1 and llama.llama_vocab_get_attr(self.vocab, tokens[0]) & llama.LLAMA_TOKEN_ATTR_CONTROL:
                 self.controls[text] = tokens[0]
         self.eog_tokens = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
+        if cfg.mmproj:
+            self.vision = Vision(cfg.mmproj, self.model, use_gpu=on_gpu, n_threads=cfg.n_threads)
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._free_seq_ids = list(range(cfg.n_parallel))
         self._slots: list[_Slot] = []
@@ -274,6 +266,9 @@ class Engine:
             self._embedder.free()
         for slot in self._slots:
             llama.llama_sampler_free(slot.chain)
+        if self.vision is not None:
+            self.vision.free()  # it refers to the model: freed before it
+            self.vision = None
         llama.llama_batch_free(self.batch)
         llama.llama_free(self.ctx)
         llama.llama_model_free(self.model)
@@ -339,39 +334,62 @@ class Engine:
         request.emit(Event("embeddings", usage={"data": vectors, "prompt_tokens": n_tokens}))
 
     def _prompt_tokens(self, request: Request, text: str) -> list[int]:
+        return self.tokenize(text, self._add_special(request, text))
+
+    def _add_special(self, request: Request, text: str) -> bool:
+        """Whether tokenizing adds BOS: not when the rendered template wrote it already."""
         bos_written = bool(self.bos_text) and text.startswith(self.bos_text)
-        return self.tokenize(text, request.add_special and self.add_bos and not bos_written)
+        return request.add_special and self.add_bos and not bos_written
 
     def _start(self, request: Request) -> None:
-        tokens = self._prompt_tokens(request, request.prompt)
-        n_full = len(tokens)
         try:
+            if request.images:
+                self._start_media(request)
+                return
+            tokens = self._prompt_tokens(request, request.prompt)
+            n_full = len(tokens)
             while len(tokens) >= self.n_ctx_seq:  # no room to generate: try shorter renderings, if allowed
-                tokens = self._prompt_tokens(request, next(request.shorter))
-        except StopIteration:
-            request.emit(Event(
-                "error", status=400,
-                text=f"the prompt has {n_full} tokens, more than this model's context of {self.n_ctx_seq} "
-                     "(raise num_ctx, shorten the prompt, or allow truncation)",
-            ))
-            return
-        except BadRequest as e:
-            request.emit(Event("error", text=str(e), status=400))
-            return
-        if not tokens:
-            request.emit(Event("error", text="the prompt is empty", status=400))
-            return
-        try:
+                tokens = self._prompt_tokens(request, next(request.shorter, None) or _too_long(n_full, self.n_ctx_seq))
+            if not tokens:
+                raise BadRequest("the prompt is empty")
             chain = request.params.build_chain(self.vocab, self.n_vocab, self.eog_tokens)
         except BadRequest as e:
             request.emit(Event("error", text=str(e), status=400))
             return
-        rich = request.top_logprobs is not None or bool(request.specials)
-        slot = _Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain,
-                     self._sample_rich if rich else self._sample)
+        self._occupy(_Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain, self._sampler(request)))
+
+    def _sampler(self, request: Request) -> Callable[[_Slot], None]:
+        return self._sample_rich if request.top_logprobs is not None or request.specials else self._sample
+
+    def _occupy(self, slot: _Slot) -> None:
         self._slots.append(slot)
         self.active = len(self._slots)
-        request.emit(Event("started"))
+        slot.request.emit(Event("started"))
+
+    def _start_media(self, request: Request) -> None:
+        """Admit a request with images: its whole prompt evaluated now into its sequence (vision.py), its
+        first token sampled; a prompt that cannot be read (an image that does not decode, a marker without its
+        image, no room in the context) is a 400, and the slot is given back."""
+        if self.vision is None:
+            raise BadRequest("the model does not support images")
+        chain = request.params.build_chain(self.vocab, self.n_vocab, self.eog_tokens)
+        seq_id = heapq.heappop(self._free_seq_ids)
+        t_start = time.perf_counter()
+        try:
+            add_special = self._add_special(request, request.prompt)
+            n_tokens, n_past = self.vision.prefill(request.prompt, add_special, request.images, self.ctx, seq_id,
+                                                   self.n_ctx_seq, self.n_batch)
+        except (BadRequest, RuntimeError) as e:
+            llama.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+            llama.llama_sampler_free(chain)
+            heapq.heappush(self._free_seq_ids, seq_id)
+            request.emit(Event("error", text=str(e), status=400 if isinstance(e, BadRequest) else 500))
+            return
+        slot = _Slot(seq_id, request, [], chain, self._sampler(request))
+        slot.t_start, slot.n_prompt, slot.n_past = t_start, n_tokens, n_past
+        self._occupy(slot)
+        slot.logit_index = -1  # the last decode's last output: the prompt's last token
+        slot.sample(slot)
 
     def _finish(self, slot: _Slot, reason: FinishReason, flush: bool = False) -> None:
         """End a sequence with a "done" event. `flush` emits text still held back (end of generation or
@@ -384,7 +402,7 @@ class Engine:
         now = time.perf_counter()
         t_first = slot.t_first or now
         slot.request.emit(Event("done", finish_reason=reason, usage={
-            "prompt_tokens": len(slot.prompt),
+            "prompt_tokens": slot.n_prompt,
             "completion_tokens": slot.n_generated,
             "prompt_ms": (t_first - slot.t_start) * 1000,
             "predicted_ms": (now - t_first) * 1000,
@@ -491,6 +509,46 @@ class Engine:
         elif (request.params.max_tokens is not None and slot.n_generated >= request.params.max_tokens
               or slot.n_past + 1 >= self.n_ctx_seq):
             self._finish(slot, "length", flush=True)
+
+
+def _too_long(n_tokens: int, n_ctx_seq: int) -> NoReturn:
+    raise BadRequest(f"the prompt has {n_tokens} tokens, more than this model's context of {n_ctx_seq} "
+                     "(raise num_ctx, shorten the prompt, or allow truncation)")
+
+
+def _load_model(cfg: EngineConfig) -> tuple[Any, bool]:
+    """The model, and whether its layers went to a GPU."""
+    llama.llama_backend_init()
+    model_params = llama.llama_model_default_params()
+    # Offload when the build can and the daemon assigned a GPU (placement is CUDA_VISIBLE_DEVICES).
+    gpu_assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+    if llama.llama_supports_gpu_offload() and gpu_assigned:
+        model_params.n_gpu_layers = 999 if cfg.n_gpu_layers < 0 else cfg.n_gpu_layers
+    else:
+        model_params.n_gpu_layers = 0
+    model = llama.llama_model_load_from_file(cfg.model_path.encode(), model_params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {cfg.model_path} (see the lines above)")
+    return model, model_params.n_gpu_layers > 0
+
+
+def _new_context(model: Any, cfg: EngineConfig) -> Any:
+    """n_parallel sequences of n_ctx_per_seq tokens (at most what the model was trained for), each its own."""
+    train_ctx = llama.llama_model_n_ctx_train(model)
+    per_seq = min(cfg.n_ctx_per_seq, train_ctx) if train_ctx > 0 else cfg.n_ctx_per_seq
+    ctx_params = llama.llama_context_default_params()
+    ctx_params.n_seq_max = cfg.n_parallel
+    ctx_params.n_ctx = per_seq * cfg.n_parallel
+    ctx_params.n_batch = cfg.n_batch
+    ctx_params.n_ubatch = cfg.n_batch
+    ctx_params.n_threads = cfg.n_threads
+    ctx_params.n_threads_batch = cfg.n_threads
+    ctx_params.kv_unified = False  # an answer must not depend on its batch neighbours
+    ctx_params.no_perf = True
+    ctx = llama.llama_init_from_model(model, ctx_params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a context (not enough memory for the KV cache?)")
+    return ctx
 
 
 def _logprobs(pointer: Any, n_vocab: int, token: int, top_n: int, piece: Callable[[int], bytes]) -> LogprobEntry:

@@ -129,7 +129,9 @@ class RunnerApp:
     async def chat(self, http: HttpRequest) -> Response:
         try:
             body = await _read_json(http)
-            messages = normalize_messages(body.get("messages"))
+            vision = self.engine.vision
+            images: list[bytes] | None = [] if vision is not None else None
+            messages = normalize_messages(body.get("messages"), images, vision.marker if vision else "")
             plan = tool_plans.plan(body)
             kwargs = body.get("chat_template_kwargs") or {}
             if not isinstance(kwargs, dict):
@@ -141,7 +143,8 @@ class RunnerApp:
                 kwargs = {"reasoning_effort": effort, **kwargs}  # for templates that read it (gpt-oss)
             template, tools = self.template, plan.tools
             prompt = template.render(messages, tools=tools, **kwargs)
-            truncate = bool(body.get("truncate"))
+            # an image prompt is never shortened (its images would no longer match its markers): too long is a 400
+            truncate = bool(body.get("truncate")) and not images
 
             def shorter() -> Iterator[str]:
                 return (template.render(m, tools=tools, **kwargs) for m in _shorter_conversations(messages, truncate))
@@ -151,7 +154,7 @@ class RunnerApp:
         except BadRequest as e:
             return error_response(str(e), 400)
         return await self._generate(http, body, params, prompt, add_special=True, chat=True, shorter=shorter,
-                                    extras=extras)
+                                    extras=extras, images=tuple(images or ()))
 
     def _chat_extras(self, body: dict[str, Any], plan: tool_plans.ToolPlan, kwargs: dict[str, Any], prompt: str,
                      params: SamplingParams) -> Extras:
@@ -247,10 +250,10 @@ class RunnerApp:
 
     async def _generate(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, prompt: str,
                         add_special: bool, chat: bool, shorter: Callable[[], Iterator[str]] = lambda: iter(()),
-                        extras: Extras | None = None) -> Response:
+                        extras: Extras | None = None, images: tuple[bytes, ...] = ()) -> Response:
         if extras is not None and not extras.plain:
-            return await self._generate_rich(http, body, params, prompt, add_special, chat, shorter, extras)
-        request = Request(asyncio.get_running_loop(), params, prompt, add_special, shorter())
+            return await self._generate_rich(http, body, params, prompt, add_special, chat, shorter, extras, images)
+        request = Request(asyncio.get_running_loop(), params, prompt, add_special, shorter(), images=images)
         self.engine.submit(request)
         watcher = asyncio.create_task(_watch_disconnect(http, request))
         try:
@@ -346,14 +349,14 @@ class RunnerApp:
     # n choices, parsers, logprobs, echo -----------------------------------------------------------------
     async def _generate_rich(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, prompt: str,
                              add_special: bool, chat: bool, shorter: Callable[[], Iterator[str]],
-                             extras: Extras) -> Response:
+                             extras: Extras, images: tuple[bytes, ...] = ()) -> Response:
         loop = asyncio.get_running_loop()
         requests = []
         for i in range(extras.n):
             # n samples, not n copies: a fixed seed moves on by one per choice
             own = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
             requests.append(Request(loop, own, prompt, add_special, shorter(), top_logprobs=extras.top_logprobs,
-                                    specials=extras.specials))
+                                    specials=extras.specials, images=images))
         for request in requests:
             self.engine.submit(request)
         watcher = asyncio.create_task(_watch_disconnect(http, *requests))

@@ -7,6 +7,8 @@ eos_token), so a template written for transformers gives the same prompt here.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import json
 from typing import Any, NoReturn
@@ -94,9 +96,34 @@ def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
     return calls
 
 
-def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+def image_bytes(part: dict[str, Any], where: str) -> bytes:
+    """An OpenAI image part's picture: its image_url ({"url": ...} or the URL itself) must be a base64 data:
+    URL; this runner fetches nothing."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise BadRequest(f"{where}: an image_url part needs image_url.url")
+    if not url.startswith("data:"):
+        raise BadRequest(f"{where}: image URLs must be base64 data: URLs (data:image/png;base64,...); "
+                         "this model runner does not fetch images")
+    head, comma, data = url.partition(",")
+    if not comma or not head.endswith(";base64"):
+        raise BadRequest(f"{where}: the image's data: URL must be base64 (data:<type>;base64,<data>)")
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where}: the image's data: URL is not valid base64") from None
+    if not decoded:
+        raise BadRequest(f"{where}: the image is empty")
+    return decoded
+
+
+def normalize_messages(messages: Any, images: list[bytes] | None = None, marker: str = "") -> list[dict[str, Any]]:
     """OpenAI messages -> what templates expect: string content (text parts joined), tool calls with object
-    arguments, a tool result's tool name as `name` (Ollama sends `tool_name`)."""
+    arguments, a tool result's tool name as `name` (Ollama sends `tool_name`).
+
+    Image parts: where `images` is given (the model has a vision projector), each becomes `marker` in the text
+    and its bytes are appended to `images`, in prompt order; otherwise an image is a 400."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
     result = []
@@ -106,16 +133,22 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         content = message.get("content")
         if isinstance(content, list):
             parts = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "text":
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
                     parts.append(str(part.get("text", "")))
+                elif kind == "image_url":
+                    if images is None:
+                        raise BadRequest("the model does not support images")
+                    images.append(image_bytes(part, f"messages[{i}].content[{j}]"))
+                    parts.append(marker)
                 else:
-                    raise BadRequest(f"messages[{i}]: only text content is supported by this model")
+                    raise BadRequest(f"messages[{i}].content[{j}]: content parts must be text or image_url")
             content = "".join(parts)
         elif content is None:
             content = ""
         elif not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
+            raise BadRequest(f"messages[{i}].content must be a string or a list of content parts")
         normalized = dict(message)
         normalized["content"] = content
         if message.get("tool_calls"):
