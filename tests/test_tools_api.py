@@ -7,6 +7,7 @@ past Ollama, which ignores it)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import ollama
 import openai
 import pytest
 from conftest import Daemon
+from test_runner_templates import model_copy  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +155,39 @@ def test_langchain_ollama_is_told_the_model_has_no_tools(daemon: Daemon, smollm2
     model = ChatOllama(model="smollm2", base_url=daemon.base_url, temperature=0)
     with pytest.raises(ollama.ResponseError, match='"smollm2" does not support tools'):
         model.bind_tools([get_weather]).invoke("What is the weather like in Paris today?")
+
+
+def test_a_template_with_tool_syntax_answers_auto_calls_through_the_clients(
+        daemon: Daemon, smollm2: str, model_copy: Path) -> None:
+    """A model whose template has tool syntax (a SmolLM2 copy with a Hermes/think template, from
+    test_runner_templates) gets `tools` capability, and an `auto` call in its own syntax comes back parsed to the
+    openai client and to LangChain. The runner's raw `grammar` field (passed through by the daemon) and a logit
+    bias make the 135M model write what a real tool model writes; the parsing is what is tested."""
+    from langchain_openai import ChatOpenAI
+    from test_runner_templates import ASK as TOOL_ASK
+    from test_runner_templates import BIAS, THOUGHT, literal
+    from test_runner_templates import WEATHER as TOOL_WEATHER
+
+    assert daemon.cli("create", "smol-tools", "--from", str(model_copy)).returncode == 0
+    shown = httpx.post(daemon.base_url + "/api/show", json={"model": "smol-tools"}).json()
+    assert {"tools", "thinking"} <= set(shown["capabilities"])
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+    grammar = (f'root ::= {literal(THOUGHT)} {literal("</think>")} {literal(chr(10) * 2 + "Let me check.")} '
+               f'{literal("<tool_call>")} {literal(chr(10) + call + chr(10))} {literal("</tool_call>")}')
+    client = openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="unused")
+    answer = client.chat.completions.create(model="smol-tools", messages=TOOL_ASK, tools=[TOOL_WEATHER],
+                                            logit_bias=BIAS, max_tokens=120, extra_body={"grammar": grammar})
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    assert choice.message.model_extra and choice.message.model_extra.get("reasoning_content") == THOUGHT
+    [tool_call] = choice.message.tool_calls or []
+    assert tool_call.function.name == "get_weather"
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    model = ChatOpenAI(model="smol-tools", base_url=daemon.base_url + "/v1", api_key="unused", max_tokens=120,
+                       logit_bias=BIAS, extra_body={"grammar": grammar})
+    message = model.bind_tools([TOOL_WEATHER]).invoke("What is the weather like in Paris?")
+    assert message.tool_calls and message.tool_calls[0]["args"] == {"city": "Paris", "unit": "celsius"}
+    ollama_answer = httpx.post(daemon.base_url + "/api/chat", timeout=120, json={
+        "model": "smol-tools", "messages": TOOL_ASK, "tools": [TOOL_WEATHER], "stream": False, "think": True,
+        "options": {"num_predict": 120}, "grammar": grammar, "logit_bias": BIAS}).json()
+    assert "error" not in ollama_answer  # the Ollama API accepts tools for this model (no grammar there: any text)
