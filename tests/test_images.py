@@ -15,7 +15,6 @@ import hashlib
 import json
 import struct
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Daemon, free_port, wait_for
+from conftest import Daemon, wait_for
+from serving import start_llama_runner
 from standin.tiny_vision import N_IMAGE_TOKENS, write_tiny_mmproj
 
 pytestmark = pytest.mark.slow
@@ -66,14 +66,8 @@ def mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_runner(gguf: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mgr.daemon.runners.llama", "--model", str(gguf), "--port", str(port),
-         "--parallel", str(PARALLEL), "--ctx-size", str(CTX), "--threads", "2", "--served-model-name", "smol",
-         *extra],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-    )
-    return process, f"http://127.0.0.1:{port}"
+    return start_llama_runner(gguf, log_path, "--parallel", str(PARALLEL), "--ctx-size", str(CTX),
+                              "--served-model-name", "smol", *extra)
 
 
 def healthy(url: str) -> bool:

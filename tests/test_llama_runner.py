@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import QUESTION, free_port, wait_for
+from conftest import QUESTION, wait_for
+from serving import llama_runner
 
 from mgr.daemon.protocol.errors import openai_error_body
 from mgr.daemon.runners.llama.engine import Engine, EngineConfig, Event, Request
@@ -29,27 +28,9 @@ CTX = 1024
 
 @pytest.fixture(scope="module")
 def runner(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path_factory.mktemp("runner") / "runner.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mgr.daemon.runners.llama", "--model", str(gguf_path), "--port", str(port),
-         "--parallel", str(PARALLEL), "--ctx-size", str(CTX), "--threads", "2", "--served-model-name", "smol"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_for(healthy, timeout=60), "runner did not become ready"
+    with llama_runner(gguf_path, tmp_path_factory.mktemp("runner") / "runner.log", "--parallel", str(PARALLEL),
+                      "--ctx-size", str(CTX), "--served-model-name", "smol") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def chat(url: str, content: str, **params: object) -> dict:

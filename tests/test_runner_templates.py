@@ -11,15 +11,13 @@ fill-in-the-middle."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, wait_for
+from serving import llama_runner
 
 from mgr.daemon.runners.llama.template import ChatTemplate, normalize_messages
 
@@ -95,27 +93,9 @@ def model_copy(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def runner(model_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path_factory.mktemp("runner") / "runner.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mgr.daemon.runners.llama", "--model", str(model_copy), "--port", str(port),
-         "--parallel", "2", "--ctx-size", "1024", "--threads", "2"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_for(healthy, timeout=60), "runner did not become ready"
+    with llama_runner(model_copy, tmp_path_factory.mktemp("runner") / "runner.log", "--parallel", "2",
+                      "--ctx-size", "1024") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def whole(url: str, **body: Any) -> dict[str, Any]:
