@@ -44,12 +44,13 @@ class SpecBook:
             manifest.format, manifest.size, manifest.model_info, ctx, parallel)
         model_path = self.store.model_path(manifest)
         capabilities = manifest.capabilities
-        if manifest.format == "safetensors" and "completion" in capabilities:
-            # On vLLM, tools and thinking are what its parsers for this model (and the config) make of them
+        parsers = None
+        if manifest.format == "safetensors":
+            # Read once here (its files, the config's overrides); the vLLM runner starts with these parsers
             parsers = vllm_parsers(model_path, overrides.tool_call_parser, overrides.reasoning_parser)
-            capabilities = [c for c in capabilities if c not in ("tools", "thinking")]
-            found = {*capabilities, *(["tools"] if parsers.tools else []), *(["thinking"] if parsers.thinking else [])}
-            capabilities = [c for c in CAPABILITIES if c in found]
+            if "completion" in capabilities:  # on vLLM, tools and thinking are what the parsers make of them
+                on_vllm = {"tools": parsers.tools, "thinking": parsers.thinking}
+                capabilities = [c for c in CAPABILITIES if on_vllm.get(c, c in capabilities)]
         return LoadSpec(
             name=manifest.name,
             digest=manifest.digest,
@@ -63,6 +64,7 @@ class SpecBook:
             pinned=overrides.gpus,
             capabilities=tuple(capabilities),
             projector=self.store.projector_path(manifest),
+            parsers=parsers,
         )
 
     def learn(self, spec: LoadSpec, used: int) -> None:

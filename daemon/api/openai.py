@@ -181,7 +181,8 @@ async def _whole(op: Operation, lease: Lease) -> bytes:
 def _renames_reasoning(lease: Lease) -> bool:
     """vLLM 0.25 names the reasoning `reasoning`; clients read `reasoning_content` (vLLM's earlier name,
     llama-server's and mgr's own runner's): rename it on the way through, for vLLM models that reason."""
-    return lease.spec.format == "safetensors" and "thinking" in lease.spec.capabilities
+    parsers = lease.spec.parsers
+    return parsers is not None and parsers.reasoning_parser is not None
 
 
 async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send, rename: bool = False) -> None:

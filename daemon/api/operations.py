@@ -62,14 +62,8 @@ class ChatRequest:
         return needed
 
     def runner_body(self, model: str, *, stream: bool, usage: bool = False) -> shapes.ChatBody:
-        body: shapes.ChatBody = {**self.passthrough, **self.sampling}  # type: ignore[typeddict-item]
-        body["model"] = model
+        body: shapes.ChatBody = _generation_body(self, model, stream, usage)  # type: ignore[assignment]
         body["messages"] = self.messages
-        body["stream"] = stream
-        if usage:
-            body["stream_options"] = {"include_usage": True}
-        if self.response_format is not None:
-            body["response_format"] = self.response_format
         if self.tools and self.tool_choice != "none":
             body["tools"] = self.tools
             if self.tool_choice is not None:
@@ -108,19 +102,23 @@ class CompletionRequest:
         return ["completion", "insert"] if self.suffix else ["completion"]
 
     def runner_body(self, model: str, *, stream: bool, usage: bool = False) -> shapes.CompletionBody:
-        body: shapes.CompletionBody = {**self.passthrough, **self.sampling}  # type: ignore[typeddict-item]
-        body["model"] = model
+        body: shapes.CompletionBody = _generation_body(self, model, stream, usage)  # type: ignore[assignment]
         body["prompt"] = self.prompt  # type: ignore[typeddict-item]  # a list only from OpenAI clients
-        body["stream"] = stream
-        if usage:
-            body["stream_options"] = {"include_usage": True}
-        if self.response_format is not None:
-            body["response_format"] = self.response_format
         if self.suffix:
             body["suffix"] = self.suffix
         if self.logprobs is not None:
             body["logprobs"] = self.logprobs
         return body
+
+
+def _generation_body(op: ChatRequest | CompletionRequest, model: str, stream: bool, usage: bool) -> dict[str, Any]:
+    """What chat and completion bodies share: the passed-through fields, sampling, model, stream, format."""
+    body: dict[str, Any] = {**op.passthrough, **op.sampling, "model": model, "stream": stream}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    if op.response_format is not None:
+        body["response_format"] = op.response_format
+    return body
 
 
 @dataclasses.dataclass(slots=True)

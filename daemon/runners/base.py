@@ -18,6 +18,7 @@ import httpx
 
 from mgr.registry.capabilities import Capability
 from mgr.registry.catalog import Format
+from mgr.registry.vllm_parsers import VllmParsers
 
 from ..protocol.shapes import HEALTH_PATH
 from .http import RunnerClient, RunnerPool
@@ -44,6 +45,7 @@ class LoadSpec:
     pinned: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)  # GPUs from the config
     capabilities: tuple[Capability, ...] = dataclasses.field(default=("completion",), compare=False)
     projector: Path | None = dataclasses.field(default=None, compare=False)  # a GGUF vision model's mmproj
+    parsers: VllmParsers | None = dataclasses.field(default=None, compare=False)  # a vLLM model's parsers
 
 
 def runner_log_path(log_dir: Path, spec: LoadSpec) -> Path:

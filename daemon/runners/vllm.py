@@ -27,7 +27,7 @@ import sys
 import httpx
 
 from mgr.registry.config import Settings
-from mgr.registry.vllm_parsers import VllmParsers, vllm_parsers
+from mgr.registry.vllm_parsers import VllmParsers
 
 from ..errors import EngineUnavailable, RunnerFailed
 from ..placement import Placement
@@ -94,7 +94,6 @@ class VllmRunner(ProcessRunner):
         self.python = python or sys.executable
         self.extra_args = extra_args
         self.ray_address = ray_address
-        self.overrides = settings.for_model(spec.name)
         env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)
         if ray_address is not None:
@@ -105,10 +104,8 @@ class VllmRunner(ProcessRunner):
 
     async def start(self, timeout: float) -> None:
         version = await asyncio.to_thread(vllm_version, self.python)
-        parsers = await asyncio.to_thread(vllm_parsers, self.spec.model_path, self.overrides.tool_call_parser,
-                                          self.overrides.reasoning_parser)
         self.process.argv = vllm_argv(self.spec, self.placement, self.port, self.python, version,
-                                      self.extra_args, self.ray_address, parsers)
+                                      self.extra_args, self.ray_address, self.spec.parsers)
         await super().start(timeout)
 
     async def sleep(self, level: int) -> None:
