@@ -107,3 +107,26 @@ def test_a_bad_tool_choice_is_a_400_in_both_apis(daemon: Daemon, smollm2: str, c
         answer = httpx.post(daemon.base_url + path, json=body)
         assert answer.status_code == 400, (path, answer.text)
         assert "tool_choice" in str(answer.json()["error"])
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "tools": "get_weather"}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "Hi", "images": ["not base64!"]}]}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "think": "very"}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 99}),
+    ("/api/chat", {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}),
+    ("/api/embed", {"input": "Hi", "dimensions": -1}),
+    ("/api/embed", {"input": "Hi", "dimensions": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "reasoning_effort": "max"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "parallel_tool_calls": "yes"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER],
+                              "tool_choice": "required", "n": 0}),
+    ("/v1/completions", {"prompt": "Hi", "suffix": 3}),
+])
+def test_malformed_fields_are_400s_in_the_called_apis_shape(daemon: Daemon, smollm2: str, path: str,
+                                                          body: dict[str, object]) -> None:
+    answer = httpx.post(daemon.base_url + path, json={"model": "smollm2", "stream": False, **body}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert isinstance(error, dict if path.startswith("/v1/") else str)
