@@ -8,7 +8,8 @@ Rules (in order):
 - GGUF: layers split over the fewest GPUs (most free first) that hold it together;
 - nothing fits now, but would fit on the GPUs if they were empty: None (the scheduler evicts or waits);
 - never fits: vLLM -> TooBig with the numbers; GGUF -> as many layers offloaded as fit, the rest on the CPU.
-Per-model pinning restricts the candidates to the GPUs named in the config.
+A model pinned to GPUs in the config runs on exactly those, all of them, as CUDA_VISIBLE_DEVICES would have
+it (vLLM tensor parallel over them, GGUF layers split over them).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ class TooBig(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RayCluster:
-    """A Ray cluster vLLM may spread a model over: `nodes` machines of `gpus_per_node` GPUs like ours."""
+    """A Ray cluster vLLM may spread a model over: `nodes` machines of `gpus_per_node` GPUs, each GPU of
+    `gpu_memory` bytes (None = like ours)."""
 
     nodes: int
     gpus_per_node: int
+    gpu_memory: int | None = None
 
 
 class NeedsGpu(TooBig):
@@ -48,6 +51,7 @@ class Placement:
     gpu_layers: int = -1
     pipeline_parallel: int = 1  # > 1 only across machines (Ray)
     tensor_parallel: int | None = None  # None = len(gpus) // pipeline_parallel; set for Ray placements
+    ray: bool = False  # on the Ray cluster: vLLM's Ray executor places the workers, not CUDA_VISIBLE_DEVICES
 
     @property
     def tensor_size(self) -> int:
@@ -55,6 +59,8 @@ class Placement:
 
     @property
     def processor(self) -> str:
+        if self.ray:
+            return f"Ray {self.pipeline_parallel}x{self.tensor_size} GPU"
         if not self.gpus:
             return "CPU"
         if self.gpu_layers >= 0:
@@ -70,12 +76,16 @@ def _gib(n: float) -> str:
 
 
 def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...] | None = None,
-          layers: int | None = None, cluster: RayCluster | None = None) -> Placement | None:
+          layers: int | None = None, cluster: RayCluster | None = None,
+          ray_gpus: int | None = None) -> Placement | None:
     """A placement for a model that needs `need` bytes; None when it does not fit now but would once
-    other models leave; TooBig when it never can."""
-    candidates = [g for g in gpus if pinned is None or g.index in pinned]
-    if pinned is not None and not candidates:
-        raise TooBig(f"the model is pinned to GPUs {list(pinned)}, which this machine does not have")
+    other models leave; TooBig when it never can. `ray_gpus` puts a vLLM model on the Ray cluster over that
+    many GPUs even where it would fit here (the per-model setting)."""
+    if ray_gpus and cluster is not None and model_format == "safetensors":
+        return _on_cluster(need, cluster, ray_gpus, gpus)
+    if pinned is not None:
+        return _pinned(model_format, need, gpus, pinned, layers)
+    candidates = gpus
     if not candidates:
         if model_format == "gguf":
             return CPU
@@ -109,7 +119,7 @@ def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...]
     if all(t * MAX_FRACTION >= need / largest for t in totals):
         return None  # fits once idle models leave
     if cluster is not None:
-        return _across_machines(need, cluster, min(g.total for g in candidates))
+        return _across_machines(need, cluster, cluster.gpu_memory or min(g.total for g in candidates))
     raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the largest group of GPUs vLLM can use "
                  f"({largest} x {_gib(min(totals))}) cannot hold it")
 
@@ -123,7 +133,46 @@ def _across_machines(need: int, cluster: RayCluster, gpu_total: int) -> Placemen
                      f"x {cluster.gpus_per_node} GPUs hold about {_gib(cluster.nodes * per_machine)}")
     share = need / (machines * cluster.gpus_per_node) / gpu_total
     return Placement(tuple(range(cluster.gpus_per_node)), memory_fraction=min(share, MAX_FRACTION),
-                     pipeline_parallel=machines, tensor_parallel=cluster.gpus_per_node)
+                     pipeline_parallel=machines, tensor_parallel=cluster.gpus_per_node, ray=True)
+
+
+def _on_cluster(need: int, cluster: RayCluster, count: int, gpus: list[Gpu]) -> Placement:
+    """`count` GPUs of the cluster: tensor parallel within a machine (as many of its GPUs as the count takes),
+    pipeline parallel over machines."""
+    tensor = min(count, cluster.gpus_per_node)
+    if count % tensor or count // tensor > cluster.nodes:
+        raise TooBig(f"the model is set to run on {count} GPUs of the Ray cluster, which has {cluster.nodes} "
+                     f"machines x {cluster.gpus_per_node} GPUs")
+    gpu_total = cluster.gpu_memory or min((g.total for g in gpus), default=0)
+    if not gpu_total:
+        raise TooBig("the Ray cluster's GPU memory is unknown and this machine has no GPU to compare with")
+    if need / count > gpu_total * MAX_FRACTION:
+        raise TooBig(f"the model needs about {_gib(need)} of GPU memory; {count} GPUs of {_gib(gpu_total)} "
+                     "cannot hold it")
+    return Placement(tuple(range(tensor)), memory_fraction=min(need / count / gpu_total, MAX_FRACTION),
+                     pipeline_parallel=count // tensor, tensor_parallel=tensor, ray=True)
+
+
+def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...],
+            layers: int | None) -> Placement | None:
+    chosen = [g for g in gpus if g.index in pinned]
+    if len(chosen) < len(set(pinned)):
+        raise TooBig(f"the model is pinned to GPUs {list(pinned)}, which this machine does not have")
+    indices = tuple(sorted(g.index for g in chosen))
+    if model_format == "gguf":
+        if sum(g.free for g in chosen) >= need:
+            return Placement(indices)
+        if sum(g.total for g in chosen) >= need:
+            return None  # fits once idle models leave
+        offload = math.floor((layers or 0) * sum(g.free for g in chosen) / need)
+        return Placement(indices, gpu_layers=offload) if offload > 0 else CPU
+    share, smallest = need / len(chosen), min(g.total for g in chosen)
+    if all(g.free >= share for g in chosen):
+        return Placement(indices, memory_fraction=min(share / smallest, MAX_FRACTION))
+    if share <= smallest * MAX_FRACTION:
+        return None
+    raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the GPUs it is pinned to "
+                 f"({len(chosen)} x {_gib(smallest)}) cannot hold it")
 
 
 def _single(model_format: str, need: int, gpu: Gpu) -> Placement:

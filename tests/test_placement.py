@@ -44,8 +44,17 @@ def test_the_single_gpu_with_most_free_memory_that_fits() -> None:
     assert vllm is not None and vllm.gpus == (1,) and vllm.memory_fraction == pytest.approx(0.25)
 
 
-def test_pinning_limits_the_choice() -> None:
-    assert place("gguf", 10 * GIB, gpus(20, 60, 40), pinned=(0, 2)) == Placement((2,))
+def test_a_pinned_model_runs_on_all_its_gpus() -> None:
+    assert place("gguf", 10 * GIB, gpus(20, 60, 40), pinned=(0, 2)) == Placement((0, 2))  # layers split over both
+    assert place("gguf", 10 * GIB, gpus(20, 60, 40), pinned=(1,)) == Placement((1,))
+    two = place("safetensors", 10 * GIB, gpus(80, 80), pinned=(0, 1))  # tensor parallel 2, even though one would do
+    assert two is not None and two.gpus == (0, 1) and two.tensor_size == 2
+    assert two.memory_fraction == pytest.approx(5 / 80)
+    assert place("safetensors", 100 * GIB, gpus(40, 80), pinned=(0, 1)) is None  # once GPU 0 has room
+    with pytest.raises(TooBig, match="pinned to"):
+        place("safetensors", 200 * GIB, gpus(80, 80), pinned=(0, 1))
+    partial = place("gguf", 300 * GIB, gpus(20, 80, 30), pinned=(0, 2), layers=40)  # 160 GiB of GPU for 300
+    assert partial == Placement((0, 2), gpu_layers=6)
     with pytest.raises(TooBig, match="pinned to GPUs \\[5\\]"):
         place("gguf", 1 * GIB, gpus(20), pinned=(5,))
 

@@ -56,8 +56,16 @@ def mgr(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def runners(daemon: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    return [p for p in psutil.Process(daemon.pid).children(recursive=True)
-            if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+    """The vLLM API servers under the daemon (not the guards that lead their process groups)."""
+    found = []
+    for p in psutil.Process(daemon.pid).children(recursive=True):
+        try:
+            argv = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "vllm.entrypoints.openai.api_server" in argv and "runners.guard" not in argv:
+            found.append(p)
+    return found
 
 
 def share(process: psutil.Process) -> float:
