@@ -37,7 +37,7 @@ def send_and_keep_open(daemon: Daemon, path: str, body: dict) -> socket.socket: 
     """A raw HTTP request whose connection the test closes when it likes, without reading the answer."""
     payload = json.dumps(body).encode()
     connection = socket.create_connection(("127.0.0.1", daemon.port))
-    connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    connection.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     return connection
 
