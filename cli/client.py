@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 # error instead of a hang. Reads have no limit: loading a model or generating an answer can take minutes.
 CONNECT_TIMEOUT = 10.0
 UPLOAD_BLOCK = 1 << 20
+API_KEY_ENV = "MGR_API_KEY"  # one of the daemon's keys (its MGR_API_KEYS), sent with every request
 
 
 class DaemonUnreachable(Exception):
@@ -53,6 +55,8 @@ class Client:
             raise ValueError(f"unsupported base URL {base_url!r}; expected http://host:port")
         self._host = parts.hostname
         self._port = parts.port or 80
+        key = os.environ.get(API_KEY_ENV, "").strip()
+        self._auth = {"Authorization": f"Bearer {key}"} if key else {}
 
     # -- public calls ---------------------------------------------------------------------------------------
 
@@ -106,7 +110,7 @@ class Client:
         conn = self._connect()
         try:
             with self._guard():
-                conn.request("HEAD", path)
+                conn.request("HEAD", path, headers=self._auth)
                 response = conn.getresponse()
                 response.read()
             return response.status
@@ -125,6 +129,8 @@ class Client:
                     conn.putrequest("POST", path)
                     conn.putheader("Content-Type", "application/octet-stream")
                     conn.putheader("Content-Length", str(size))
+                    for name, value in self._auth.items():
+                        conn.putheader(name, value)
                     conn.endheaders()
                     try:
                         while block := f.read(UPLOAD_BLOCK):
@@ -167,7 +173,7 @@ class Client:
         """Send a JSON request; return the open connection and a response whose status is < 400."""
         conn = self._connect()
         try:
-            headers = {"Accept": "application/json, application/x-ndjson"}
+            headers = {"Accept": "application/json, application/x-ndjson", **self._auth}
             payload = None
             if body is not None:
                 payload = json.dumps(body).encode()
@@ -189,6 +195,8 @@ def _error_message(data: bytes, response: http.client.HTTPResponse) -> str:
     try:
         decoded = json.loads(data)
         if isinstance(decoded, dict) and decoded.get("error"):
+            if response.status == 401:  # the daemon has keys: say where the CLI takes one from
+                return f"{decoded['error']} (the daemon needs an API key: set {API_KEY_ENV})"
             return str(decoded["error"])
     except ValueError:
         pass

@@ -1,5 +1,9 @@
-"""`mgr create NAME --from PATH`: check the model files here, upload the missing blobs, ask the daemon to build.
+"""`mgr create NAME --from PATH` and `mgr create NAME -f Modelfile`: check the model files here, upload the
+missing blobs, ask the daemon to build.
 
+A Modelfile (Ollama's: registry/modelfile.py) is read here, as Ollama's CLI reads it: a FROM or ADAPTER path
+(relative to the Modelfile's folder, `~` expanded) becomes uploaded blobs, a FROM that names no file is a model
+in the store, and everything else (PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE) travels in the request.
 Everything that can be checked locally is checked before the daemon is contacted, so a typo in the path or a
 folder with the wrong files fails in milliseconds with a message about the files, not about the network.
 Blobs are content-addressed: a file the daemon already holds (same sha256) is never sent twice.
@@ -10,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+from mgr.registry.modelfile import Modelfile, ModelfileError, parse_modelfile
 
 from .client import APIError, Client
 from .format import human_size
@@ -36,6 +42,7 @@ FOLDER_FILES = frozenset(
     }
 )
 FOLDER_SUFFIXES = (".safetensors", ".safetensors.index.json")
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})  # a PEFT LoRA folder
 
 
 class CreateError(Exception):
@@ -85,12 +92,79 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def create_model(client: Client, name: str, source: Path | str, out: TextIO = sys.stdout) -> int:
-    """Validate, upload the blobs the daemon lacks, then stream the daemon's build statuses. Returns 0 on success.
+def adapter_files(source: Path) -> dict[str, Path]:
+    """A LoRA adapter's files: a GGUF adapter file, or a PEFT folder (adapter_config.json and
+    adapter_model.safetensors). Raises CreateError."""
+    if not source.exists():
+        raise CreateError(f"ADAPTER {source} does not exist")
+    if source.is_file():
+        with source.open("rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise CreateError(f"ADAPTER {source} is not a GGUF file: give a GGUF LoRA adapter (llama.cpp's "
+                                  "convert_lora_to_gguf.py makes one) or a PEFT adapter folder")
+        return {source.name: source}
+    files = {entry.name: entry for entry in sorted(source.iterdir()) if entry.name in ADAPTER_FILES}
+    if set(files) != ADAPTER_FILES:
+        raise CreateError(f"ADAPTER {source} is a folder without {' and '.join(sorted(ADAPTER_FILES - set(files)))}"
+                          ": a PEFT LoRA adapter folder holds adapter_config.json and adapter_model.safetensors")
+    return files
 
-    Raises CreateError for a bad source and APIError / DaemonUnreachable for the daemon's failures.
-    """
-    files = model_files(source)  # before any network traffic, see the module docstring
+
+def read_modelfile(path: Path) -> Modelfile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CreateError(f"{path} does not exist: give a Modelfile with -f, or a model file with --from") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CreateError(f"{path} cannot be read as a Modelfile: {e}") from None
+    try:
+        return parse_modelfile(text)
+    except ModelfileError as e:
+        raise CreateError(f"{path}, {e}") from None
+
+
+def _local(value: str, folder: Path) -> Path | None:
+    """A FROM or ADAPTER value as a path, when it is one: it exists, or is written as a path (./, /, ~, .gguf)."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if path.exists() or value.startswith((".", "/", "~")) or value.lower().endswith(".gguf"):
+        return path
+    return None
+
+
+def modelfile_request(modelfile: Modelfile, folder: Path) -> tuple[dict[str, Any], dict[str, Path], dict[str, Path]]:
+    """The /api/create fields of a Modelfile (all but the name), and the model and adapter files to upload."""
+    request: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    for source in modelfile.sources:
+        path = _local(source, folder)
+        if path is not None:
+            files.update(model_files(path))
+        elif len(modelfile.sources) > 1:
+            raise CreateError(f"FROM {source}: a model name must be the only FROM (several FROM lines are files "
+                              "that make one model together)")
+        else:
+            request["from"] = source
+    if len(modelfile.adapters) > 1:
+        raise CreateError("a model takes one ADAPTER")
+    adapters: dict[str, Path] = {}
+    for value in modelfile.adapters:
+        path = _local(value, folder)
+        adapters = adapter_files(path if path is not None else folder / value)
+    for key, text in (("template", modelfile.template), ("system", modelfile.system)):
+        if text is not None:
+            request[key] = text
+    if modelfile.parameters:
+        request["parameters"] = modelfile.parameters
+    if modelfile.messages:
+        request["messages"] = modelfile.messages
+    if modelfile.licenses:
+        request["license"] = modelfile.licenses
+    return request, files, adapters
+
+
+def _upload(client: Client, files: dict[str, Path], out: TextIO) -> dict[str, str]:
+    """The files' digests; the blobs the daemon lacks are sent."""
     digests: dict[str, str] = {}
     for relative, path in files.items():
         digest = "sha256:" + sha256_file(path)
@@ -99,9 +173,32 @@ def create_model(client: Client, name: str, source: Path | str, out: TextIO = sy
             continue
         print(f"uploading {relative} ({human_size(path.stat().st_size)})", file=out, flush=True)
         client.upload(f"/api/blobs/{digest}", path)
+    return digests
 
+
+def create_from_modelfile(client: Client, name: str, path: Path | str, out: TextIO = sys.stdout) -> int:
+    """`mgr create NAME -f Modelfile`. Raises CreateError (a bad Modelfile names its line) before any upload."""
+    path = Path(path).expanduser()
+    request, files, adapters = modelfile_request(read_modelfile(path), path.resolve().parent)
+    if files:
+        request["files"] = _upload(client, files, out)
+    if adapters:
+        request["adapters"] = _upload(client, adapters, out)
+    return _build(client, {"model": name, **request, "stream": True}, out)
+
+
+def create_model(client: Client, name: str, source: Path | str, out: TextIO = sys.stdout) -> int:
+    """Validate, upload the blobs the daemon lacks, then stream the daemon's build statuses. Returns 0 on success.
+
+    Raises CreateError for a bad source and APIError / DaemonUnreachable for the daemon's failures.
+    """
+    files = model_files(source)  # before any network traffic, see the module docstring
+    return _build(client, {"model": name, "files": _upload(client, files, out), "stream": True}, out)
+
+
+def _build(client: Client, request: dict[str, Any], out: TextIO) -> int:
     last = ""
-    for item in client.stream_ndjson("POST", "/api/create", {"model": name, "files": digests, "stream": True}):
+    for item in client.stream_ndjson("POST", "/api/create", request):
         status = str(item.get("status", ""))
         if status:
             print(status, file=out, flush=True)

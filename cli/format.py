@@ -129,6 +129,10 @@ def ps_name(model: Mapping[str, Any]) -> str:
 def ps_processor(model: Mapping[str, Any]) -> str:
     """Where the model runs: "CPU" without GPUs, "100% GPU (GPU 0)" on one, "GPU 0,1" over several."""
     gpus = list(model.get("gpus") or [])
+    ray = model.get("ray")
+    if isinstance(ray, dict):
+        count = int(ray.get("pipeline_parallel") or 1) * int(ray.get("tensor_parallel") or 1)
+        return f"Ray: {count} GPU on {len(ray.get('nodes') or [])} nodes"
     if not gpus:
         return "CPU"
     if len(gpus) == 1:
@@ -141,19 +145,22 @@ def ps_until(model: Mapping[str, Any], now: datetime | None = None) -> str:
     if model.get("state") == "unloading":
         return "Stopping..."
     expires = parse_time(model.get("expires_at"))
-    if expires is None:
+    # keep_alive -1 shows as a date centuries away (as Ollama's, whose clients type it as a date)
+    if expires is None or expires.year - (now or datetime.now(UTC)).year > 20:
         return "Forever"
     return relative_time(expires, now)
 
 
 def ps_row(model: Mapping[str, Any], now: datetime | None = None) -> list[str]:
-    """NAME, ID, SIZE, PROCESSOR, BACKEND, ACTIVE/PARALLEL, QUEUED, LOADED, UNTIL for one /api/ps entry."""
+    """NAME, ID, SIZE, PROCESSOR, CONTEXT, BACKEND, ACTIVE/PARALLEL, QUEUED, LOADED, UNTIL for one /api/ps
+    entry (CONTEXT: tokens per request, as `ollama ps` shows it)."""
     loaded = parse_time(model.get("loaded_at"))
     return [
         ps_name(model),
         short_id(model.get("digest")),
         human_size(model.get("size") or 0),
         ps_processor(model),
+        str(model.get("context_length") or ""),
         str(model.get("backend") or ""),
         f"{model.get('active', 0)}/{model.get('num_parallel', '?')}",
         str(model.get("queued", 0)),
@@ -163,7 +170,8 @@ def ps_row(model: Mapping[str, Any], now: datetime | None = None) -> list[str]:
 
 
 LIST_HEADERS = ("NAME", "ID", "SIZE", "MODIFIED")
-PS_HEADERS = ("NAME", "ID", "SIZE", "PROCESSOR", "BACKEND", "ACTIVE/PARALLEL", "QUEUED", "LOADED", "UNTIL")
+PS_HEADERS = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "BACKEND", "ACTIVE/PARALLEL", "QUEUED", "LOADED",
+              "UNTIL")
 
 
 # -- `--verbose` statistics --------------------------------------------------------------------------------

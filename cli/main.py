@@ -11,20 +11,24 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mgr.registry.config import ConfigError, load_settings, parse_duration
 
 from .chat import Session, interactive, parse_option, run_once
 from .client import APIError, Client, DaemonUnreachable
-from .create import CreateError, create_model
+from .create import GGUF_MAGIC, CreateError, create_from_modelfile, create_model
 from .format import LIST_HEADERS, PS_HEADERS, list_row, ps_row, table
+from .service import ServiceError
 
 EXIT_INTERRUPTED = 130
+SHOW_FIELDS = ("modelfile", "parameters", "template", "system", "license")  # `mgr show --<field>`: one field
 
 
 def version() -> str:
-    """The installed package's version ("0.0.0" when running from a source tree that is not installed)."""
+    """mgr's own version, the installed package's ("0.0.0" when running from a source tree that is not
+    installed); the daemon's /api/version answers an Ollama version for clients and this as mgr_version."""
     from importlib import metadata  # only `--version` pays for importlib.metadata
 
     try:
@@ -73,7 +77,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace, client: Client) -> int:
-    return create_model(client, args.name, args.source)
+    if args.source is not None and args.modelfile is not None:
+        raise CreateError("give a Modelfile (-f) or a model file (--from), not both")
+    if args.source is not None:
+        return create_model(client, args.name, args.source)
+    path = Path(args.modelfile or "Modelfile").expanduser()
+    if path.is_dir() or _starts_with(path, GGUF_MAGIC):  # `-f model.gguf`, as mgr took it before Modelfiles
+        return create_model(client, args.name, path)
+    return create_from_modelfile(client, args.name, path)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 # pull and show are imported by their own commands: every other command starts without paying for them.
@@ -89,9 +108,10 @@ def cmd_show(args: argparse.Namespace, client: Client) -> int:
     from .show import format_files, format_show
 
     info = client.request_json("POST", "/api/show", {"model": args.name})
-    if args.template:
-        template = str(info.get("template") or "")
-        print(template, end="" if template.endswith("\n") or not template else "\n")
+    field = next((f for f in SHOW_FIELDS if getattr(args, f)), None)
+    if field is not None:
+        text = str(info.get(field) or "")
+        print(text, end="" if text.endswith("\n") or not text else "\n")
     elif args.files:
         print(format_files(info))
     else:
@@ -159,6 +179,27 @@ def keep_alive_seconds(value: str | None) -> int | float | None:
     return int(seconds) if seconds == int(seconds) else seconds
 
 
+def cmd_doctor(args: argparse.Namespace, client: Client) -> int:
+    from .doctor import doctor  # the engines are inspected in a child process; only this command pays
+
+    return doctor(client)
+
+
+def cmd_service(args: argparse.Namespace, client: Client) -> int:
+    from . import service
+
+    if args.action == "install":
+        return service.install(args.user, args.dry_run)
+    if args.action == "uninstall":
+        return service.uninstall(args.user, args.dry_run)
+    try:
+        client.request_json("GET", "/api/version")
+        answers = True
+    except (DaemonUnreachable, APIError):
+        answers = False
+    return service.status(args.user, answers)
+
+
 def cmd_run(args: argparse.Namespace, client: Client) -> int:
     session = Session(
         model=args.name,
@@ -210,13 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--context-length", metavar="N", help="default context length (MGR_CONTEXT_LENGTH)")
     serve.set_defaults(handler=cmd_serve, needs_client=False)
 
-    create = command("create", "Create a model from a .gguf file or a safetensors folder")
+    create = command("create", "Create a model from a Modelfile, a .gguf file or a safetensors folder")
     create.add_argument("name", help="name of the new model, e.g. smollm2:latest")
     create.add_argument(
         "-f",
+        "--file",
+        dest="modelfile",
+        metavar="MODELFILE",
+        help="an Ollama Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, ADAPTER, MESSAGE, LICENSE); default ./Modelfile",
+    )
+    create.add_argument(
         "--from",
         dest="source",
-        required=True,
         metavar="PATH",
         help="a .gguf file, or a folder with config.json and *.safetensors",
     )
@@ -234,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = command("show", "Show a model's details, source and files")
     show.add_argument("name", metavar="NAME")
     shown = show.add_mutually_exclusive_group()
+    shown.add_argument("--modelfile", action="store_true", help="print only the Modelfile")
+    shown.add_argument("--parameters", action="store_true", help="print only the parameters")
     shown.add_argument("--template", action="store_true", help="print only the chat template")
+    shown.add_argument("--system", action="store_true", help="print only the system prompt")
+    shown.add_argument("--license", action="store_true", help="print only the license")
     shown.add_argument("--files", action="store_true", help="print only the stored files")
     show.set_defaults(handler=cmd_show)
 
@@ -286,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     stop = command("stop", "Unload a model now")
     stop.add_argument("name", metavar="NAME")
     stop.set_defaults(handler=cmd_stop)
+
+    doctor = command("doctor", "Check what this installation can run: llama.cpp's backends, vLLM, GPUs, the store")
+    doctor.set_defaults(handler=cmd_doctor)
+
+    service = command("service", "Install, remove or check mgr as a systemd service")
+    service.add_argument("action", choices=["install", "uninstall", "status"])
+    service.add_argument("--user", action="store_true",
+                         help="a service of your own (systemctl --user), with your models; default: the machine's")
+    service.add_argument("--dry-run", action="store_true", help="print each step and file; change nothing")
+    service.set_defaults(handler=cmd_service)
     return parser
 
 
@@ -318,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             f"could not connect to mgr at {e.base_url}. Start it with `mgr serve` "
             "(or `sudo systemctl start mgr` for the service)."
         )
-    except (APIError, CreateError, ConfigError) as e:
+    except (APIError, CreateError, ConfigError, ServiceError) as e:
         return _error(str(e))
     except BrokenPipeError:
         # `mgr list | head`: the reader left. Point stdout at /dev/null so the interpreter's final flush is quiet.

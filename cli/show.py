@@ -1,4 +1,5 @@
-"""`mgr show NAME`: the text of an /api/show answer, laid out like `ollama show`.
+"""`mgr show NAME`: the text of an /api/show answer, laid out like `ollama show` (`--modelfile`, `--parameters`,
+`--template`, `--system` and `--license` print that field alone: cli/main.py).
 
 Every field is optional: a model created from uploaded files has no hub source, a safetensors model may have
 no quantization, and an older daemon may not send `files` or `source`. Missing values drop their row, and a
@@ -70,13 +71,36 @@ def format_files(info: Mapping[str, Any]) -> str:
     return "\n".join(columns(file_rows(info)))
 
 
+def parameter_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The `parameters` text's lines (`name   value`) as (name, value) rows."""
+    rows = []
+    for line in str(info.get("parameters") or "").splitlines():
+        name, _, value = line.strip().partition(" ")
+        if name:
+            rows.append((name, value.strip()))
+    return rows
+
+
+def text_block(title: str, text: Any, lines: int = 4) -> list[str]:
+    """A section of free text (system prompt, license): its first `lines` lines, indented, "..." after more."""
+    kept = _text(text).strip().splitlines()
+    if not kept:
+        return []
+    shown = [f"    {line}" for line in kept[:lines]]
+    return [f"  {title}", *shown, *(["    ..."] if len(kept) > lines else [])]
+
+
 def format_show(info: Mapping[str, Any]) -> str:
-    """The whole `mgr show` text: Model, Capabilities, Source and Files sections, a blank line apart."""
+    """The whole `mgr show` text: Model, Capabilities, Parameters, System, License, Source and Files sections, a
+    blank line apart (as `ollama show`, with mgr's source and files after)."""
     capabilities = [(_text(c), "") for c in info.get("capabilities") or []]
     blocks = [
         section("Model", model_rows(info)),
         # Capability rows have no value column, so they bypass section()'s "has a value" filter.
         ["  Capabilities", *(f"    {name}" for name, _ in capabilities)] if capabilities else [],
+        section("Parameters", parameter_rows(info)),
+        text_block("System", info.get("system")),
+        text_block("License", info.get("license")),
         section("Source", source_rows(info.get("source") or {})),
         section("Files", file_rows(info), first_width=0),
     ]

@@ -41,3 +41,10 @@ class RunnerFailed(MgrError):
     """The runner stopped, broke its connection or refused a control call."""
 
     status = 502
+
+
+class RunnerTimedOut(MgrError):
+    """The runner sent nothing for longer than runner_timeout (before its answer) or runner_idle_timeout (within
+    it): taken as hung, and started again."""
+
+    status = 504

@@ -25,10 +25,15 @@ import enum
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Literal
 
 from .placement import CPU, Placement
 from .runners.base import LoadSpec, Runner
 from .runners.http import RunnerClient
+
+# Why a runner moves (metrics.Reason): a request asked, keep_alive expired while idle, it made room for another
+# model, it crashed (or hung and was killed), the daemon stopped.
+Reason = Literal["request", "idle", "evicted", "crash", "shutdown"]
 
 
 class State(enum.Enum):
@@ -57,6 +62,7 @@ class Instance:
         self.state = State.PENDING
         self.runner: Runner | None = None
         self.placement: Placement = CPU
+        self.ray_nodes: tuple[str, ...] = ()
         self.measured: dict[int, int] = {}  # GPU index -> bytes its processes really use (NVML)
         self.transition: asyncio.Task[None] | None = None  # a sleep in flight
         self.sleep_level = 0
@@ -74,6 +80,7 @@ class Instance:
         self.unloaded = asyncio.Event()
         self.created = time.monotonic()
         self.draining = False  # takes no new requests; unloads when its last one ends
+        self.reason: Reason = "request"  # why it sleeps or unloads next (metrics and logs)
 
     @property
     def idle(self) -> bool:
@@ -98,6 +105,7 @@ class Instance:
             size=max(spec.estimate, on_gpu), size_vram=on_gpu, gpus=self.placement.gpus,
             context_length=spec.num_ctx, num_parallel=spec.num_parallel, active=self.active,
             queued=len(self.queue), expires_at=expires, loaded_at=self.loaded_at, draining=self.draining,
+            placement=self.placement, ray_nodes=self.ray_nodes,
         )
 
 
@@ -119,6 +127,8 @@ class InstanceStatus:
     expires_at: float | None  # wall clock; None = never, or asleep
     loaded_at: float | None
     draining: bool
+    placement: Placement = CPU
+    ray_nodes: tuple[str, ...] = ()  # a Ray placement: the cluster's GPU machines when it was placed
 
 
 class Lease:

@@ -15,11 +15,13 @@ import psutil
 
 from mgr.registry.errors import MgrError
 
-from . import capacity
+from . import capacity, metrics
 from .errors import EngineUnavailable, LoadFailed
 from .gpus import GpuInventory
 from .instances import Instance, State
 from .placement import NeedsGpu, Placement, RayCluster, TooBig, place
+from .ray_cluster import RayReading, RayUnavailable, read_cluster
+from .runners.process import kill_group
 
 if TYPE_CHECKING:
     from .scheduler import RunnerFactory, Scheduler
@@ -41,6 +43,11 @@ class Lifecycle:
         self.runner_factory = runner_factory
         self.gpus = gpus
         self._gpu_count: int | None = None
+        self._killed: set[int] = set()  # runners killed as hung, until their exit is seen
+        self._gpu_memory: int | None = None
+        scheduler.specs.gpu_memory = lambda: self.gpu_memory  # default contexts follow the GPUs' memory
+        self.ray: RayReading | None = None  # the Ray cluster as last read (at start, then before each Ray load)
+        self._first_ray_read: asyncio.Task[None] | None = None
 
     @property
     def gpu_count(self) -> int:
@@ -48,6 +55,13 @@ class Lifecycle:
         if self._gpu_count is None:
             self._gpu_count = len(self.gpus.gpus())
         return self._gpu_count
+
+    @property
+    def gpu_memory(self) -> int:
+        """The GPUs' total memory in bytes (0 without GPUs): fixed for the daemon's life, so NVML is asked once."""
+        if self._gpu_memory is None:
+            self._gpu_memory = sum(gpu.total for gpu in self.gpus.gpus())
+        return self._gpu_memory
 
     @property
     def max_loaded(self) -> int:
@@ -73,6 +87,8 @@ class Lifecycle:
                     self._drain_for(instance, lambda _: True)
                     return
                 continue
+            if instance.spec.format == "safetensors" and self._first_ray_read and not self._first_ray_read.done():
+                continue  # placed once the Ray cluster has been read at start (start_loads runs again then)
             placement = self._placement(instance)
             if placement == "failed":
                 continue  # it cannot be placed at all
@@ -94,8 +110,16 @@ class Lifecycle:
         if instance.state is State.SLEEPING:  # it can only wake where its process lives
             return instance.placement if capacity.fits_again(instance, free) else None
         spec = instance.spec
+        ray_gpus = self.settings.for_model(spec.name).ray_gpus
         try:
-            return place(spec.format, spec.estimate, free, spec.pinned, spec.layers, self._ray_cluster())
+            try:
+                return place(spec.format, spec.estimate, free, spec.pinned, spec.layers, self._ray_cluster(), ray_gpus)
+            except TooBig as e:
+                if not ray_gpus or isinstance(e, NeedsGpu):
+                    raise
+                local = place(spec.format, spec.estimate, free, spec.pinned, spec.layers)  # fits here after all?
+                log.warning("%s: %s; placed on this machine instead", spec.name, e)
+                return local
         except TooBig as e:
             self._fail(instance, str(e), EngineUnavailable(str(e)) if isinstance(e, NeedsGpu) else LoadFailed(str(e)))
             return "failed"
@@ -105,6 +129,7 @@ class Lifecycle:
         if choice is None:
             return False
         victim, how = choice
+        victim.reason = "evicted"
         if how == "retire":
             log.info("%s: evicted (least recently used) to make room", victim.spec.name)
             self.retire(victim)
@@ -135,8 +160,56 @@ class Lifecycle:
     def _ray_cluster(self) -> RayCluster | None:
         if self.settings.ray_address is None:
             return None
+        if self.ray is not None:
+            return self.ray.cluster(self.settings)
         per_node = self.settings.ray_gpus_per_node or self.gpu_count
         return RayCluster(self.settings.ray_nodes, per_node) if per_node else None
+
+    def read_ray_soon(self) -> None:
+        """At start, when a Ray cluster is set: read it in the background and log what it has."""
+        if self.settings.ray_address is None:
+            return
+
+        async def read() -> None:
+            try:
+                log.info("%s", (await self.read_ray()).describe())
+            except RayUnavailable as e:
+                log.warning("%s; models placed on it fail until it answers", e.message)
+            finally:
+                self.scheduler.spawn(self._after_first_ray_read())
+
+        self._first_ray_read = self.scheduler.spawn(read())
+
+    async def _after_first_ray_read(self) -> None:
+        self.start_loads()
+
+    async def read_ray(self) -> RayReading:
+        """Read the Ray cluster (RayUnavailable when it cannot be); placement counts on what it says."""
+        assert self.settings.ray_address is not None
+        self.ray = await read_cluster(self.settings.ray_address, self.settings.vllm_python)
+        return self.ray
+
+    async def _check_ray(self, instance: Instance) -> None:
+        """Before a Ray load: the cluster, read again, must have the GPUs the placement counts on; if it is
+        down or too small, the model goes where it fits on this machine, or fails with the reason."""
+        placement = instance.placement
+        need = placement.pipeline_parallel * placement.tensor_size
+        try:
+            reading = await self.read_ray()
+            if reading.free_gpus < need:
+                raise RayUnavailable(f"the model needs {need} GPUs of the Ray cluster; {reading.describe()}")
+            instance.ray_nodes = tuple(n.address for n in reading.gpu_nodes)
+        except RayUnavailable as e:
+            spec = instance.spec
+            free = capacity.free_gpus(self.gpus.gpus(), self.scheduler.instances.values())
+            try:
+                local = place(spec.format, spec.estimate, free, spec.pinned, spec.layers)
+            except TooBig:
+                local = None
+            if local is None:
+                raise
+            log.warning("%s: %s; placed on this machine instead", spec.name, e.message)
+            instance.placement = local
 
     def retire(self, instance: Instance) -> None:
         """Take an idle runner off its GPU: to sleep when its engine can (it wakes in well under a second
@@ -156,6 +229,8 @@ class Lifecycle:
 
     async def _load(self, instance: Instance) -> None:
         try:
+            if instance.placement.ray:
+                await self._check_ray(instance)
             runner = instance.runner = self.runner_factory(instance.spec, instance.placement)
             log.info("%s: loading on %s (%s)", instance.spec.name, runner.backend, instance.placement.processor)
             await runner.start(self.settings.load_timeout)
@@ -167,6 +242,7 @@ class Lifecycle:
             message = e.message if isinstance(e, MgrError) else f"{type(e).__name__}: {e}"
             if instance.runner is not None:
                 await instance.runner.stop()
+            metrics.load_failed(instance.spec.name)
             self._fail(instance, message, e if isinstance(e, MgrError) else None)
             return
         if instance.state is not State.LOADING:  # shut down meanwhile
@@ -178,9 +254,11 @@ class Lifecycle:
         instance.load_finished = time.monotonic()
         log.info("%s: ready in %.1fs", instance.spec.name, instance.load_finished - (instance.load_started or 0))
         runner.exited.add_done_callback(lambda _: self._on_exit(instance))
-        self._ready(instance)
+        runner.client.on_hung = functools.partial(self._on_hung, instance)
+        self._ready(instance, "load")
 
-    def _ready(self, instance: Instance) -> None:
+    def _ready(self, instance: Instance, how: metrics.Transition) -> None:
+        metrics.transition(instance.spec.name, how, "request", instance.load_seconds_for(0.0))
         self.scheduler.advance(instance)
         if instance.idle:
             self.scheduler.schedule_expiry(instance)
@@ -193,6 +271,7 @@ class Lifecycle:
         instance.transition = self.scheduler.spawn(self._sleep(instance, level))
 
     async def _sleep(self, instance: Instance, level: int) -> None:
+        began = time.monotonic()
         try:
             assert instance.runner is not None
             await instance.runner.sleep(level)
@@ -207,7 +286,8 @@ class Lifecycle:
             return  # it crashed or the daemon stopped meanwhile
         instance.sleep_level = level
         self._measure(instance)  # what it still holds on the GPU asleep
-        log.info("%s: asleep (level %d)", instance.spec.name, level)
+        log.info("%s: asleep (level %d, %s)", instance.spec.name, level, instance.reason)
+        metrics.transition(instance.spec.name, "sleep", instance.reason, time.monotonic() - began)
         if instance.keep_alive == 0 and not instance.queue:
             self.begin_unload(instance)  # `unload` was asked while it fell asleep
         self.start_loads()  # its memory is back; and it wakes if requests came meanwhile
@@ -233,7 +313,7 @@ class Lifecycle:
         instance.load_finished = time.monotonic()
         self._measure(instance)
         log.info("%s: awake in %.2fs", instance.spec.name, instance.load_finished - (instance.load_started or 0))
-        self._ready(instance)
+        self._ready(instance, "wake")
 
     def _measure(self, instance: Instance) -> None:
         """Learn what the runner really takes on its GPUs; the next load of this model uses that number."""
@@ -257,11 +337,27 @@ class Lifecycle:
         instance.unloaded.set()
         self.start_loads()
 
+    def _on_hung(self, instance: Instance) -> None:
+        """A request to this runner timed out (runners/http.py: nothing for runner_timeout, or for
+        runner_idle_timeout mid-answer): a runner that sends nothing is hung, so it is killed at once. Its exit
+        is then a crash like any other (_on_exit): its queue moves to a fresh load."""
+        runner = instance.runner
+        if runner is None or runner.pid is None or runner.exited.done() or runner.pid in self._killed:
+            return
+        if instance.state not in (State.READY, State.SLEEPING, State.WAKING):
+            return  # it is being stopped already
+        log.warning("%s: the runner (pid %d) stopped answering; killing it so that it starts again",
+                    instance.spec.name, runner.pid)
+        self._killed.add(runner.pid)
+        runner.exited.add_done_callback(lambda _: self._killed.discard(runner.pid or 0))
+        kill_group(runner.pid)
+
     def _on_exit(self, instance: Instance) -> None:
         if instance.state not in (State.READY, State.SLEEPING, State.WAKING):
             return  # an unload or a shutdown we asked for
         code = instance.runner.exited.result() if instance.runner else None
         log.warning("%s: runner exited unexpectedly (code %s)", instance.spec.name, code)
+        metrics.crashed(instance.spec.name)
         instance.state = State.UNLOADING  # in-flight requests see their connection break
         self.scheduler.forget(instance)
         instance.unloaded.set()
@@ -277,21 +373,25 @@ class Lifecycle:
         self.scheduler.spawn(self._unload(instance))
 
     async def _unload(self, instance: Instance) -> None:
+        began = time.monotonic()
         try:
             if instance.runner is not None:
                 await instance.runner.stop()
-                await self._memory_released(instance)
+                await _memory_released(self.gpus, instance)
         finally:
             self.scheduler.unloading.discard(instance)
             instance.unloaded.set()
-            log.info("%s: unloaded", instance.spec.name)
+            log.info("%s: unloaded (%s) in %.2fs", instance.spec.name, instance.reason, time.monotonic() - began)
+            metrics.transition(instance.spec.name, "unload", "evicted" if instance.draining else instance.reason,
+                               time.monotonic() - began)
             self.start_loads()
 
-    async def _memory_released(self, instance: Instance) -> None:
-        """The GPU memory of a stopped runner counts as free only once NVML no longer shows it in use."""
-        pid = instance.runner.pid if instance.runner is not None else None
-        if not instance.placement.gpus or pid is None:
-            return
-        deadline = time.monotonic() + MEMORY_RELEASE_SECONDS
-        while self.gpus.used_by(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+
+async def _memory_released(gpus: GpuInventory, instance: Instance) -> None:
+    """The GPU memory of a stopped runner counts as free only once NVML no longer shows it in use."""
+    pid = instance.runner.pid if instance.runner is not None else None
+    if not instance.placement.gpus or pid is None:
+        return
+    deadline = time.monotonic() + MEMORY_RELEASE_SECONDS
+    while gpus.used_by(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)

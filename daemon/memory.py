@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 MIB = 1 << 20
+GIB = 1 << 30
 GGUF_COMPUTE_BUFFER = 256 * MIB
 VLLM_OVERHEAD = 2048 * MIB  # CUDA context, graphs and activations (1.2 GiB measured for a 135M model asleep)
 VLLM_KV_SEQUENCES = 32  # vLLM pages its KV cache: room for this many full contexts is plenty to batch well
@@ -41,3 +42,25 @@ def estimate(model_format: str, weights: int, model_info: Mapping[str, Any], num
     # vLLM fills the share it is granted with KV blocks and pages them among sequences
     sequences = min(num_parallel, VLLM_KV_SEQUENCES)
     return max(VLLM_MIN_SHARE, weights + per_sequence * sequences + VLLM_OVERHEAD)
+
+
+# Ollama's default context by the machine's total GPU memory (its server/routes.go, with the same slightly lower
+# thresholds): 256k tokens from 47 GiB, 32k from 23 GiB, else (and on the CPU) 4k.
+CONTEXT_TIERS = ((47 * GIB, 262_144), (23 * GIB, 32_768), (0, 4_096))
+MIN_DEFAULT_CONTEXT = 2_048
+
+
+def default_context(gpu_memory: int, trained: int | None, model_format: str, weights: int,
+                    model_info: Mapping[str, Any], num_parallel: int) -> int:
+    """The context a model gets when nobody set one: the tier of the GPUs' total memory, no more than the model
+    was trained for, and halved (not below 2k) while the model with num_parallel contexts of KV cache would not
+    fit that memory, as Ollama lowers an automatic context that does not fit. Total, not free, memory: the
+    answer stays the same while models come and go, so a loaded model is never reloaded for it."""
+    context = next(tokens for floor, tokens in CONTEXT_TIERS if gpu_memory >= floor)
+    if trained:
+        context = min(context, trained)
+    if gpu_memory:
+        while context > MIN_DEFAULT_CONTEXT and \
+                estimate(model_format, weights, model_info, context, num_parallel) > gpu_memory:
+            context //= 2
+    return context

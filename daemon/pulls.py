@@ -17,6 +17,7 @@ from mgr.registry.store import Store
 from mgr.registry.transfer import Downloader
 
 from .gpus import GpuInventory
+from .metrics import metered_pull
 
 
 class Pulls:
@@ -35,7 +36,8 @@ class Pulls:
 
     async def plan(self, reference: str) -> PullPlan:
         """Resolve, list and select; raises PullError (InvalidReference 400, UnknownModel/RepoNotFound/TagNotFound
-        404, AccessDenied 403, NoModelFiles 422, SourceUnreachable 502) with its `status`."""
+        404, AccessDenied 403, NoModelFiles 422, SourceUnreachable 502, BadListing 502: a file name or hash the
+        hub listed that mgr refuses) with its `status`."""
         return await plan_pull(self.store, reference, sources=self.settings.hubs, prefer=self.preferred_format)
 
     def fetch(self, plan: PullPlan) -> AsyncGenerator[PullEvent, None]:
@@ -43,7 +45,7 @@ class Pulls:
         to "success"; raises the fetch's error (TransferError 502, DiskFull 507, InvalidModel 400) after the last
         event. Nothing downloads until the first step; closing the iterator (aclose) cancels the download, and
         what it fetched stays resumable."""
-        return plan.events(self.downloader)
+        return metered_pull(plan.events(self.downloader))  # bytes and speed for /metrics
 
     async def aclose(self) -> None:
         await self.downloader.aclose()

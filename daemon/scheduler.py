@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from mgr.registry.config import Settings
+from mgr.registry.errors import MgrError
 from mgr.registry.store import Store
 
 from . import capacity
@@ -87,6 +88,7 @@ class Scheduler:
             instance.keep_alive = keep  # kept even if every waiter leaves before the load ends
         waiter = Waiter(asyncio.get_running_loop().create_future(), spec, keep)
         instance.queue.append(waiter)
+        log.debug("%s: a request waits (%s, %d in its queue)", spec.name, instance.state.value, len(instance.queue))
         self.advance(instance)
         try:
             return await waiter.future
@@ -128,6 +130,7 @@ class Scheduler:
         """A lease on a READY instance; `arrived` (a queued request's) tells how long it waited for a load."""
         instance.active += 1
         instance.keep_alive = keep_alive
+        instance.reason = "request"  # until its keep_alive runs out or it is evicted
         instance.last_used = time.monotonic()
         self.cancel_expiry(instance)
         instance.expires_at = None
@@ -215,6 +218,7 @@ class Scheduler:
         instance.expiry = None
         if instance.idle:
             log.info("%s: keep_alive expired", instance.spec.name)
+            instance.reason = "idle"
             self.lifecycle.retire(instance)
 
     # tasks, visibility and shutdown ------------------------------------------------------------------
@@ -232,6 +236,21 @@ class Scheduler:
     def status(self) -> list[InstanceStatus]:
         """Frozen snapshots for /api/ps, /api/queue and `mgr ps`."""
         return [i.status() for i in self.live()]
+
+    def stop_admitting(self) -> None:
+        """The daemon drains (SIGTERM): no new leases from now on (ShuttingDown, 503), and requests still waiting
+        for a slot or a load are answered so at once; requests that hold a lease go on."""
+        self.closed = True
+        for instance in list(self.instances.values()):
+            self.reject(instance.queue, ShuttingDown())
+            instance.queue.clear()
+
+    def end_answers(self, error: MgrError) -> None:
+        """The drain's deadline: every answer still coming from a runner ends now, a stream with a last error
+        event (runners/http.py), which the APIs pass on as their own last line."""
+        for instance in self.live():
+            if instance.runner is not None:
+                instance.runner.client.end_open(error)
 
     async def shutdown(self) -> None:
         self.closed = True

@@ -3,12 +3,14 @@ manifest, the settings and what earlier loads of it really used."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mgr.registry.capabilities import CAPABILITIES
 from mgr.registry.config import Settings
 from mgr.registry.store import Store
 from mgr.registry.vllm_parsers import vllm_parsers
 
-from .memory import estimate
+from .memory import default_context, estimate
 from .runners.base import LoadSpec
 from .runners.engines import DEFAULT_PARALLEL
 
@@ -20,6 +22,9 @@ class SpecBook:
         # What runners really used, by (digest, num_ctx, num_parallel): better than any estimate next time.
         self._learned: dict[tuple[str, int, int], int] = {}
         self._specs: dict[tuple[str, int | None], tuple[int, LoadSpec]] = {}  # by the store's generation
+        # The GPUs' total memory in bytes (0 on the CPU), for the default context; the scheduler's Lifecycle,
+        # which reads the GPUs, sets it.
+        self.gpu_memory: Callable[[], int] = lambda: 0
 
     def spec_for(self, name: str, num_ctx: int | None = None) -> LoadSpec:
         """Raises ModelNotFound for a model the store does not have. Cached until the store or what was
@@ -35,10 +40,13 @@ class SpecBook:
     def _build(self, name: str, num_ctx: int | None) -> LoadSpec:
         manifest = self.store.get(name)
         overrides = self.settings.for_model(manifest.name)
-        ctx = num_ctx or overrides.num_ctx or self.settings.num_ctx
+        parallel = overrides.num_parallel or self.settings.num_parallel or DEFAULT_PARALLEL[manifest.format]
+        # the request's, the model's config table's, its Modelfile's (PARAMETER num_ctx), the daemon's
+        ctx = num_ctx or overrides.num_ctx or int(manifest.parameters.get("num_ctx") or 0) or self.settings.num_ctx \
+            or default_context(
+            self.gpu_memory(), manifest.context_length, manifest.format, manifest.size, manifest.model_info, parallel)
         if manifest.context_length:
             ctx = min(ctx, manifest.context_length)
-        parallel = overrides.num_parallel or self.settings.num_parallel or DEFAULT_PARALLEL[manifest.format]
         arch = manifest.model_info.get("general.architecture")
         need = self._learned.get((manifest.digest, ctx, parallel)) or estimate(
             manifest.format, manifest.size, manifest.model_info, ctx, parallel)
@@ -65,6 +73,11 @@ class SpecBook:
             capabilities=tuple(capabilities),
             projector=self.store.projector_path(manifest),
             parsers=parsers,
+            chat_template=manifest.chat_template or None,
+            adapter=self.store.adapter_path(manifest),
+            system=manifest.system,
+            messages=manifest.messages,
+            parameters=manifest.parameters,
         )
 
     def learn(self, spec: LoadSpec, used: int) -> None:

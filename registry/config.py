@@ -14,6 +14,7 @@ stdlib only).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -46,6 +47,8 @@ class ModelOverrides:
     # "" = none, else that parser's name.
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # Run it on the Ray cluster (ray_address) over this many GPUs, even where it would fit on this machine
+    ray_gpus: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,19 @@ class Settings:
     max_loaded_models: int | None = None  # None = 3 x GPUs (3 on CPU)
     max_queue: int = 512
     load_timeout: float = 600.0
-    num_ctx: int = 4096
+    # Seconds a runner may send nothing while a request waits on it: before its answer begins (its queue, the
+    # prompt, a whole non-streamed answer), and between two parts of an answer. Past either, the request fails
+    # (504) and the runner is taken as hung and started again. 0 = no limit.
+    runner_timeout: float = 300.0
+    runner_idle_timeout: float = 120.0
+    # On SIGTERM: seconds the answers in flight may take to finish before they are ended with an error line.
+    shutdown_timeout: float = 10.0
+    # Logs on stderr (journald under systemd): DEBUG lines too, and "text" or "json" (one object per line).
+    debug: bool = False
+    log_format: str = "text"
+    # The context length when a request or the model's settings set none; None = chosen per model from its
+    # trained length and the GPUs' memory (Ollama's tiers: daemon/memory.py default_context).
+    num_ctx: int | None = None
     # Threads for the llama.cpp engine; None = physical cores.
     num_thread: int | None = None
     # The Python that has vLLM installed; None = the one running mgr.
@@ -76,6 +91,22 @@ class Settings:
     # settings `sources`, `<hub>_endpoint` and `<hub>_token`.
     hubs: SourceConfig = dataclasses.field(default_factory=SourceConfig)
     models: Mapping[str, ModelOverrides] = dataclasses.field(default_factory=dict)
+    # Who may call (daemon/guards.py). Keys: with any set, every endpoint but GET / needs one (Bearer or
+    # x-api-key); api_keys_file adds one key per line. Origins a browser page may call from, beyond Ollama's
+    # defaults (localhost, 127.0.0.1, [::1] on any port; app://, file://, tauri://, vscode-webview://); "*" = any.
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    origins: tuple[str, ...] = ()
+    # Limits, in bytes: a request body for generation, embeddings and create (images travel as base64), and for
+    # every other endpoint (blob uploads: the free disk); a request's line and headers together (431 past it).
+    max_body_size: int = 64 << 20
+    max_control_body_size: int = 1 << 20
+    max_header_size: int = 64 << 10
+    # Connections: open at once (503 past it); seconds a request's line and headers may take to arrive
+    # (a connection that sends nothing is closed then); seconds an idle keep-alive connection stays open.
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    idle_timeout: float = 5.0
 
     @property
     def bind_host(self) -> str:
@@ -125,12 +156,27 @@ _DURATION_PARTS = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+# The longest duration: Go's time.Duration (2**63 ns, about 292 years), what Ollama's keep_alive is. Longer ones are
+# clamped to it either way, so that now + a duration is still a date and a timer (keep_alive 1e308 broke /api/ps).
+MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
+
+
 def parse_duration(value: str | int | float, setting: str = "keep_alive") -> float:
-    """Seconds from Ollama's duration forms: 300, "300", "5m", "1h30m", "-1", "-1m", "0"."""
+    """Seconds from Ollama's duration forms: 300, "300", "5m", "1h30m", "-1", "-1m", "0"; NaN is refused, and
+    beyond MAX_DURATION_SECONDS (1e308, "99999999999999h", a 400-digit number) is clamped to it."""
+    seconds = _duration_seconds(value, setting)
+    if math.isnan(seconds):
+        raise ConfigError(f"{setting}: expected a duration such as 5m, 1h or 300, got {value!r}")
+    return max(-MAX_DURATION_SECONDS, min(MAX_DURATION_SECONDS, seconds))
+
+
+def _duration_seconds(value: str | int | float, setting: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{setting}: expected a duration such as 5m, 1h or 300, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, int):
+        return float(max(-(2**1000), min(2**1000, value)))  # a float past 1e308 would raise OverflowError
+    if isinstance(value, float):
+        return value
     text = str(value).strip().lower()
     match = _DURATION.match(text)
     if match:
@@ -182,6 +228,39 @@ def _string(value: Any, setting: str) -> str:
     return str(value)
 
 
+def _string_tuple(value: Any, setting: str) -> tuple[str, ...]:
+    """A list in TOML, or comma-separated text in the environment; blanks dropped."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return tuple(text for v in items if (text := str(v).strip()))
+
+
+_SIZE = re.compile(r"^(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?$")
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
+
+
+def _size(value: Any, setting: str) -> int:
+    """Bytes, as 1048576, "64MiB", "512k", "1GB"."""
+    match = _SIZE.match(str(value).strip().lower()) if not isinstance(value, bool) else None
+    if match is None or int(match.group(1)) < 1:
+        raise ConfigError(f"{setting}: expected a size in bytes such as 65536, 64KiB or 64MiB, got {value!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _positive_seconds(value: Any, setting: str) -> float:
+    seconds = parse_duration(value, setting)
+    if seconds <= 0:
+        raise ConfigError(f"{setting}: expected a duration above 0 such as 10s, got {value!r}")
+    return seconds
+
+
+def _log_format(value: Any, setting: str) -> str:
+    text = str(value).strip().lower()
+    if text not in ("text", "json"):
+        raise ConfigError(f"{setting}: expected text or json, got {value!r}")
+    return text
+
+
 def _path(value: Any, setting: str) -> Path:
     return Path(value).expanduser()
 
@@ -196,6 +275,11 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Callable[[Any, str], Any]]] = {
     "max_loaded_models": (("MGR_MAX_LOADED_MODELS",), _positive_int),
     "max_queue": (("MGR_MAX_QUEUE",), _positive_int),
     "load_timeout": (("MGR_LOAD_TIMEOUT",), parse_duration),
+    "runner_timeout": (("MGR_RUNNER_TIMEOUT",), parse_duration),
+    "runner_idle_timeout": (("MGR_RUNNER_IDLE_TIMEOUT",), parse_duration),
+    "shutdown_timeout": (("MGR_SHUTDOWN_TIMEOUT",), parse_duration),
+    "debug": (("MGR_DEBUG",), _boolean),
+    "log_format": (("MGR_LOG_FORMAT",), _log_format),
     "num_ctx": (("MGR_CONTEXT_LENGTH",), _positive_int),
     "num_thread": (("MGR_NUM_THREAD",), _positive_int),
     "vllm_python": (("MGR_VLLM_PYTHON",), _string),
@@ -203,6 +287,15 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Callable[[Any, str], Any]]] = {
     "ray_address": (("MGR_RAY_ADDRESS",), _string),
     "ray_nodes": (("MGR_RAY_NODES",), _positive_int),
     "ray_gpus_per_node": (("MGR_RAY_GPUS_PER_NODE",), _positive_int),
+    "api_keys": (("MGR_API_KEYS",), _string_tuple),
+    "api_keys_file": (("MGR_API_KEYS_FILE",), _path),
+    "origins": (("MGR_ORIGINS",), _string_tuple),
+    "max_body_size": (("MGR_MAX_BODY_SIZE",), _size),
+    "max_control_body_size": (("MGR_MAX_CONTROL_BODY_SIZE",), _size),
+    "max_header_size": (("MGR_MAX_HEADER_SIZE",), _size),
+    "max_connections": (("MGR_MAX_CONNECTIONS",), _positive_int),
+    "header_timeout": (("MGR_HEADER_TIMEOUT",), _positive_seconds),
+    "idle_timeout": (("MGR_IDLE_TIMEOUT",), _positive_seconds),
     # The hubs, from their table: they become Settings.hubs.
     "sources": (("MGR_SOURCES",), _sources),
     **{f"{hub.setting}_endpoint": (hub.endpoint_env, _endpoint) for hub in HUBS.values()},
@@ -244,7 +337,7 @@ def _model_overrides(table: Any, path: Path) -> dict[str, ModelOverrides]:
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: [models.{name!r}] must be a table")
         unknown = set(values) - {"num_parallel", "num_ctx", "keep_alive", "gpus", "vllm_args", "tool_call_parser",
-                                 "reasoning_parser"}
+                                 "reasoning_parser", "ray_gpus"}
         if unknown:
             raise ConfigError(f"{path}: [models.{name!r}] has unknown keys {sorted(unknown)}")
         result[name.lower()] = ModelOverrides(
@@ -255,6 +348,7 @@ def _model_overrides(table: Any, path: Path) -> dict[str, ModelOverrides]:
             vllm_args=_string_list(values.get("vllm_args", []), path, name),
             tool_call_parser=_parser_name(values, "tool_call_parser", path, name),
             reasoning_parser=_parser_name(values, "reasoning_parser", path, name),
+            ray_gpus=_positive_int(values["ray_gpus"], "ray_gpus") if "ray_gpus" in values else None,
         )
     return result
 
@@ -280,6 +374,18 @@ def _parser_name(values: Mapping[str, Any], key: str, path: Path, model: str) ->
         raise ConfigError(f"{path}: [models.{model!r}] {key} must be a vLLM parser name, as in {key} = \"hermes\", "
                           f"or \"\" for none; got {value!r}")
     return value.strip()
+
+
+def _keys_file(path: Path) -> tuple[str, ...]:
+    """API keys, one a line (blank lines and # comments skipped); read once, at start."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"api_keys_file: cannot read {path} ({e})") from None
+    keys = tuple(text for line in lines if (text := line.strip()) and not text.startswith("#"))
+    if not keys:
+        raise ConfigError(f"api_keys_file: {path} holds no key (one a line)")
+    return keys
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
@@ -310,4 +416,6 @@ def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, 
     values.setdefault("models_dir", Path(platformdirs.user_data_dir("mgr")) / "models")
     values.setdefault("state_dir", Path(platformdirs.user_state_dir("mgr")))
     split_host(values.get("host", Settings.host))  # fail early on a bad MGR_HOST
+    if values.get("api_keys_file") is not None:
+        values["api_keys"] = values.get("api_keys", ()) + _keys_file(values["api_keys_file"])
     return Settings(models=models, hubs=_hubs(values), **values)

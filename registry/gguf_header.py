@@ -16,6 +16,9 @@ MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _KEEP_ARRAY_ITEMS = 64  # arrays longer than this (vocabularies, merges) are skipped
+# Arrays of arrays: llama.cpp writes none deeper than 2 (and reads none deeper); a header nesting them 5,000 deep
+# is a hostile file, refused here before reading it could recurse that far.
+MAX_ARRAY_DEPTH = 8
 
 
 class GGUFError(ValueError):
@@ -58,28 +61,33 @@ class _Reader:
             raise GGUFError(f"implausible string length {length} in the GGUF header")
         return self.take(length).decode("utf-8", errors="replace")
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in _SCALARS:
             return self.unpack(_SCALARS[kind])
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(f"the GGUF header nests arrays deeper than {MAX_ARRAY_DEPTH} levels (corrupt or "
+                                "hostile file?)")
             item_kind, count = self.unpack("<I"), self.unpack("<Q")
             if count > _KEEP_ARRAY_ITEMS:
-                self.skip(item_kind, count)
+                self.skip(item_kind, count, depth + 1)
                 return None
-            return [self.value(item_kind) for _ in range(count)]
+            return [self.value(item_kind, depth + 1) for _ in range(count)]
         raise GGUFError(f"unknown GGUF value type {kind}")
 
-    def skip(self, kind: int, count: int) -> None:
+    def skip(self, kind: int, count: int, depth: int) -> None:
         if kind in _SCALARS:
             self.f.seek(struct.calcsize(_SCALARS[kind]) * count, 1)
         elif kind == _STRING:
             for _ in range(count):
                 self.f.seek(self.unpack("<Q"), 1)
-        else:
+        elif kind == _ARRAY:
             for _ in range(count):
-                self.value(kind)
+                self.value(kind, depth)
+        else:
+            raise GGUFError(f"unknown GGUF value type {kind}")
 
 
 def read_header(path: Path) -> GGUFHeader:

@@ -8,6 +8,7 @@ estimate. A file that is not what it claims raises InvalidModel, so nothing brok
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,19 +31,40 @@ def _size_label(parameters: int) -> str:
     return str(parameters)
 
 
-def inspect_gguf(path: Path) -> dict[str, Any]:
-    """Details and model_info of a GGUF file; InvalidModel when it is not a readable GGUF."""
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as the manifest and /api/show can carry it (JSON without NaN or infinities): a string,
+    a whole number, a finite float, a bool, or a list of those; anything else is None (left out)."""
+    if isinstance(value, (str, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, list):
+        items = [_plain(item) for item in value]
+        return items if all(item is not None for item in items) else None
+    return None
+
+
+def inspect_gguf(path: Path, name: str | None = None) -> dict[str, Any]:
+    """Details and model_info of a GGUF file (called `name` in messages: the model's file name, where `path` is
+    a blob); InvalidModel when it is not a readable GGUF. A key of the wrong type (a context length that is a
+    string, a name that is a number) reads as absent."""
     try:
         header = read_header(path)
     except GGUFError as e:
-        raise InvalidModel(f"{path.name}: {e}") from None
+        raise InvalidModel(f"{name or path.name}: {e}") from None
     field = header.metadata.get
-    arch = field("general.architecture") or "unknown"
+    arch = _text(field("general.architecture")) or "unknown"
     parameters = header.parameter_count
-    file_type = field("general.file_type")
+    file_type = _whole(field("general.file_type"))
     model_info: dict[str, Any] = {
         "general.architecture": arch,
-        "general.name": field("general.name"),
+        "general.name": _text(field("general.name")),
         "general.parameter_count": parameters,
         "general.file_type": file_type,
     }
@@ -50,26 +72,26 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         "context_length", "block_count", "embedding_length", "attention.head_count",
         "attention.head_count_kv", "attention.key_length", "attention.value_length", "pooling_type",
     ):
-        value = field(f"{arch}.{suffix}")
+        value = _whole(field(f"{arch}.{suffix}"))
         if value is not None:
             model_info[f"{arch}.{suffix}"] = value
     for key in FIM_KEYS:  # fill-in-the-middle tokens: the `insert` capability
-        if field(key) is not None:
+        if _whole(field(key)) is not None:
             model_info[key] = field(key)
     return {
         "details": {
             "format": "gguf",
             "family": arch,
             "families": [arch],
-            "parameter_size": field("general.size_label") or _size_label(parameters),
+            "parameter_size": _text(field("general.size_label")) or _size_label(parameters),
             "quantization_level": _file_type_name(file_type),
         },
         "model_info": model_info,
-        "template": field("tokenizer.chat_template") or "",
+        "template": _text(field("tokenizer.chat_template")) or "",
     }
 
 
-def _file_type_name(file_type: Any) -> str:
+def _file_type_name(file_type: int | None) -> str:
     if file_type is None:
         return ""
     import gguf  # its enum names llama.cpp's file types; numpy comes along, which only the daemon pays
@@ -98,7 +120,19 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
-    """Details of a safetensors model given {relative path: file on disk}."""
+    """Details of a safetensors model given {relative path: file on disk}; InvalidModel when a file is not what
+    its name says (a config.json that is no JSON object, a header whose shapes are not numbers, JSON nested past
+    what the parser recurses into)."""
+    try:
+        return _inspect_safetensors(files)
+    except InvalidModel:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError, OverflowError) as e:
+        raise InvalidModel(f"the safetensors model's files cannot be read: {type(e).__name__}: {str(e)[:200]}") \
+            from None
+
+
+def _inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
     if "config.json" not in files:
         raise InvalidModel("a safetensors model needs a config.json")
     weights = [name for name in files if name.endswith(".safetensors")]
@@ -134,7 +168,7 @@ def inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
     model_info: dict[str, Any] = {
         "general.architecture": arch,
         "general.parameter_count": parameters,
-        "architectures": config.get("architectures"),
+        "architectures": _plain(config.get("architectures")),
     }
     if isinstance(config.get("vision_config"), dict):
         model_info[VISION_KEY] = True  # the `vision` capability
@@ -143,7 +177,7 @@ def inspect_safetensors(files: Mapping[str, Path]) -> dict[str, Any]:
         ("hidden_size", "embedding_length"), ("num_attention_heads", "attention.head_count"),
         ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
     ):
-        if key in text_config:
+        if _whole(text_config.get(key)) is not None:
             model_info[f"{arch}.{ours}"] = text_config[key]
     return {
         "details": {

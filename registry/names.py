@@ -12,7 +12,8 @@ import re
 
 from .errors import MgrError
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# Matched whole (fullmatch): with re.match, `$` also matches before a final newline, and "probe\n:latest" got in.
+_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_NAME_LENGTH = 200
 
 
@@ -37,14 +38,13 @@ class ModelName:
 def parse_name(text: str) -> ModelName:
     if not isinstance(text, str) or not text.strip():
         raise InvalidName("a model name is required, as in smollm2 or smollm2:135m")
-    text = text.strip()
     if len(text) > MAX_NAME_LENGTH:
         raise InvalidName(f"model name is longer than {MAX_NAME_LENGTH} characters")
     path, sep, tag = text.rpartition(":")
     if not sep:
         path, tag = text, "latest"
     components = path.split("/")
-    if len(components) > 3 or not all(_COMPONENT.match(c) for c in components) or not _COMPONENT.match(tag):
+    if len(components) > 3 or not all(_COMPONENT.fullmatch(c) for c in components) or not _COMPONENT.fullmatch(tag):
         raise InvalidName(
             f"invalid model name {text!r}: use name[:tag] with letters, digits, '.', '_' and '-' "
             "(at most three '/'-separated parts, none starting with '.')"

@@ -2,9 +2,10 @@
 (download and verify the files, write the manifest).
 
 Every failure that is the caller's to fix or to ask again about (a bad reference 400; an unknown model, repo or
-tag 404; a gated or private repo 401/403; a repo without model files 422; every hub unreachable 502) is raised
-by `plan_pull`, before a byte is downloaded. What fetching can fail with (TransferError, ChecksumMismatch,
-DiskFull; InvalidModel when the files are not a model the store accepts) happens once the download is under way.
+tag 404; a gated or private repo 401/403; a repo without model files 422; every hub unreachable, or a listing
+that names a file or a hash mgr refuses, 502) is raised by `plan_pull`, before a byte is downloaded. What fetching
+can fail with (TransferError, ChecksumMismatch, DiskFull; InvalidModel when the files are not a model the store
+accepts) happens once the download is under way.
 
 The model becomes visible (store.create writes its manifest) only after every file is verified and in blobs/;
 a failed pull leaves no model, only verified blobs (reused by the next attempt, collected later if unused) and
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypedDict
 
@@ -42,6 +44,7 @@ from .refs import HubReference, Reference, parse_reference
 from .selection import Selection, select_files
 from .sources import (
     AccessDenied,
+    BadListing,
     RemoteFile,
     RepoListing,
     RepoNotFound,
@@ -50,7 +53,7 @@ from .sources import (
     describe_attempts,
     list_repo_async,
 )
-from .store import Manifest, Store
+from .store import Manifest, Store, check_file_path
 from .transfer import Downloader, FileSpec, TransferOptions
 
 PROGRESS_INTERVAL = 0.06  # seconds between progress events of one file, as Ollama sends them
@@ -152,10 +155,40 @@ async def plan_pull(
     candidate, listing = await _list_first(_candidates(ref, catalog, prefer, config), config, revision, note)
     selection = select_files(listing.files, candidate.tag, prefer=prefer, format=candidate.format,
                              repo=f"{HUBS[listing.source].host}/{listing.repo}")
+    _check_selected(selection, listing)
     at = (listing.commit or listing.revision)[:12]
     await note({"status": f"pulling from {listing.source} ({listing.endpoint}): {listing.repo}@{at}",
                 "source": listing.source, "repo": listing.repo, "commit": listing.commit})
     return PullPlan(store, reference, ref.name, listing, selection, config, tuple(planned))
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
+
+
+def _check_selected(selection: Selection, listing: RepoListing) -> None:
+    """The files to fetch, as the store and the downloader will take them, checked before the 200 and before a
+    byte is downloaded: a name the store refuses, or a hash that is not one (it names the partial file in tmp/
+    and the blob), is the hub's listing at fault: BadListing (502), saying which file and what."""
+    where = f"{listing.source} ({listing.endpoint}) lists {listing.repo}'s file"
+    stored: dict[str, str] = {}
+    for file in selection.files:
+        name = _store_path(selection, file)
+        try:
+            check_file_path(name)
+        except ValueError:
+            raise BadListing(f"{where} {file.path[:200]!r}, whose name mgr's store refuses (relative paths of "
+                             "letters, digits, '.', '_', '+' and '-'): nothing was downloaded") from None
+        if file.sha256 is not None and not _SHA256.fullmatch(file.sha256):
+            raise BadListing(f"{where} {file.path!r} with the sha256 {file.sha256[:80]!r}, which is not 64 hex "
+                             "digits: nothing was downloaded")
+        if file.git_sha1 is not None and not _GIT_SHA1.fullmatch(file.git_sha1):
+            raise BadListing(f"{where} {file.path!r} with the git blob id {file.git_sha1[:80]!r}, which is not 40 "
+                             "hex digits: nothing was downloaded")
+        if name.lower() in stored:
+            raise BadListing(f"{where}s {stored[name.lower()]!r} and {file.path!r}, which would both be stored as "
+                             f"{name!r}: nothing was downloaded")
+        stored[name.lower()] = file.path
 
 
 # -- fetching -----------------------------------------------------------------------------------------------------

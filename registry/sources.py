@@ -13,8 +13,9 @@ falls back to the next source).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +38,13 @@ class AccessDenied(SourceError):
 
 
 class SourceUnreachable(SourceError):
+    status = 502
+
+
+class BadListing(SourceError):
+    """The hub listed something mgr's checks refuse (a file name, a hash, a size): nothing is fetched from it.
+    502, as the hub's answer is what is wrong; the message says which file and what."""
+
     status = 502
 
 
@@ -127,17 +135,38 @@ def _list_hf(config: SourceConfig, source: Source, repo: str, revision: str | No
         raise _unreachable(source, endpoint, f"{type(e).__name__}: {e}") from None
     listed = []
     for entry in files:
-        lfs = entry.lfs
-        listed.append(
-            RemoteFile(
-                path=entry.path,
-                size=int(entry.size),
-                sha256=str(lfs["sha256"]).lower() if lfs else None,
-                git_sha1=None if lfs else str(entry.blob_id).lower(),
-                url=hf_file_url(endpoint, repo, commit, entry.path),
+        with _listing_checked(source, endpoint, repo, getattr(entry, "path", None)):
+            lfs = entry.lfs
+            listed.append(
+                RemoteFile(
+                    path=str(entry.path),
+                    size=_size(entry.size),
+                    sha256=str(lfs["sha256"]).lower() if lfs else None,
+                    git_sha1=None if lfs else str(entry.blob_id).lower(),
+                    url=hf_file_url(endpoint, repo, commit, entry.path),
+                )
             )
-        )
     return RepoListing(source, endpoint, repo, revision, info.sha, tuple(listed))
+
+
+@contextlib.contextmanager
+def _listing_checked(source: Source, endpoint: str, repo: str, path: object) -> Iterator[None]:
+    """An entry of a hub's listing that cannot be read as a file (a size that is no number, a missing field) is
+    a BadListing saying which, never an exception of the parsing."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadListing(f"{source} ({endpoint}) listed a file of {repo} that mgr cannot read "
+                         f"({str(path)[:200]!r}: {type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"size {value!r} is not a whole number")
+    size = int(value)
+    if size < 0:
+        raise ValueError(f"size {size} is negative")
+    return size
 
 
 # -- ModelScope ------------------------------------------------------------------------------------------------
@@ -181,10 +210,16 @@ def _modelscope_entries_httpx(config: SourceConfig, source: Source, repo: str, r
         body = r.json()
     except ValueError:
         body = {}
+    if not isinstance(body, dict):
+        body = {}
     if r.status_code >= 400 or body.get("Success") is False:
         raise _by_status(source, endpoint, repo, r.status_code if r.status_code >= 400 else 404,
                          str(body.get("Message") or r.reason_phrase))
-    return list((body.get("Data") or {}).get("Files") or [])
+    data = body.get("Data") or {}
+    files = (data.get("Files") or []) if isinstance(data, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise BadListing(f"{source} ({endpoint}) answered the listing of {repo} without a list of files")
+    return files
 
 
 def _list_modelscope(config: SourceConfig, source: Source, repo: str, revision: str | None) -> RepoListing:
@@ -192,27 +227,35 @@ def _list_modelscope(config: SourceConfig, source: Source, repo: str, revision: 
     revision = revision or "master"
     files = []
     for item in _modelscope_entries(config, source, repo, revision):
-        if item.get("Type", "blob") != "blob":
-            continue
-        sha256 = item.get("Sha256")
-        files.append(
-            RemoteFile(
-                path=str(item["Path"]),
-                size=int(item.get("Size") or 0),
-                sha256=str(sha256).lower() if sha256 else None,
-                git_sha1=None,
-                url=modelscope_file_url(endpoint, repo, revision, str(item["Path"])),
+        with _listing_checked(source, endpoint, repo, item.get("Path") if isinstance(item, dict) else item):
+            if item.get("Type", "blob") != "blob":
+                continue
+            sha256 = item.get("Sha256")
+            files.append(
+                RemoteFile(
+                    path=str(item["Path"]),
+                    size=_size(item.get("Size") or 0),
+                    sha256=str(sha256).lower() if sha256 else None,
+                    git_sha1=None,
+                    url=modelscope_file_url(endpoint, repo, revision, str(item["Path"])),
+                )
             )
-        )
     # ModelScope's file listing names no repo-wide commit; the revision asked for is what we record.
     return RepoListing(source, endpoint, repo, revision, None, tuple(files))
 
 
 def list_repo(config: SourceConfig, source: Source, repo: str, revision: str | None = None) -> RepoListing:
-    """List one repo on one source. Raises RepoNotFound, AccessDenied, SourceUnreachable or SourceError."""
-    if HUBS[source].api == "modelscope":
-        return _list_modelscope(config, source, repo, revision)
-    return _list_hf(config, source, repo, revision)
+    """List one repo on one source. Raises RepoNotFound, AccessDenied, SourceUnreachable, BadListing or
+    SourceError."""
+    try:
+        if HUBS[source].api == "modelscope":
+            return _list_modelscope(config, source, repo, revision)
+        return _list_hf(config, source, repo, revision)
+    except SourceError:
+        raise
+    except Exception as e:  # the hub's client choked on what the hub sent (a body that is not the API's JSON)
+        raise BadListing(f"{source} ({config.endpoint(source)}) answered the listing of {repo} with something "
+                         f"mgr cannot read: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 async def list_repo_async(config: SourceConfig, source: Source, repo: str, revision: str | None = None) -> RepoListing:

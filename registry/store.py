@@ -3,11 +3,15 @@
     <models>/blobs/sha256-<hex>        file contents, deduplicated across models
     <models>/manifests/<quoted name>.json
                                         one per model: its files (relative path -> digest), format, details,
-                                        source; written last and atomically, so a model is visible only
-                                        when complete
+                                        source, and what a create added (system, template, parameters,
+                                        messages, license, adapters); written last and atomically, so a model
+                                        is visible only when complete
     <models>/tmp/                       blobs being written; renamed into blobs/ only once verified
     <models>/links/<model id>/          folders of symlinks into blobs/, named as the model's files, for engines
                                         that want a directory (vLLM) or find files by name (split GGUFs)
+
+A model derived from another (`/api/create` with `from`, a Modelfile's FROM name) names the same blobs: nothing
+is copied, and deleting the base keeps every blob the derived model still names.
 
 Every blob is hashed while it is written and lands under its digest only when the hash matches; a crash
 leaves at most a file in tmp/, never a wrong blob. Methods are synchronous and thread-safe (the daemon calls
@@ -35,13 +39,15 @@ from urllib.parse import quote
 from .capabilities import Capability, capabilities, is_projector
 from .catalog import Format, as_format
 from .errors import MgrError
+from .gguf_header import GGUFError, read_header
 from .metadata import InvalidModel, inspect_gguf, inspect_safetensors
 from .names import ModelName, parse_name
 
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_FILE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
+# Matched whole (fullmatch): `$` would match before a final newline
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 # Uploaded blobs that no manifest names yet survive garbage collection this long, so that a client
-# between `POST /api/blobs` and `POST /api/create` does not lose its upload.
+# between `POST /api/blobs` and `POST /api/create` does not lose its upload (to anyone else's failure either).
 UPLOAD_GRACE_SECONDS = 3600.0
 # A pull's partial download (tmp/<key>.partial + .parts.json) can be resumed: never delete one younger than this.
 RESUMABLE_GRACE_SECONDS = 86400.0
@@ -63,21 +69,38 @@ class DigestMismatch(MgrError, ValueError):
     status = 400
 
 
+class UnreadableFile(InvalidModel):
+    """A model file whose bytes are not what its name says (a .gguf that is no GGUF): of no use to any model as
+    that file, so a failed create may drop its blob, where it keeps every other (another client's fresh upload
+    among them: UPLOAD_GRACE_SECONDS)."""
+
+    def __init__(self, message: str, digest: str) -> None:
+        super().__init__(message)
+        self.digest = digest
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
+class InvalidFile(MgrError, ValueError):
+    """A digest or a model file's name the store refuses (a 400 wherever a client sent it)."""
+
+    status = 400
+
+
 def check_digest(digest: str) -> str:
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise ValueError(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise InvalidFile(f"invalid digest {str(digest)[:100]!r}: expected sha256:<64 lowercase hex>")
     return digest
 
 
 def check_file_path(path: str) -> str:
     """A model file's path relative to the model: `a.gguf` or `sub/a.safetensors`, never leaving the folder."""
     parts = path.split("/") if isinstance(path, str) else [""]
-    if not all(_FILE_PART.match(p) for p in parts):
-        raise ValueError(f"invalid file name {path!r}: use relative paths of letters, digits, '.', '_', '+', '-'")
+    if not all(_FILE_PART.fullmatch(p) for p in parts):
+        raise InvalidFile(f"invalid file name {str(path)[:200]!r}: use relative paths of letters, digits, '.', '_', "
+                          "'+', '-'")
     return path
 
 
@@ -96,32 +119,72 @@ class ModelFile:
 
 
 @dataclasses.dataclass(frozen=True)
+class Customization:
+    """What a create sets beyond the files (Ollama's template, system, params, messages, license and adapter
+    layers). Over a base model, as Ollama's create does: a template, system prompt or messages given replace
+    the base's, parameters are merged over the base's (these win), licenses are added, adapters replace."""
+
+    system: str | None = None
+    template: str | None = None  # a Jinja chat template (checked by the caller: modelfile.check_template)
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # checked: modelfile.check_parameters
+    messages: tuple[Mapping[str, str], ...] = ()
+    license: tuple[str, ...] = ()
+    adapters: Mapping[str, str] = dataclasses.field(default_factory=dict)  # file name -> blob digest
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     name: str
     format: Format
     files: tuple[ModelFile, ...]
     details: Mapping[str, Any]
     model_info: Mapping[str, Any]
-    template: str
+    template: str  # the model's own chat template (GGUF metadata, tokenizer_config.json)
     source: Mapping[str, Any]
     created_at: str
     modified_at: str
+    # What a create added; absent from older manifests, which read as the defaults.
+    system: str = ""
+    chat_template: str = ""  # a Jinja chat template given at create: the engines use it instead of `template`
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Ollama's options by name
+    messages: tuple[Mapping[str, str], ...] = ()  # put before every conversation
+    license: tuple[str, ...] = ()
+    adapters: tuple[ModelFile, ...] = ()  # a LoRA adapter: one GGUF, or a PEFT folder's files
 
     @property
     def digest(self) -> str:
-        """The model's identity: a hash over its files, so equal content means an equal ID."""
+        """The model's identity: a hash over its files (and what a create added, when it added anything), so
+        equal content means an equal ID: copies share it, a derived model with its own settings does not."""
         h = hashlib.sha256()
         for f in sorted(self.files, key=lambda f: f.path):
             h.update(f"{f.path}\0{f.digest}\n".encode())
+        added = {key: value for key, value in self._added().items() if value}
+        if added:
+            h.update(json.dumps(added, sort_keys=True, default=list).encode())
         return h.hexdigest()
+
+    def _added(self) -> dict[str, Any]:
+        return {"system": self.system, "chat_template": self.chat_template, "parameters": dict(self.parameters),
+                "messages": [dict(m) for m in self.messages], "license": list(self.license),
+                "adapters": [f"{f.path}\0{f.digest}" for f in self.adapters]}
 
     @property
     def size(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(f.size for f in self.files) + sum(f.size for f in self.adapters)
+
+    @property
+    def effective_template(self) -> str:
+        """The chat template requests are rendered with: the one given at create, else the model's own."""
+        return self.chat_template or self.template
+
+    @property
+    def blob_digests(self) -> list[str]:
+        """Every blob this model names (its files and its adapter's)."""
+        return [f.digest for f in (*self.files, *self.adapters)]
 
     @property
     def capabilities(self) -> list[Capability]:
-        return capabilities(self.template, self.model_info, (f.path for f in self.files))
+        return capabilities(self.effective_template, self.model_info, (f.path for f in self.files))
 
     @property
     def context_length(self) -> int | None:
@@ -146,6 +209,24 @@ class Manifest:
             source=data.get("source", {}),
             created_at=data["created_at"],
             modified_at=data.get("modified_at", data["created_at"]),
+            system=data.get("system") or "",
+            chat_template=data.get("chat_template") or "",
+            parameters=data.get("parameters") or {},
+            messages=tuple(data.get("messages") or ()),
+            license=tuple(data.get("license") or ()),
+            adapters=tuple(ModelFile(**f) for f in data.get("adapters") or ()),
+        )
+
+    def customized(self, custom: Customization, adapters: tuple[ModelFile, ...] | None) -> Manifest:
+        """This manifest with `custom` applied over what it already carries (see Customization)."""
+        return dataclasses.replace(
+            self,
+            system=self.system if custom.system is None else custom.system,
+            chat_template=self.chat_template if custom.template is None else custom.template,
+            parameters={**self.parameters, **custom.parameters},
+            messages=tuple(dict(m) for m in custom.messages) or self.messages,
+            license=(*self.license, *custom.license),
+            adapters=self.adapters if adapters is None else adapters,
         )
 
 
@@ -190,6 +271,10 @@ class Store:
         for d in (self.blobs_dir, self.manifests_dir, self.tmp_dir, self.links_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # digest -> when a client last uploaded it or was told the store has it (time.time()), until a manifest
+        # names it: a failed pull or a delete leaves these alone for UPLOAD_GRACE_SECONDS, as garbage collection
+        # does by the blob's mtime
+        self._uploads: dict[str, float] = {}
         # Bumped on every manifest write or delete, so callers can cache what they derive from manifests.
         self.generation = 0
 
@@ -202,6 +287,20 @@ class Store:
 
     def begin_blob(self) -> BlobWriter:
         return BlobWriter(self)
+
+    def claim_upload(self, digest: str) -> bool:
+        """A client uploaded this blob, or asked whether the store has it (and will name it in a create rather
+        than upload it): its grace period starts again. False when the store does not have it."""
+        path = self.blob_path(digest)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        now = time.time()
+        with self._lock:
+            self._uploads = {d: at for d, at in self._uploads.items() if at > now - UPLOAD_GRACE_SECONDS}
+            self._uploads[digest] = now
+        return True
 
     def adopt_blob(self, path: Path, digest: str) -> None:
         """Move a file already verified to hash to `digest` into blobs/ (a pull hashes while it downloads,
@@ -248,25 +347,32 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         self.generation += 1
+        for digest in manifest.blob_digests:  # named now: the upload's grace has done its work
+            self._uploads.pop(digest, None)
 
-    def create(self, name: str, files: Mapping[str, str], source: Mapping[str, Any]) -> Manifest:
-        """Make a model from blobs already in the store. Raises InvalidModel, BlobNotFound, ValueError."""
+    def create(self, name: str, files: Mapping[str, str], source: Mapping[str, Any],
+               custom: Customization | None = None) -> Manifest:
+        """Make a model from blobs already in the store, with what `custom` adds. Raises InvalidModel,
+        BlobNotFound, ValueError."""
         parsed = parse_name(name)
         if not files:
             raise InvalidModel("a model needs at least one file")
         paths = {check_file_path(p): check_digest(d) for p, d in files.items()}
         with self._lock:
-            missing = [p for p, d in paths.items() if not self.has_blob(d)]
-            if missing:
-                raise BlobNotFound(f"the store has no blob for {', '.join(missing)}; upload it first")
-            on_disk = {p: self.blob_path(d) for p, d in paths.items()}
+            on_disk = self._blobs(paths)
             ggufs = sorted(p for p in paths if p.lower().endswith(".gguf") and not is_projector(p))
             if len([p for p in paths if is_projector(p)]) > 1:
                 raise InvalidModel("a model holds at most one vision projector (mmproj) file")
             if ggufs:
                 if len(ggufs) > 1 and not all(re.search(r"-\d{5}-of-\d{5}\.gguf$", p) for p in ggufs):
                     raise InvalidModel(f"a model holds one GGUF (or the parts of one split GGUF), got {ggufs}")
-                info = inspect_gguf(on_disk[ggufs[0]])
+                try:
+                    info = inspect_gguf(on_disk[ggufs[0]], ggufs[0])
+                except InvalidModel as e:
+                    raise UnreadableFile(str(e), paths[ggufs[0]]) from None
+                if read_header(on_disk[ggufs[0]]).metadata.get("general.type") == "adapter":
+                    raise InvalidModel(f"{ggufs[0]} is a LoRA adapter, not a model: give it as an adapter "
+                                       "(ADAPTER in a Modelfile) over the model it was trained for")
                 model_format: Format = "gguf"
             elif any(p.endswith(".safetensors") for p in paths):
                 info = inspect_safetensors(on_disk)
@@ -285,8 +391,56 @@ class Store:
                 created_at=stamp,
                 modified_at=stamp,
             )
+            custom = custom or Customization()
+            manifest = manifest.customized(custom, self._adapter(custom.adapters, manifest))
             self._write_manifest(manifest)
             return manifest
+
+    def derive(self, name: str, base: str, custom: Customization) -> Manifest:
+        """A model over `base`'s blobs (named again, never copied) with `custom` applied over the base's own
+        settings, as Ollama's create with `from`. Raises ModelNotFound, InvalidModel, BlobNotFound."""
+        with self._lock:
+            original = self.get(base)
+            stamp = now_iso()
+            manifest = dataclasses.replace(original, name=str(parse_name(name)), created_at=stamp, modified_at=stamp,
+                                           source={**original.source, "from": original.name})
+            manifest = manifest.customized(custom, self._adapter(custom.adapters, manifest))
+            self._write_manifest(manifest)
+            return manifest
+
+    def _blobs(self, paths: Mapping[str, str]) -> dict[str, Path]:
+        missing = [p for p, d in paths.items() if not self.has_blob(d)]
+        if missing:
+            raise BlobNotFound(f"the store has no blob for {', '.join(missing)}; upload it first")
+        return {p: self.blob_path(d) for p, d in paths.items()}
+
+    def _adapter(self, files: Mapping[str, str], model: Manifest) -> tuple[ModelFile, ...] | None:
+        """The adapter's files, checked against the model they adapt (None: none given, the base's stays).
+        llama.cpp takes one GGUF LoRA adapter of the model's architecture; vLLM a PEFT folder
+        (adapter_config.json and adapter_model.safetensors)."""
+        if not files:
+            return None
+        paths = {check_file_path(p): check_digest(d) for p, d in files.items()}
+        on_disk = self._blobs(paths)
+        if model.format == "gguf":
+            if len(paths) != 1 or not next(iter(paths)).lower().endswith(".gguf"):
+                raise InvalidModel(f"a GGUF model takes one GGUF LoRA adapter file, got {sorted(paths)}")
+            path = next(iter(paths))
+            try:
+                header = read_header(on_disk[path]).metadata
+            except GGUFError as e:
+                raise InvalidModel(f"adapter {path}: {e}") from None
+            if header.get("general.type") != "adapter" or header.get("adapter.type") != "lora":
+                raise InvalidModel(f"adapter {path} is not a GGUF LoRA adapter (general.type adapter, adapter.type "
+                                   "lora): convert it with llama.cpp's convert_lora_to_gguf.py")
+            arch = model.model_info.get("general.architecture")
+            if header.get("general.architecture") != arch:
+                raise InvalidModel(f"adapter {path} is for {header.get('general.architecture')!r} models, "
+                                   f"not {arch!r}")
+        elif "adapter_config.json" not in paths or not any(p.endswith(".safetensors") for p in paths):
+            raise InvalidModel("a safetensors model takes a PEFT LoRA adapter folder: adapter_config.json and "
+                               f"adapter_model.safetensors, got {sorted(paths)}")
+        return tuple(ModelFile(p, d, on_disk[p].stat().st_size) for p, d in sorted(paths.items()))
 
     def copy(self, source: str, destination: str) -> Manifest:
         with self._lock:
@@ -301,20 +455,26 @@ class Store:
             manifest = self.get(name)
             self._manifest_path(parse_name(name)).unlink()
             self.generation += 1
-            shutil.rmtree(self.links_dir / manifest.digest, ignore_errors=True)
-            self.discard_unreferenced([f.digest for f in manifest.files])
+            if not any(m.digest == manifest.digest for m in self.list()):  # a copy still uses its links
+                shutil.rmtree(self.links_dir / manifest.digest, ignore_errors=True)
+                shutil.rmtree(self.links_dir / f"{manifest.digest}-adapter", ignore_errors=True)
+            self.discard_unreferenced(manifest.blob_digests)
             return manifest
 
     def _referenced(self) -> set[str]:
-        return {f.digest for m in self.list() for f in m.files}
+        return {digest for m in self.list() for digest in m.blob_digests}
 
-    def discard_unreferenced(self, digests: Iterable[str]) -> builtins.list[str]:
-        """Delete these blobs unless a manifest names them (used after a delete or a failed create)."""
+    def discard_unreferenced(self, digests: Iterable[str], *, spare_uploads: bool = True) -> builtins.list[str]:
+        """Delete these blobs unless a manifest names them (after a delete or a failed pull), or a client claimed
+        them within UPLOAD_GRACE_SECONDS (`spare_uploads`: false only for a blob refused for its own bytes)."""
         with self._lock:
             referenced = self._referenced()
-            removed = [d for d in set(digests) if d not in referenced and self.has_blob(d)]
+            recent = time.time() - UPLOAD_GRACE_SECONDS
+            spared = {d for d, at in self._uploads.items() if at > recent} if spare_uploads else set()
+            removed = [d for d in set(digests) if d not in referenced and d not in spared and self.has_blob(d)]
             for digest in removed:
                 self.blob_path(digest).unlink(missing_ok=True)
+                self._uploads.pop(digest, None)
             return removed
 
     def collect_garbage(self, grace_seconds: float = UPLOAD_GRACE_SECONDS) -> builtins.list[str]:
@@ -353,11 +513,20 @@ class Store:
         found = next((f for f in manifest.files if is_projector(f.path)), None)
         return self.blob_path(found.digest) if found is not None and manifest.format == "gguf" else None
 
-    def _linked(self, manifest: Manifest) -> Path:
-        folder = self.links_dir / manifest.digest
+    def adapter_path(self, manifest: Manifest) -> Path | None:
+        """What an engine opens for the model's LoRA adapter: the GGUF blob (llama.cpp), or a folder of links
+        named as the PEFT files were (vLLM); None without one."""
+        if not manifest.adapters:
+            return None
+        if manifest.format == "gguf":
+            return self.blob_path(manifest.adapters[0].digest)
+        return self._linked(manifest, adapter=True)
+
+    def _linked(self, manifest: Manifest, adapter: bool = False) -> Path:
+        folder = self.links_dir / (f"{manifest.digest}-adapter" if adapter else manifest.digest)
         if not folder.is_dir():
             staging = self.links_dir / f".{uuid.uuid4().hex}"
-            for f in manifest.files:
+            for f in manifest.adapters if adapter else manifest.files:
                 link = staging / f.path
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(self.blob_path(f.digest))

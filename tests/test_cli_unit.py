@@ -94,6 +94,7 @@ def ps_entry(**fields: object) -> dict[str, object]:
         "state": "ready",
         "gpus": [],
         "num_parallel": 4,
+        "context_length": 4096,
         "active": 1,
         "queued": 2,
     }
@@ -110,6 +111,7 @@ def test_ps_processor_column() -> None:
 def test_ps_until_column() -> None:
     assert ps_until(ps_entry(), NOW) == "4 minutes from now"
     assert ps_until(ps_entry(expires_at=None), NOW) == "Forever"
+    assert ps_until(ps_entry(expires_at="2318-01-01T00:00:00Z"), NOW) == "Forever"  # keep_alive -1, as Ollama shows it
     assert ps_until(ps_entry(state="unloading"), NOW) == "Stopping..."
 
 
@@ -121,7 +123,7 @@ def test_ps_name_shows_a_state_other_than_ready() -> None:
 def test_ps_row_has_every_column() -> None:
     row = ps_row(ps_entry(backend="vllm", gpus=[1]), NOW)
     assert row == [
-        "smollm2:latest", "0123456789ab", "98 MB", "100% GPU (GPU 1)", "vllm", "1/4", "2",
+        "smollm2:latest", "0123456789ab", "98 MB", "100% GPU (GPU 1)", "4096", "vllm", "1/4", "2",
         "2 minutes ago", "4 minutes from now",
     ]  # fmt: skip
 

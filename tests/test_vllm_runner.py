@@ -72,6 +72,8 @@ def test_command_line_for_tensor_parallel_ray_old_versions_and_extra_args() -> N
     assert flag(ray, "--pipeline-parallel-size") == "2" and flag(ray, "--tensor-parallel-size") == "8"
     old = vllm_argv(SPEC, Placement((0,), 0.3), 1, "/py", (0, 9, 2), extra_args=("--enforce-eager",))
     assert "--disable-log-requests" in old and old[-1] == "--enforce-eager"
+    # a request's own chat template (Ollama's per-request `template`) needs vLLM's trust from 0.11 on
+    assert "--trust-request-chat-template" in tp and "--trust-request-chat-template" not in old
 
 
 # Excerpts of real chat templates: the lines that tell a family apart.
@@ -299,8 +301,13 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def runner_process(url: str) -> psutil.Process:
-    children = [p for p in psutil.Process().children(recursive=True) if "vllm.entrypoints" in " ".join(p.cmdline())]
+    """The vLLM server process (the stand-in), not the guard (runners/guard.py) that leads its group."""
+    children = [p for p in psutil.Process().children(recursive=True)
+                if "vllm.entrypoints" in " ".join(p.cmdline()) and "runners.guard" not in " ".join(p.cmdline())]
     assert len(children) == 1, children
+    guard = children[0].parent()
+    assert guard is not None and "mgr.daemon.runners.guard" in guard.cmdline()
+    assert os.getpgid(children[0].pid) == guard.pid  # the guard leads the runner's process group
     return children[0]
 
 

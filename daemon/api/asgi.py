@@ -5,7 +5,7 @@ however it ends."""
 from __future__ import annotations
 
 import asyncio
-import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -16,9 +16,12 @@ from starlette.types import Receive, Scope, Send
 from mgr.registry.capabilities import Capability
 from mgr.registry.errors import MgrError
 
+from .. import metrics
 from ..errors import BadRequest, ClientGone
 from ..instances import Lease
+from ..protocol import strict_json, surrogates
 from ..scheduler import Scheduler
+from .model_defaults import Operation, apply_model_defaults
 from .operations import Target, unsupported
 
 T = TypeVar("T")
@@ -44,28 +47,42 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise BadRequest("missing request body: send a JSON object")
     try:
-        body = json.loads(raw)
+        body = strict_json.loads(raw)  # no NaN, Infinity or 1e400; nesting bounded (without recursion)
     except ValueError as e:
         raise BadRequest(f"invalid JSON in request body: {e}") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    if (where := surrogates.lone_surrogate(raw, body)) is not None:  # before it reaches a tokenizer
+        raise BadRequest(surrogates.message(where))
     return body
 
 
-async def lease_for(receive: Receive, scheduler: Scheduler, target: Target,
+async def lease_for(receive: Receive, scheduler: Scheduler, request: Target | Operation,
                     needs: Iterable[Capability] = ()) -> Lease:
     """A lease on the model's runner: at once on the fast path; otherwise after waiting (load, queue),
-    unless the client leaves first. A model that lacks a capability the request `needs` is a 400 before
-    anything loads."""
-    if needs:
-        capabilities = scheduler.spec_for(target.model, target.num_ctx).capabilities
+    unless the client leaves first. A model that lacks a capability the request `needs` (an operation's
+    own needs()) is a 400 before anything loads. An operation gets the model's own defaults (its Modelfile's
+    parameters, system prompt and history: model_defaults.py) under what it asks."""
+    operation: Operation | None = None
+    if isinstance(request, Target):
+        target = request
+    else:
+        operation, target, needs = request, request.target, request.needs()
+    if needs or operation is not None:
+        spec = scheduler.spec_for(target.model, target.num_ctx)  # cached: no disk read on the fast path
         for capability in needs:
-            if capability not in capabilities:
+            if capability not in spec.capabilities:
                 raise unsupported(target.model, capability)
+        if operation is not None:
+            apply_model_defaults(operation, spec)
     lease = scheduler.try_acquire(target.model, target.num_ctx, target.keep_alive)
     if lease is not None:
+        metrics.leased(lease.spec.name, 0.0, 0.0)
         return lease
-    return await unless_disconnected(receive, scheduler.acquire(target.model, target.num_ctx, target.keep_alive))
+    asked = time.perf_counter()
+    lease = await unless_disconnected(receive, scheduler.acquire(target.model, target.num_ctx, target.keep_alive))
+    metrics.leased(lease.spec.name, time.perf_counter() - asked, lease.load_seconds)
+    return lease
 
 
 async def client_disconnected(receive: Receive) -> None:

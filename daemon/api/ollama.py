@@ -17,14 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mgr.registry.errors import MgrError
 from mgr.registry.store import Store
 
 from ..errors import BadRequest
 from ..instances import Lease
-from ..protocol import shapes
+from ..metrics import metered
+from ..protocol import shapes, strict_json
+from ..protocol.limits import MAX_DIMENSIONS, MAX_TOP_LOGPROBS
 from ..runners.http import RunnerResponse, events
 from ..scheduler import Scheduler
+from . import fields
 from .asgi import CleanupStreamingResponse, lease_for, read_json, unless_disconnected
 from .operations import (
     ChatRequest,
@@ -32,15 +34,19 @@ from .operations import (
     Effort,
     EmbeddingRequest,
     Target,
+    jinja_template,
     optional_bool,
     optional_str,
     positive_int,
     required_str,
     strings,
+    token_ids,
     tool_choice,
     tool_list,
+    truncation_report,
 )
 from .options import map_format, map_options, parse_keep_alive
+from .render import status_and_message
 
 NDJSON = "application/x-ndjson"
 
@@ -101,19 +107,25 @@ def _messages(raw: list[Any]) -> list[shapes.ChatMessage]:
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                     raise BadRequest(f"messages[{index}].tool_calls[{i}] needs a function with a name")
                 arguments = function.get("arguments", {})
-                ident = str(call.get("id") or f"call_{index}_{i}")
+                if not isinstance(arguments, (dict, str)):
+                    raise BadRequest(f"messages[{index}].tool_calls[{i}].function.arguments must be an object")
+                if call.get("id") is not None and not isinstance(call["id"], str):
+                    raise BadRequest(f"messages[{index}].tool_calls[{i}].id must be a string")
+                ident = call.get("id") or f"call_{index}_{i}"
                 call_ids[function["name"]] = ident
                 result["tool_calls"].append({"id": ident, "type": "function", "function": {
                     "name": function["name"],
                     "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+        for key in ("tool_name", "name", "thinking"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise BadRequest(f"messages[{index}].{key} must be a string")
         name = message.get("tool_name") or message.get("name")
-        if isinstance(name, str) and name:
+        if name:
             result["name"] = name
             if message["role"] == "tool" and name in call_ids:
                 result["tool_call_id"] = call_ids[name]
-        thinking = message.get("thinking")
-        if isinstance(thinking, str) and thinking:
-            result["reasoning_content"] = thinking
+        if message.get("thinking"):
+            result["reasoning_content"] = message["thinking"]
         messages.append(result)
     return messages
 
@@ -128,7 +140,7 @@ def _think(body: dict[str, Any]) -> bool | Effort | None:
 
 
 def _logprobs(body: dict[str, Any]) -> tuple[bool, int | None]:
-    return optional_bool(body, "logprobs", False), positive_int(body, "top_logprobs", 20)
+    return optional_bool(body, "logprobs", False), positive_int(body, "top_logprobs", MAX_TOP_LOGPROBS)
 
 
 def _target(body: dict[str, Any], num_ctx: int | None) -> Target:
@@ -136,7 +148,9 @@ def _target(body: dict[str, Any], num_ctx: int | None) -> Target:
 
 
 def chat_request(body: dict[str, Any]) -> ChatRequest:
-    raw = body.get("messages") or []
+    raw = body.get("messages")
+    if raw is None:
+        raw = []
     if not isinstance(raw, list):
         raise BadRequest("messages must be a list")
     options = map_options(body.get("options"))
@@ -153,44 +167,58 @@ def chat_request(body: dict[str, Any]) -> ChatRequest:
         thinking=_think(body), logprobs=logprobs, top_logprobs=top,
         images=any(isinstance(m.get("content"), list) for m in messages),
         # Ollama drops the oldest messages (never the system prompt) when a chat outgrows num_ctx
-        truncate=body.get("truncate", True) is not False,
+        truncate=optional_bool(body, "truncate", True),
     )
 
 
 def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest:
-    """/api/generate: a raw prompt is a completion; otherwise one user turn (after the system prompt)."""
-    prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string")
+    """/api/generate: a raw prompt is a completion; a suffix, fill-in-the-middle with the model's FIM tokens;
+    otherwise one user turn (after the system prompt) through the chat template, the model's or the request's
+    `template`, continuing `context` when it is sent back. Token ids come back as `context` unless raw."""
+    prompt = optional_str(body, "prompt")
     options = map_options(body.get("options"))
     target = _target(body, options.num_ctx)
     stream = optional_bool(body, "stream", True)
     response_format = map_format(body.get("format"))
-    if not prompt:  # an empty prompt loads (or with keep_alive 0 unloads) the model
-        return ChatRequest(target, [], stream)
+    raw = optional_bool(body, "raw", False)
     system = optional_str(body, "system")
+    template = jinja_template(body.get("template"), "template")
+    context = token_ids(body.get("context"), "context")
+    if raw and (system or template or context):
+        raise BadRequest("raw mode does not support template, system, or context")  # Ollama's words
     suffix = optional_str(body, "suffix")
     images = _images(body.get("images"), "images")
     logprobs, top = _logprobs(body)
-    if body.get("raw") or suffix:
+    think = _think(body)
+    truncate = optional_bool(body, "truncate", True)
+    if not prompt:  # an empty prompt loads (or with keep_alive 0 unloads) the model
+        return ChatRequest(target, [], stream)
+    if raw or suffix:
         if images:
             raise BadRequest("images need the chat template: leave raw and suffix off")
+        if context:
+            raise BadRequest("context cannot be combined with suffix: send the whole prefix as the prompt")
+        if template:
+            raise BadRequest("a suffix is filled in with the model's fill-in-the-middle tokens: leave template off")
         return CompletionRequest(target, prompt, stream, options.sampling, response_format, suffix=suffix,
-                                 logprobs=(top or 0) if logprobs else None)
+                                 logprobs=(top or 0) if logprobs else None, return_token_ids=not raw)
+    if context and (images or think not in (None, False)):
+        raise BadRequest("context cannot be combined with images or think: send the conversation to /api/chat")
     messages: list[shapes.ChatMessage] = [{"role": "system", "content": system}] if system else []
     content: str | list[dict[str, Any]] = [{"type": "text", "text": prompt}, *images] if images else prompt
     messages.append({"role": "user", "content": content})
-    return ChatRequest(target, messages, stream, options.sampling, response_format, thinking=_think(body),
+    return ChatRequest(target, messages, stream, options.sampling, response_format, thinking=think,
                        logprobs=logprobs, top_logprobs=top, images=bool(images),
-                       truncate=body.get("truncate", True) is not False)
+                       truncate=truncate, chat_template=template,
+                       return_token_ids=True, context=context)
 
 
 def embedding_request(body: dict[str, Any], inputs: list[str]) -> EmbeddingRequest:
     options = map_options(body.get("options"))
-    dimensions = positive_int(body, "dimensions")
-    if dimensions == 0:
-        raise BadRequest("dimensions must be at least 1")
-    return EmbeddingRequest(_target(body, options.num_ctx), inputs, truncate=body.get("truncate", True) is not False,
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        dimensions = fields.whole_number("dimensions", dimensions, 1, MAX_DIMENSIONS)
+    return EmbeddingRequest(_target(body, options.num_ctx), inputs, truncate=optional_bool(body, "truncate", True),
                             dimensions=dimensions)
 
 
@@ -271,12 +299,13 @@ class OllamaGeneration:
 
     async def _generate(self, request: Request, op: ChatRequest | CompletionRequest, chat: bool,
                         started: int) -> Response:
-        lease = await lease_for(request.receive, self.scheduler, op.target, op.needs())
+        lease = await lease_for(request.receive, self.scheduler, op)
         if not op.stream:
             try:
                 # A runner sends a whole answer's headers only when it is done: the client may leave before
                 # that, and then the runner must stop (the connection to it is closed).
-                return JSONResponse(await unless_disconnected(request.receive, self._answer(op, lease, chat, started)))
+                answer, headers = await unless_disconnected(request.receive, self._answer(op, lease, chat, started))
+                return JSONResponse(answer, headers=headers)
             finally:
                 lease.release()
         try:
@@ -285,21 +314,29 @@ class OllamaGeneration:
             lease.release()
             raise
         chunks = _ollama_chunks(upstream, lease, chat, started)
-        return CleanupStreamingResponse(_ndjson(chunks), NDJSON, [lease.release, upstream.aclose])
+        response = CleanupStreamingResponse(_ndjson(chunks), NDJSON, [lease.release, upstream.aclose])
+        response.headers.update(truncation_report(upstream.headers, lease.spec.name))
+        return response
 
     @staticmethod
     async def _open(op: ChatRequest | CompletionRequest, lease: Lease) -> RunnerResponse:
         # Always a stream from the runner, with usage: a whole answer is gathered here, with the metrics.
+        model = lease.spec.name
+        if isinstance(op, ChatRequest) and op.context is not None:
+            # Ollama's context sent back: the new turn, through the chat template, after the earlier tokens
+            turn = await lease.client.tokenize(op.tokenize_body(model))
+            op = op.continued(turn["tokens"])
         if isinstance(op, ChatRequest):
-            return await lease.client.chat(op.runner_body(lease.spec.name, stream=True, usage=True))
-        return await lease.client.completion(op.runner_body(lease.spec.name, stream=True, usage=True))
+            return await lease.client.chat(op.runner_body(model, stream=True, usage=True))
+        return await lease.client.completion(op.runner_body(model, stream=True, usage=True))
 
     async def _answer(self, op: ChatRequest | CompletionRequest, lease: Lease, chat: bool,
-                      started: int) -> dict[str, Any]:
-        """A whole answer: the runner's stream gathered into one final chunk."""
+                      started: int) -> tuple[dict[str, Any], dict[str, str]]:
+        """A whole answer: the runner's stream gathered into one final chunk; the headers to answer with."""
         upstream = await self._open(op, lease)
         try:
-            return await _collect(_ollama_chunks(upstream, lease, chat, started), chat)
+            headers = truncation_report(upstream.headers, lease.spec.name)
+            return await _collect(_ollama_chunks(upstream, lease, chat, started), chat), headers
         finally:
             await upstream.aclose()
 
@@ -331,10 +368,17 @@ async def _ollama_chunks(upstream: RunnerResponse, lease: Lease, chat: bool,
     timings: dict[str, Any] = {}
     finish = "stop"
     calls: dict[int, dict[str, str]] = {}
-    async for event in events(upstream):
+    # return_token_ids: vLLM's shape (the prompt's ids on the chunk, or on the choice for completions; the
+    # generated ids per choice, in any chunk), gathered into Ollama's context
+    prompt_ids: list[int] | None = None
+    answer_ids: list[int] = []
+    async for event in metered(events(upstream), model):
         usage = event.get("usage") or usage
         timings = event.get("timings") or timings
+        prompt_ids = event.get("prompt_token_ids") or prompt_ids
         for choice in event.get("choices") or []:
+            prompt_ids = choice.get("prompt_token_ids") or prompt_ids
+            answer_ids += choice.get("token_ids") or []
             if choice.get("finish_reason"):
                 finish = "length" if choice["finish_reason"] == "length" else "stop"
             delta = choice.get("delta") or {}
@@ -374,10 +418,15 @@ async def _ollama_chunks(upstream: RunnerResponse, lease: Lease, chat: bool,
     first_token = first_token or finished
     prompt_ns = int(timings["prompt_ms"] * 1e6) if "prompt_ms" in timings else first_token - sent
     eval_ns = int(timings["predicted_ms"] * 1e6) if "predicted_ms" in timings else finished - first_token
-    yield {
+    last: dict[str, Any] = {
         "model": model, "created_at": now_iso(),
         **({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}),
         "done": True, "done_reason": finish,
+    }
+    if prompt_ids is not None and not chat:
+        last["context"] = [*prompt_ids, *answer_ids]
+    yield {
+        **last,
         "total_duration": finished - started, "load_duration": int(lease.load_seconds * 1e9),
         "prompt_eval_count": int(usage.get("prompt_tokens", 0)), "prompt_eval_duration": prompt_ns,
         "eval_count": int(usage.get("completion_tokens", 0)), "eval_duration": eval_ns,
@@ -422,7 +471,7 @@ async def _collect(chunks: AsyncIterator[dict[str, Any]], chat: bool) -> dict[st
 
 def _json_object(text: str) -> Any:
     try:
-        return json.loads(text) if text else {}
+        return strict_json.loads(text) if text else {}  # a model's NaN or a nesting too deep stays text
     except ValueError:
         return {"arguments": text}
 
@@ -433,5 +482,5 @@ async def _ndjson(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
     try:
         async for chunk in chunks:
             yield json.dumps(chunk).encode() + b"\n"
-    except MgrError as e:
-        yield json.dumps({"error": e.message}).encode() + b"\n"
+    except Exception as e:  # a failure mgr did not expect is "internal error" with an id, logged
+        yield json.dumps({"error": status_and_message(e)[1]}).encode() + b"\n"

@@ -25,10 +25,12 @@ from mgr.registry.store import Manifest, Store
 
 from ..errors import BadRequest
 from ..instances import Lease
+from ..metrics import Relayed, whole_answer
 from ..protocol import shapes
 from ..protocol.errors import openai_error_body
 from ..runners.http import RUNNER_STOPPED, RunnerGone, RunnerResponse, whole
 from ..scheduler import Scheduler
+from . import fields
 from .asgi import client_disconnected, lease_for, parse_json, read_body, unless_disconnected
 from .operations import (
     ChatRequest,
@@ -39,7 +41,9 @@ from .operations import (
     required_str,
     tool_choice,
     tool_list,
+    truncation_report,
 )
+from .options import context_option
 from .render import error_response
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
@@ -56,7 +60,12 @@ def _model_entry(manifest: Manifest) -> dict[str, Any]:
 
 # OpenAI bodies -> internal requests: the fields mgr reads are taken out, the rest passes through ---------------
 def _rest(body: dict[str, Any], *taken: str) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in taken}
+    # num_ctx (top-level or in Ollama-style options) is the scheduler's (the Target's): never the runner's
+    return {k: v for k, v in body.items() if k not in taken and k not in ("num_ctx", "options")}
+
+
+def _target(body: dict[str, Any]) -> Target:
+    return Target(required_str(body, "model"), context_option(body))
 
 
 def _has_image(messages: list[Any]) -> bool:
@@ -67,9 +76,8 @@ def _has_image(messages: list[Any]) -> bool:
 
 
 def chat_request(body: dict[str, Any]) -> ChatRequest:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list")
+    fields.check_chat_body(body)  # what passes through to the runner included
+    messages = body["messages"]
     tools = tool_list(body.get("tools"))
     effort = body.get("reasoning_effort")
     if effort is not None and effort not in ("low", "medium", "high"):
@@ -78,7 +86,7 @@ def chat_request(body: dict[str, Any]) -> ChatRequest:
     if parallel is not None and not isinstance(parallel, bool):
         raise BadRequest("parallel_tool_calls must be true or false")
     return ChatRequest(
-        Target(required_str(body, "model")), messages, optional_bool(body, "stream", False), tools=tools,
+        _target(body), messages, optional_bool(body, "stream", False), tools=tools,
         tool_choice=tool_choice(body.get("tool_choice"), tools), parallel_tool_calls=parallel, thinking=effort,
         images=_has_image(messages),
         passthrough=_rest(body, "model", "messages", "stream", "tools", "tool_choice", "parallel_tool_calls",
@@ -88,10 +96,11 @@ def chat_request(body: dict[str, Any]) -> ChatRequest:
 def completion_request(body: dict[str, Any]) -> CompletionRequest:
     if "prompt" not in body:
         raise BadRequest("missing field 'prompt'")
+    fields.check_completion_body(body)
     suffix = body.get("suffix") or ""
     if not isinstance(suffix, str):
         raise BadRequest("suffix must be a string")
-    return CompletionRequest(Target(required_str(body, "model")), body["prompt"],
+    return CompletionRequest(_target(body), body["prompt"],
                              optional_bool(body, "stream", False), suffix=suffix,
                              passthrough=_rest(body, "model", "prompt", "stream", "suffix"))
 
@@ -99,7 +108,8 @@ def completion_request(body: dict[str, Any]) -> CompletionRequest:
 def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
     if "input" not in body:
         raise BadRequest("missing field 'input'")
-    return EmbeddingRequest(Target(required_str(body, "model")), body["input"],
+    fields.check_embedding_body(body)
+    return EmbeddingRequest(_target(body), body["input"],
                             passthrough=_rest(body, "model", "input"))
 
 
@@ -127,25 +137,29 @@ class OpenAIApi:
         return JSONResponse({"object": "list", "data": [_model_entry(m) for m in manifests]})
 
     async def model(self, request: Request) -> Response:
-        return JSONResponse(_model_entry(await asyncio.to_thread(self.store.get, request.path_params["model"])))
+        # the name from the path itself: Starlette's route pattern ends in `$`, which matches before a final
+        # newline, so its path parameter would take "smollm2\n" for "smollm2"
+        name = request.scope["path"].removeprefix("/v1/models/")
+        return JSONResponse(_model_entry(await asyncio.to_thread(self.store.get, name)))
 
     def _relay_endpoint(self, path: str, parse: Callable[[dict[str, Any]], Operation]) -> ASGIApp:
         async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
             lease: Lease | None = None
             try:
                 op = parse(parse_json(await read_body(receive)))
-                lease = await lease_for(receive, self.scheduler, op.target, op.needs())
+                lease = await lease_for(receive, self.scheduler, op)
                 stream = not isinstance(op, EmbeddingRequest) and op.stream
                 rename = _renames_reasoning(lease)
                 if not stream:
                     # A runner sends a whole answer's headers only when it is done: the client may leave
                     # before that, and then the runner must stop (the connection to it is closed).
-                    content = await unless_disconnected(receive, _whole(op, lease))
+                    content, reported = await unless_disconnected(receive, _whole(op, lease))
+                    whole_answer(lease.spec.name, content)
                     if rename:
                         content = content.replace(VLLM_REASONING, REASONING)
                     lease.release()
-                    await send({"type": "http.response.start", "status": 200,
-                                "headers": [JSON_TYPE, (b"content-length", str(len(content)).encode())]})
+                    await send({"type": "http.response.start", "status": 200, "headers": [
+                        JSON_TYPE, (b"content-length", str(len(content)).encode()), *_encoded(reported)]})
                     await send({"type": "http.response.body", "body": content})
                     return
                 upstream = await _open(op, lease)
@@ -157,7 +171,9 @@ class OpenAIApi:
                 await error_response(scope["method"], path, exc)(scope, receive, send)
                 return
             try:
-                await _relay_stream(upstream, receive, send, rename)
+                await _relay_stream(upstream, receive, send, rename,
+                                    _encoded(truncation_report(upstream.headers, lease.spec.name)),
+                                    Relayed(lease.spec.name))
             finally:
                 lease.release()
                 await upstream.aclose()
@@ -174,8 +190,14 @@ async def _open(op: Operation, lease: Lease) -> RunnerResponse:
     return await lease.client.open(shapes.EMBEDDING_PATH, op.runner_body(model))
 
 
-async def _whole(op: Operation, lease: Lease) -> bytes:
-    return await whole(await _open(op, lease))
+async def _whole(op: Operation, lease: Lease) -> tuple[bytes, dict[str, str]]:
+    """The answer, and the headers it is relayed with (a prompt cut to fit the context is reported)."""
+    upstream = await _open(op, lease)
+    return await whole(upstream), truncation_report(upstream.headers, lease.spec.name)
+
+
+def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
 def _renames_reasoning(lease: Lease) -> bool:
@@ -185,7 +207,8 @@ def _renames_reasoning(lease: Lease) -> bool:
     return parsers is not None and parsers.reasoning_parser is not None
 
 
-async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send, rename: bool = False) -> None:
+async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send, rename: bool = False,
+                        headers: list[tuple[bytes, bytes]] | None = None, relayed: Relayed | None = None) -> None:
     """Relay the runner's SSE body as it arrives. A client that leaves closes the runner connection, which
     is how the runner learns to stop generating; one watcher task per stream notices it."""
     async def abort_when_the_client_leaves() -> None:
@@ -194,9 +217,11 @@ async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send, 
 
     watcher = asyncio.ensure_future(abort_when_the_client_leaves())
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + (headers or [])})
         try:
             async for chunk in upstream.iter_bytes():
+                if relayed is not None:
+                    relayed.chunk(chunk)
                 if rename:  # a JSON key: inside a string its quotes would be escaped, so nothing else matches
                     chunk = chunk.replace(VLLM_REASONING, REASONING)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -208,3 +233,5 @@ async def _relay_stream(upstream: RunnerResponse, receive: Receive, send: Send, 
         await send({"type": "http.response.body", "body": b""})
     finally:
         watcher.cancel()
+        if relayed is not None:
+            relayed.done()

@@ -9,12 +9,19 @@ The runner protocol is OpenAI's (daemon/protocol), so fields an adapter does not
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from mgr.registry.capabilities import Capability
 
 from ..errors import BadRequest
 from ..protocol import shapes
+from ..protocol.limits import INT32_MAX
+
+log = logging.getLogger("mgr.daemon")
 
 Effort = Literal["low", "medium", "high"]
 # How a missing capability is named in Ollama's 400: "<model>" does not support <this>
@@ -47,6 +54,9 @@ class ChatRequest:
     top_logprobs: int | None = None
     images: bool = False  # some message carries an image
     truncate: bool | None = None  # mgr's extension; None = the runner's default (no truncation)
+    chat_template: str | None = None  # a Jinja chat template for this request only (Ollama's `template`)
+    return_token_ids: bool = False  # the prompt's and the answer's token ids back (Ollama's `context`)
+    context: list[int] | None = None  # token ids the prompt continues (Ollama's `context`, sent back)
     passthrough: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def needs(self) -> list[Capability]:
@@ -82,7 +92,25 @@ class ChatRequest:
                 body["top_logprobs"] = self.top_logprobs
         if self.truncate is not None:
             body["truncate"] = self.truncate
+        if self.chat_template is not None:
+            body["chat_template"] = self.chat_template
+        if self.return_token_ids:
+            body["return_token_ids"] = True
         return body
+
+    def tokenize_body(self, model: str) -> shapes.TokenizeChatBody:
+        """The new turn as the model will read it after `context`: its messages through the chat template."""
+        body: shapes.TokenizeChatBody = {"model": model, "messages": self.messages, "add_generation_prompt": True}
+        if self.chat_template is not None:
+            body["chat_template"] = self.chat_template
+        return body
+
+    def continued(self, tokens: list[int]) -> CompletionRequest:
+        """The request as a completion whose prompt is `context` followed by the new turn's `tokens`: both
+        engines read a prompt given as token ids as it is."""
+        return CompletionRequest(self.target, [*(self.context or []), *tokens], self.stream, self.sampling,
+                                 self.response_format, return_token_ids=self.return_token_ids,
+                                 passthrough=self.passthrough)
 
 
 @dataclasses.dataclass(slots=True)
@@ -96,6 +124,7 @@ class CompletionRequest:
     response_format: shapes.ResponseFormat | None = None
     suffix: str = ""  # fill-in-the-middle
     logprobs: int | None = None  # alternatives per token
+    return_token_ids: bool = False  # the prompt's and the answer's token ids back (Ollama's `context`)
     passthrough: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def needs(self) -> list[Capability]:
@@ -103,11 +132,13 @@ class CompletionRequest:
 
     def runner_body(self, model: str, *, stream: bool, usage: bool = False) -> shapes.CompletionBody:
         body: shapes.CompletionBody = _generation_body(self, model, stream, usage)  # type: ignore[assignment]
-        body["prompt"] = self.prompt  # type: ignore[typeddict-item]  # a list only from OpenAI clients
+        body["prompt"] = self.prompt  # a list: token ids (or, from OpenAI clients, several prompts)
         if self.suffix:
             body["suffix"] = self.suffix
         if self.logprobs is not None:
             body["logprobs"] = self.logprobs
+        if self.return_token_ids:
+            body["return_token_ids"] = True
         return body
 
 
@@ -143,6 +174,42 @@ class EmbeddingRequest:
         return body
 
 
+def truncation_report(runner_headers: Mapping[str, str], model: str) -> dict[str, str]:
+    """A prompt the runner cut to fit the context is never silent: the client's answer carries the runner's
+    header (the number of prompt tokens dropped), and the daemon's log says so."""
+    dropped = runner_headers.get(shapes.TRUNCATED_HEADER.lower())
+    if not dropped:
+        return {}
+    log.warning("%s: the prompt did not fit the context: %s tokens dropped (oldest messages first)", model, dropped)
+    return {shapes.TRUNCATED_HEADER: dropped}
+
+
+# Go's text/template (Ollama's TEMPLATE language): {{ .Prompt }}, {{ if .System }}, {{ range .Messages }}, {{ end }}
+_GO_TEMPLATE = re.compile(r"\{\{-?\s*(?:[.$]|(?:if|range|with|template|block|define)\s|(?:end|else)\s*-?\}\})")
+
+
+def jinja_template(value: Any, key: str) -> str | None:
+    """A chat template a request sends for itself: mgr's runners render Jinja chat templates (as Hugging Face
+    transformers does), not Ollama's Go templates."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string (a Jinja chat template)")
+    if _GO_TEMPLATE.search(value):
+        raise BadRequest(f"{key} looks like a Go template ({{{{ .Prompt }}}}, {{{{ if .System }}}}): mgr renders "
+                         "Jinja chat templates, as in a model's tokenizer_config.json ({% for message in messages %})")
+    return value
+
+
+def token_ids(value: Any, key: str) -> list[int] | None:
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX for t in value):
+        raise BadRequest(f"{key} must be a list of token ids (whole numbers from 0 to {INT32_MAX})")
+    return value
+
+
 def unsupported(model: str, capability: Capability) -> BadRequest:
     """Ollama's words, in every API."""
     return BadRequest(f'"{model}" does not support {CAPABILITY_WORDS[capability]}')
@@ -169,20 +236,28 @@ def tool_list(value: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise BadRequest("tools must be a list of tool objects")
-    for tool in value:
+    for i, tool in enumerate(value):
         function = tool.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise BadRequest('every tool needs {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+        if tool.get("type") not in (None, "function"):
+            raise BadRequest(f'tools[{i}].type must be "function"')
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object")
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise BadRequest(f"tools[{i}].function.description must be a string")
     return value
 
 
 def positive_int(body: dict[str, Any], key: str, upper: int | None = None) -> int | None:
+    """A whole number from 0 (8.0 counts, as in JSON Schema)."""
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (upper is not None and value > upper):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 0 or (upper is not None and value > upper):
         raise BadRequest(f"{key} must be a whole number from 0" + (f" to {upper}" if upper is not None else ""))
-    return value
+    return int(value)
 
 
 # field checks: one wording for every adapter -----------------------------------------------------------

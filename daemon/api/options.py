@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, cast
 
-from mgr.registry.config import ConfigError, parse_duration
+from mgr.registry.config import MAX_DURATION_SECONDS, ConfigError, parse_duration
 
 from ..errors import BadRequest
+from ..protocol.limits import INT32_MAX
 from ..protocol.shapes import ResponseFormat, SamplingFields
+from . import fields
 
 # Ollama's defaults (api/types.go DefaultOptions), applied because the runners default to OpenAI's.
 OLLAMA_DEFAULTS: SamplingFields = {
@@ -20,7 +22,7 @@ OLLAMA_DEFAULTS: SamplingFields = {
     "repetition_penalty": 1.1, "repeat_last_n": 64,
 }
 
-# Ollama option -> (runner field, type)
+# Ollama option -> (runner field, type); each checked against its range (protocol/limits.py)
 _SAMPLING: dict[str, tuple[str, type[int] | type[float]]] = {
     "temperature": ("temperature", float),
     "top_k": ("top_k", int),
@@ -32,23 +34,17 @@ _SAMPLING: dict[str, tuple[str, type[int] | type[float]]] = {
     "presence_penalty": ("presence_penalty", float),
     "frequency_penalty": ("frequency_penalty", float),
     "seed": ("seed", int),
-    "num_predict": ("max_tokens", int),
+    "num_predict": ("max_tokens", int),  # -1: no limit, -2: fill the context
 }
-_LOAD: dict[str, type[int] | type[float]] = {"num_ctx": int, "num_gpu": int, "num_thread": int, "num_batch": int}
+# How a model loads: (lowest, highest); -1 is Ollama's "automatic" for the others
+_LOAD: dict[str, tuple[int, int]] = {"num_ctx": (1, INT32_MAX), "num_gpu": (-1, INT32_MAX),
+                                     "num_thread": (-1, INT32_MAX), "num_batch": (-1, INT32_MAX)}
 
 
 @dataclasses.dataclass
 class MappedOptions:
     sampling: SamplingFields
     num_ctx: int | None
-
-
-def _number(key: str, value: Any, kind: type[int] | type[float]) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"option {key!r} must be a number, got {value!r}")
-    if kind is int and value != int(value):
-        raise BadRequest(f"option {key!r} must be a whole number, got {value!r}")
-    return kind(value)
 
 
 def map_options(options: Any) -> MappedOptions:
@@ -60,9 +56,11 @@ def map_options(options: Any) -> MappedOptions:
     for key, value in options.items():
         if value is None:
             continue
-        if key in _SAMPLING:
-            field, kind = _SAMPLING[key]
-            sampling[field] = _number(key, value, kind)
+        if key == "num_predict":
+            sampling["max_tokens"] = fields.whole_number("option 'num_predict'", value, -2, INT32_MAX)
+        elif key in _SAMPLING:
+            field = _SAMPLING[key][0]
+            sampling[field] = fields.sampling_number(f"option {key!r}", value, field)
         elif key == "stop":
             if isinstance(value, str):
                 value = [value]
@@ -70,13 +68,26 @@ def map_options(options: Any) -> MappedOptions:
                 raise BadRequest("option 'stop' must be a string or a list of strings")
             sampling["stop"] = value
         elif key in _LOAD:
-            _number(key, value, _LOAD[key])
+            fields.whole_number(f"option {key!r}", value, *_LOAD[key])
     if "max_tokens" in sampling and sampling["max_tokens"] < 0:
         del sampling["max_tokens"]  # -1 = no limit, -2 = fill the context: both mean "until the end"
     num_ctx = options.get("num_ctx")
-    if num_ctx is not None and int(num_ctx) < 1:
-        raise BadRequest("option 'num_ctx' must be positive")
     return MappedOptions(cast(SamplingFields, sampling), int(num_ctx) if num_ctx is not None else None)
+
+
+def context_option(body: dict[str, Any]) -> int | None:
+    """num_ctx in an OpenAI body, top-level or in Ollama's `options` (what apps that speak the OpenAI API can
+    set): for the scheduler, as the Ollama API's options.num_ctx is. The other options keys are Ollama's and
+    mean nothing to the OpenAI API: they are ignored, as Ollama ignores options it does not know."""
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("options must be a JSON object")
+    value = body.get("num_ctx")
+    if value is None and options:
+        value = options.get("num_ctx")
+    if value is None:
+        return None
+    return fields.whole_number("num_ctx", value, 1, INT32_MAX)
 
 
 def map_format(fmt: Any) -> ResponseFormat | None:
@@ -91,10 +102,15 @@ def map_format(fmt: Any) -> ResponseFormat | None:
 
 
 def parse_keep_alive(value: Any) -> float | None:
+    """Seconds; negative = forever (Ollama's -1), and so is the longest duration there is or anything past it
+    (parse_duration clamps 1e308 to it); NaN, a non-number and a non-duration are a 400."""
     if value is None:
         return None
+    if not isinstance(value, (str, int, float)):
+        raise BadRequest(f"keep_alive must be a duration such as 5m, 1h or a number of seconds, got {value!r}")
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except ConfigError:
         raise BadRequest(f"keep_alive must be a duration such as 5m, 1h or a number of seconds, got {value!r}") \
             from None
+    return -1.0 if seconds >= MAX_DURATION_SECONDS else seconds

@@ -1,17 +1,24 @@
 """One typed shape per wire object of the runner protocol (OpenAI's, plus mgr's `truncate` and `timings`).
 
+vLLM's extras that both runners speak: `chat_template` (a Jinja chat template for one request), a completion
+prompt given as token ids, `return_token_ids` (the prompt's and the answer's token ids come back: Ollama's
+`context`), and POST /tokenize. A prompt cut to fit the context (mgr's `truncate`) is reported in the answer's
+TRUNCATED_HEADER: the number of prompt tokens dropped.
+
 TypedDicts, not classes: bodies go to json.dumps and come from json.loads as they are, so the types cost
 nothing on the data path. `total=False` marks fields a sender may leave out.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETION_PATH = "/v1/completions"
 EMBEDDING_PATH = "/v1/embeddings"
 HEALTH_PATH = "/health"
+TRUNCATED_HEADER = "X-Mgr-Prompt-Truncated"
+TOKENIZE_PATH = "/tokenize"  # vLLM's path, outside /v1
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -86,11 +93,13 @@ class ChatBody(SamplingFields, total=False):
     top_logprobs: int
     n: int
     truncate: bool  # mgr: drop the oldest non-system messages to fit the context
+    chat_template: str  # vLLM: a Jinja chat template used for this request only
+    return_token_ids: bool  # vLLM: prompt_token_ids and token_ids in the answer
 
 
 class CompletionBody(SamplingFields, total=False):
     model: str
-    prompt: str
+    prompt: str | list[int]  # text, or token ids read as they are
     suffix: str  # fill-in-the-middle: the text after the insertion point
     stream: bool
     stream_options: StreamOptions
@@ -98,6 +107,7 @@ class CompletionBody(SamplingFields, total=False):
     logprobs: int  # legacy completions: how many alternatives per token
     echo: bool
     n: int
+    return_token_ids: bool  # vLLM: prompt_token_ids and token_ids on the choices
 
 
 class EmbeddingBody(TypedDict, total=False):
@@ -156,6 +166,8 @@ class ChatChunkChoice(TypedDict, total=False):
     delta: ChatDelta
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None
+    token_ids: list[int]  # return_token_ids: this chunk's generated tokens
+    stop_reason: str | int | None  # vLLM's: the stop string (or token id) that ended it; None: end of turn
 
 
 class ChatChunk(TypedDict, total=False):
@@ -166,6 +178,7 @@ class ChatChunk(TypedDict, total=False):
     choices: list[ChatChunkChoice]
     usage: Usage | None
     timings: Timings  # mgr: on the chunk that carries finish_reason
+    prompt_token_ids: list[int]  # return_token_ids
 
 
 class TextLogprobs(TypedDict):
@@ -182,6 +195,8 @@ class TextChoice(TypedDict):
     text: str
     finish_reason: FinishReason | None
     logprobs: TextLogprobs | None
+    prompt_token_ids: NotRequired[list[int]]  # return_token_ids
+    token_ids: NotRequired[list[int]]
 
 
 class TextChunk(TypedDict, total=False):
@@ -199,6 +214,7 @@ class ChatChoice(TypedDict, total=False):
     message: ChatMessage
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None
+    token_ids: list[int]  # return_token_ids
 
 
 class ChatCompletion(TypedDict, total=False):
@@ -209,6 +225,7 @@ class ChatCompletion(TypedDict, total=False):
     choices: list[ChatChoice]
     usage: Usage
     timings: Timings
+    prompt_token_ids: list[int]  # return_token_ids
 
 
 class TextCompletion(TypedDict, total=False):
@@ -237,6 +254,45 @@ class EmbeddingList(TypedDict):
     model: str
     data: list[Embedding]
     usage: EmbeddingUsage
+
+
+class TokenizeChatBody(TypedDict, total=False):
+    """vLLM's /tokenize for a conversation: the prompt its chat template makes, as the engine would see it."""
+
+    model: str
+    messages: list[ChatMessage]
+    tools: list[dict[str, Any]]
+    chat_template_kwargs: dict[str, Any]
+    chat_template: str  # vLLM: this request's own Jinja chat template
+    add_generation_prompt: bool  # default true
+    add_special_tokens: bool  # default false: the template writes BOS where the model wants one
+
+
+class TokenizeTextBody(TypedDict, total=False):
+    """vLLM's /tokenize for a raw prompt."""
+
+    model: str
+    prompt: str
+    add_special_tokens: bool  # default true
+
+
+class TokenizeAnswer(TypedDict, total=False):
+    count: int
+    max_model_len: int  # the context one sequence has
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class ModelCard(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[ModelCard]
 
 
 class ErrorDetail(TypedDict):

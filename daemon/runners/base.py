@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -20,6 +21,8 @@ from mgr.registry.capabilities import Capability
 from mgr.registry.catalog import Format
 from mgr.registry.vllm_parsers import VllmParsers
 
+from .. import leftovers
+from ..protocol.runner_secret import RUNNER_SECRET_ENV, bearer, new_secret
 from ..protocol.shapes import HEALTH_PATH
 from .http import RunnerClient, RunnerPool
 from .process import RunnerProcess
@@ -46,6 +49,13 @@ class LoadSpec:
     capabilities: tuple[Capability, ...] = dataclasses.field(default=("completion",), compare=False)
     projector: Path | None = dataclasses.field(default=None, compare=False)  # a GGUF vision model's mmproj
     parsers: VllmParsers | None = dataclasses.field(default=None, compare=False)  # a vLLM model's parsers
+    # Given at create (a Modelfile's TEMPLATE and ADAPTER): another template or adapter is another load
+    chat_template: str | None = None  # a Jinja chat template that replaces the model's own
+    adapter: Path | None = None  # a LoRA adapter: a GGUF file (llama.cpp) or a PEFT folder (vLLM)
+    # What every request on the model gets unless it says otherwise (SYSTEM, MESSAGE, PARAMETER); not the load's
+    system: str = dataclasses.field(default="", compare=False)
+    messages: tuple[Mapping[str, str], ...] = dataclasses.field(default=(), compare=False)
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # Ollama's options
 
 
 def runner_log_path(log_dir: Path, spec: LoadSpec) -> Path:
@@ -80,10 +90,11 @@ class Runner(Protocol):
         """Resolves with the exit code when the process ends, whoever ended it."""
 
 
-def control_client() -> httpx.AsyncClient:
+def control_client(secret: str = "") -> httpx.AsyncClient:
     # Runners answer on loopback; a sleep or wake can take minutes, so only connecting has a deadline.
     # trust_env=False: an HTTP(S)_PROXY in the environment must never route loopback runner traffic.
-    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(None, connect=10.0))
+    headers = {"Authorization": bearer(secret)} if secret else {}
+    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(None, connect=10.0), headers=headers)
 
 
 class ProcessRunner:
@@ -91,15 +102,18 @@ class ProcessRunner:
 
     backend: Backend = "stand-in"
     supports_sleep = False  # engines with a sleep mode (vLLM) override sleep() and wake()
+    secret_env = RUNNER_SECRET_ENV  # the environment variable the runner reads its secret from (vLLM: its own)
 
     def __init__(self, spec: LoadSpec, pool: RunnerPool, port: int, argv: list[str], env: dict[str, str],
                  log_path: Path) -> None:
         self.spec = spec
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"  # for control calls; requests go through `client`
-        self.client = pool.client(port)
-        self.process = RunnerProcess(argv, env, log_path)
-        self.control = control_client()
+        # in the environment, not on the command line (which `ps` shows every user): protocol/runner_secret.py
+        self.secret = new_secret()
+        self.client = pool.client(port, self.secret)
+        self.process = RunnerProcess(argv, {**env, self.secret_env: self.secret}, log_path)
+        self.control = control_client(self.secret)
 
     @property
     def pid(self) -> int | None:
@@ -107,6 +121,7 @@ class ProcessRunner:
 
     async def start(self, timeout: float) -> None:
         await self.process.start()
+        self._record_until_exit()
         await self.process.wait_ready(self.control, self.base_url + HEALTH_PATH, timeout)
 
     async def stop(self) -> None:
@@ -114,6 +129,16 @@ class ProcessRunner:
             await self.process.stop()
         finally:
             await self.control.aclose()
+
+    def _record_until_exit(self) -> None:
+        """Recorded while its process lives, so that a daemon that dies without stopping it has the next one
+        stop it (daemon/leftovers.py)."""
+        pid, exited = self.process.pid, self.process.exited
+        if pid is None or exited is None:
+            return
+        records = leftovers.records_dir(self.process.log_path.parent)
+        leftovers.record(records, pid, self.spec.name)
+        exited.add_done_callback(lambda _: leftovers.forget(records, pid))
 
     async def sleep(self, level: int) -> None:
         raise NotImplementedError(f"{self.backend} runners cannot sleep")

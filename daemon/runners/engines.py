@@ -40,6 +40,10 @@ class LlamaCppRunner(ProcessRunner):
         ]
         if spec.projector is not None:
             argv += ["--mmproj", str(spec.projector)]
+        if spec.chat_template is not None:  # the model's TEMPLATE (Jinja), given at create
+            argv += ["--chat-template", spec.chat_template]
+        if spec.adapter is not None:  # the model's ADAPTER: a GGUF LoRA
+            argv += ["--lora", str(spec.adapter)]
         env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)  # "" = the CPU
         super().__init__(spec, pool, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
@@ -58,4 +62,5 @@ class EngineRunners:
             return LlamaCppRunner(spec, self.settings, placement, self.pool)
         overrides = self.settings.for_model(spec.name)
         return VllmRunner(spec, self.settings, placement, self.pool, python=self.settings.vllm_python,
-                          extra_args=overrides.vllm_args, ray_address=self.settings.ray_address)
+                          extra_args=overrides.vllm_args,
+                          ray_address=self.settings.ray_address if placement.ray else None)

@@ -6,21 +6,32 @@ core (measured on the H100: 68% of vLLM's direct throughput). Here a read takes 
 to 256 KiB), chunked framing is decoded from one buffer, and all complete chunks go on together, so events that
 arrived together leave together. Runners listen on 127.0.0.1 and speak plain HTTP/1.1, which is all this needs
 to handle; control calls (health, sleep, wake) stay on httpx.
+
+A runner that stops answering is detected here: while a request waits for the runner (not while the daemon's own
+client is slow to take what came), at most `first_byte_timeout` seconds may pass before the answer begins (the
+runner's queue, the prompt, or a whole non-streamed answer) and `idle_timeout` between two reads of a body. Past
+that, the exchange ends with RunnerTimedOut (504) and the runner's `on_hung` callback is told (the scheduler
+restarts it). One watchdog task per pool checks the open exchanges about four times per timeout; a read costs a
+clock read more. The same ending, with ShuttingDown, closes every open exchange when a draining daemon's
+deadline passes. Ended exchanges finish in the protocol's own way: a streamed (SSE) answer with a last error
+event, which the OpenAI relay passes on and `events` raises; anything else raises the error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 from mgr.registry.errors import MgrError
 
-from ..errors import RunnerFailed
+from ..errors import RunnerFailed, RunnerTimedOut
 from ..protocol import shapes
-from ..protocol.errors import error_message
+from ..protocol.errors import error_message, openai_error_body
+from ..protocol.runner_secret import bearer
 from ..protocol.sse import SseDecoder
 
 READ_SIZE = 256 * 1024
@@ -28,6 +39,8 @@ READ_SIZE = 256 * 1024
 # (256 by default), so a burst does not pay a TCP connect per request. Runners close idle ones after a few
 # seconds (uvicorn's keep-alive timeout); a request that meets a closed one retries once on a fresh one.
 MAX_IDLE_PER_RUNNER = 1024
+FIRST_BYTE_TIMEOUT = 300.0  # the defaults of Settings.runner_timeout and runner_idle_timeout
+IDLE_TIMEOUT = 120.0
 
 
 RUNNER_STOPPED = "the model runner stopped unexpectedly; the next request starts a new one"
@@ -39,6 +52,30 @@ class RunnerGone(Exception):
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+_now = time.monotonic
+
+
+class _Exchange:
+    """One request to a runner, from sending it until its answer is read or given up: what the watchdog looks
+    at. `waiting` is when the read in progress began (0: no read in progress)."""
+
+    __slots__ = ("answering", "ended", "limit", "on_hung", "port", "waiting", "writer")
+
+    def __init__(self, port: int, writer: asyncio.StreamWriter, limit: float,
+                 on_hung: Callable[[], None] | None) -> None:
+        self.port = port
+        self.writer = writer
+        self.limit = limit  # seconds a read may wait: the first-byte timeout, then the idle one
+        self.answering = False  # the answer's head has come
+        self.on_hung = on_hung
+        self.waiting = _now()
+        self.ended: MgrError | None = None  # why the daemon ended it (timeout, shutdown)
+
+    def end(self, error: MgrError) -> None:
+        """Close the connection: the pending read returns, sees `ended`, and finishes with this error."""
+        if self.ended is None:
+            self.ended = error
+            self.writer.close()
 
 
 class RunnerClient:
@@ -46,9 +83,12 @@ class RunnerClient:
     never build URLs. Streams come back raw (`RunnerResponse`), for the OpenAI relay to pass on byte for byte
     and for `events` to decode where an adapter translates them."""
 
-    def __init__(self, pool: RunnerPool, port: int) -> None:
+    def __init__(self, pool: RunnerPool, port: int, secret: str = "") -> None:
         self.pool = pool
         self.port = port
+        # the runner's secret (protocol/runner_secret.py) as a header line; "" for a runner that checks none
+        self.auth_line = f"Authorization: {bearer(secret)}\r\n" if secret else ""
+        self.on_hung: Callable[[], None] | None = None  # set by the scheduler: a request timed out on this runner
 
     async def chat(self, body: shapes.ChatBody) -> RunnerResponse:
         return await self.open(shapes.CHAT_PATH, body)
@@ -59,11 +99,14 @@ class RunnerClient:
     async def embedding(self, body: shapes.EmbeddingBody) -> shapes.EmbeddingList:
         return cast(shapes.EmbeddingList, json.loads(await whole(await self.open(shapes.EMBEDDING_PATH, body))))
 
+    async def tokenize(self, body: shapes.TokenizeChatBody | shapes.TokenizeTextBody) -> shapes.TokenizeAnswer:
+        return cast(shapes.TokenizeAnswer, json.loads(await whole(await self.open(shapes.TOKENIZE_PATH, body))))
+
     async def open(self, path: str, body: Any) -> RunnerResponse:
         """POST and return the response once its status is known; a runner error status becomes an MgrError
         with the runner's status and message, a runner that does not answer RunnerFailed."""
         try:
-            response = await self.pool.post_json(self.port, path, body)
+            response = await self.pool.post_json(self.port, path, body, self.on_hung, self.auth_line)
             if response.status_code != 200:
                 raw = await response.read()
                 await response.aclose()
@@ -71,6 +114,11 @@ class RunnerClient:
         except RunnerGone as e:
             raise RunnerFailed(str(e)) from None
         return response
+
+    def end_open(self, error: MgrError) -> None:
+        """End every exchange open with this runner now (a draining daemon's deadline): streams get a last
+        error event, waits raise `error`."""
+        self.pool.end_open(self.port, error)
 
 
 async def whole(response: RunnerResponse) -> bytes:
@@ -106,19 +154,26 @@ async def events(response: RunnerResponse) -> AsyncIterator[dict[str, Any]]:
 class RunnerPool:
     """Pooled keep-alive connections to every runner on 127.0.0.1, by port: one per daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_byte_timeout: float = FIRST_BYTE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._idle: dict[tuple[str, int], list[Connection]] = defaultdict(list)
+        # <= 0: no limit
+        self.first_byte_timeout = first_byte_timeout if first_byte_timeout > 0 else float("inf")
+        self.idle_timeout = idle_timeout if idle_timeout > 0 else float("inf")
+        self._open: set[_Exchange] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
-    def client(self, port: int) -> RunnerClient:
-        return RunnerClient(self, port)
+    def client(self, port: int, secret: str = "") -> RunnerClient:
+        return RunnerClient(self, port, secret)
 
-    async def post_json(self, port: int, path: str, body: Any) -> RunnerResponse:
+    async def post_json(self, port: int, path: str, body: Any,
+                        on_hung: Callable[[], None] | None = None, auth_line: str = "") -> RunnerResponse:
         host = "127.0.0.1"
         payload = json.dumps(body).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                f"Accept: */*\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+                f"Accept: */*\r\n{auth_line}Content-Length: {len(payload)}\r\n\r\n").encode()
         for attempt in (1, 2):
             reader, writer, reused = await self._connect(host, port)
+            exchange = self._watch(port, writer, on_hung)
             try:
                 writer.write(head + payload)
                 status_line = await reader.readline()
@@ -127,14 +182,55 @@ class RunnerPool:
                 raw_headers = await reader.readuntil(b"\r\n\r\n")
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
                 writer.close()
+                self._open.discard(exchange)
+                if exchange.ended is not None:
+                    raise exchange.ended from None
                 if reused and attempt == 1:
                     continue  # a pooled keep-alive connection the runner had closed: once more, fresh
                 raise RunnerGone(f"the model runner did not answer: {e}") from None
             except BaseException:  # cancelled (the client left): closing the connection stops the runner
                 writer.close()
+                self._open.discard(exchange)
                 raise
-            return RunnerResponse(self, (host, port), reader, writer, status_line, raw_headers)
+            if exchange.ended is not None:  # it came just as the deadline passed
+                self._open.discard(exchange)
+                raise exchange.ended
+            exchange.waiting, exchange.limit, exchange.answering = 0.0, self.idle_timeout, True
+            return RunnerResponse(self, (host, port), reader, writer, status_line, raw_headers, exchange)
         raise AssertionError("unreachable")
+
+    # watching ----------------------------------------------------------------------------------------
+    def _watch(self, port: int, writer: asyncio.StreamWriter, on_hung: Callable[[], None] | None) -> _Exchange:
+        exchange = _Exchange(port, writer, self.first_byte_timeout, on_hung)
+        self._open.add(exchange)
+        watchdog = self._watchdog
+        if min(self.first_byte_timeout, self.idle_timeout) != float("inf") and (
+                watchdog is None or watchdog.done() or watchdog.get_loop() is not asyncio.get_running_loop()):
+            self._watchdog = asyncio.ensure_future(self._watch_open())  # (a pool may outlive an event loop: tests)
+        return exchange
+
+    async def _watch_open(self) -> None:
+        """End exchanges whose runner has kept a read waiting past its limit; stop when none is open."""
+        tick = max(0.05, min(1.0, self.first_byte_timeout / 4, self.idle_timeout / 4))
+        while self._open:
+            await asyncio.sleep(tick)
+            now = _now()
+            for exchange in list(self._open):
+                if exchange.waiting and exchange.ended is None and now - exchange.waiting > exchange.limit:
+                    where = "in the middle of its answer (runner_idle_timeout)" if exchange.answering \
+                        else "after the request (runner_timeout)"
+                    exchange.end(RunnerTimedOut(f"the model runner sent nothing for {exchange.limit:.0f}s {where}; "
+                                                "it is taken as hung and started again"))
+                    self._open.discard(exchange)
+                    if exchange.on_hung is not None:
+                        exchange.on_hung()
+
+    def end_open(self, port: int | None, error: MgrError) -> None:
+        """End the open exchanges with one runner (or with all, for None) with `error`."""
+        for exchange in list(self._open):
+            if port is None or exchange.port == port:
+                exchange.end(error)
+                self._open.discard(exchange)
 
     async def _connect(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         idle = self._idle[(host, port)]
@@ -161,15 +257,19 @@ class RunnerPool:
             for _, writer in idle:
                 writer.close()
         self._idle.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
 
 class RunnerResponse:
     def __init__(self, pool: RunnerPool, key: tuple[str, int], reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, status_line: bytes, raw_headers: bytes) -> None:
+                 writer: asyncio.StreamWriter, status_line: bytes, raw_headers: bytes,
+                 exchange: _Exchange | None = None) -> None:
         self._pool = pool
         self._key = key
         self._reader = reader
         self._writer = writer
+        self._exchange = exchange or _Exchange(key[1], writer, float("inf"), None)
         self._complete = False
         self._closed = False
         try:
@@ -185,9 +285,20 @@ class RunnerResponse:
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self._length = int(headers["content-length"]) if "content-length" in headers else None
         self._keep_alive = headers.get("connection", "").lower() != "close"
+        self._sse = headers.get("content-type", "").startswith("text/event-stream")
+
+    async def _read(self, size: int) -> bytes:
+        """The next bytes, with the wait watched; b"" at the end, or when the daemon ended the exchange."""
+        exchange = self._exchange
+        exchange.waiting = _now()
+        try:
+            return await self._reader.read(size)
+        finally:
+            exchange.waiting = 0.0
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, framing removed; raises RunnerGone if it ends early."""
+        """The body as it arrives, framing removed; raises RunnerGone if it ends early. One the daemon ended
+        (a timeout, a shutdown) finishes with its error: as a last SSE event for a stream, else raised."""
         try:
             if self._chunked:
                 async for data in self._chunks():
@@ -195,18 +306,26 @@ class RunnerResponse:
             elif self._length is not None:
                 left = self._length
                 while left:
-                    data = await self._reader.read(min(left, READ_SIZE))
+                    data = await self._read(min(left, READ_SIZE))
                     if not data:
                         raise RunnerGone("the model runner closed the connection mid-response")
                     left -= len(data)
                     yield data
             else:
-                while data := await self._reader.read(READ_SIZE):
+                while data := await self._read(READ_SIZE):
                     yield data
                 self._keep_alive = False
             self._complete = True
-        except (OSError, asyncio.IncompleteReadError) as e:
-            raise RunnerGone(f"the model runner stopped mid-response: {e}") from None
+        except (OSError, asyncio.IncompleteReadError, RunnerGone) as e:
+            ended = self._exchange.ended
+            if ended is None:
+                raise e if isinstance(e, RunnerGone) else RunnerGone(f"the model runner stopped mid-response: {e}") \
+                    from None
+            if not self._sse:
+                raise ended from None
+            yield b"\n\ndata: " + json.dumps(openai_error_body(ended.message, ended.status)).encode() + b"\n\n"
+        finally:
+            self._pool._open.discard(self._exchange)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         buffer = bytearray()
@@ -227,7 +346,7 @@ class RunnerResponse:
                 del buffer[:end + 2]
             if out:
                 yield bytes(out)  # everything that arrived together, as one piece
-            data = await self._reader.read(READ_SIZE)
+            data = await self._read(READ_SIZE)
             if not data:
                 raise RunnerGone("the model runner closed the connection mid-response")
             buffer += data
@@ -238,6 +357,7 @@ class RunnerResponse:
     def abort(self) -> None:
         """Close the connection now (the client has gone): a pending read ends and the runner stops."""
         self._closed = True
+        self._pool._open.discard(self._exchange)
         self._writer.close()
 
     async def aclose(self) -> None:
@@ -246,6 +366,7 @@ class RunnerResponse:
         if self._closed:
             return
         self._closed = True
+        self._pool._open.discard(self._exchange)
         if self._complete and self._keep_alive:
             self._pool._give_back(self._key, (self._reader, self._writer))
         else:

@@ -31,6 +31,15 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+def kill_group(pid: int) -> None:
+    """SIGKILL a runner's whole process group at once: for a runner that no longer answers, where SIGTERM
+    would only start a grace period it cannot use."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

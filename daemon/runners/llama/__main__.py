@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--gpu-layers", type=int, default=-1, help="-1 = all, when the build has a GPU backend")
     p.add_argument("--mmproj", default=None, help="a vision model's projector GGUF: images are accepted with it")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template used instead of the model's own")
+    p.add_argument("--lora", default=None, help="a GGUF LoRA adapter applied to every request")
     return p.parse_args(argv)
 
 
@@ -38,6 +40,7 @@ async def serve(args: argparse.Namespace) -> int:
     engine = Engine(EngineConfig(
         model_path=args.model, n_parallel=args.parallel, n_ctx_per_seq=args.ctx_size,
         n_batch=args.batch_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, mmproj=args.mmproj,
+        chat_template=args.chat_template, lora=args.lora,
     ))
     engine.start()
     server = uvicorn.Server(uvicorn.Config(

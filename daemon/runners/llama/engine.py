@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import ctypes
 import dataclasses
 import heapq
 import logging
@@ -47,11 +46,14 @@ import llama_cpp as llama
 import numpy as np
 
 from ...protocol.shapes import FinishReason
+from . import faults
 from .embeddings import Embedder, put_token
+from .lora import apply_lora
 from .reasoning import CLOSE, OPEN
 from .sampling import BadRequest, SamplingParams, StopMatcher
 from .tool_calls import MARKERS
 from .vision import Vision
+from .vocabulary import Vocabulary
 
 log = logging.getLogger("mgr.runner")
 
@@ -65,6 +67,8 @@ class EngineConfig:
     n_threads: int = 2
     n_gpu_layers: int = -1  # -1 = all layers when the build can offload
     mmproj: str | None = None  # a vision model's projector: images are accepted when it is set
+    chat_template: str | None = None  # a Jinja chat template given at create, used instead of the model's
+    lora: str | None = None  # a GGUF LoRA adapter given at create, applied to every sequence
 
 
 # What output parsers look for: rendered as text for the requests they read, even where they are control tokens.
@@ -82,6 +86,9 @@ class EventUsage(TypedDict, total=False):
     prompt_ms: float
     predicted_ms: float
     data: list[list[float]]  # the vectors, one per input
+    truncated: int  # "started": prompt tokens dropped to fit the context (oldest messages first)
+    prompt_token_ids: list[int]  # "done": the prompt as the model read it
+    token_ids: list[int]  # "done": the tokens generated, the end-of-generation token included (as vLLM's)
 
 
 @dataclasses.dataclass
@@ -101,9 +108,16 @@ class Submission:
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False  # set by the asyncio side; read by the engine at every step
+        self.fault: faults.Fault | None = None  # the test hook (faults.py): where this request makes the engine fail
 
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def cancel(self) -> None:
+        """The client has gone (asyncio side): the engine drops the request at its next step, and whoever awaits
+        its next event is answered now (one still waiting for a sequence slot would otherwise wait on)."""
+        self.cancelled = True
+        self.events.put_nowait(Event("error", text="the client has gone", status=499))
 
 
 class Request(Submission):
@@ -113,17 +127,18 @@ class Request(Submission):
     messages dropped first; the engine renders them only when `prompt` does not fit, and takes the first
     that does."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, params: SamplingParams, prompt: str,
+    def __init__(self, loop: asyncio.AbstractEventLoop, params: SamplingParams, prompt: str | list[int],
                  add_special: bool, shorter: Iterator[str] = iter(()), *, top_logprobs: int | None = None,
                  specials: frozenset[int] = frozenset(), images: tuple[bytes, ...] = ()) -> None:
         super().__init__(loop)
         self.params = params
-        self.prompt = prompt
+        self.prompt = prompt  # text, or token ids read as they are (OpenAI's token prompts)
         self.shorter = shorter
         self.add_special = add_special
         self.top_logprobs = top_logprobs  # None: no logprobs; N: the chosen token's and the top N
         self.specials = specials  # control tokens rendered as their text (others render as nothing)
         self.images = images  # image file bytes, one per media marker in `prompt`, in order
+        self.truncated = 0  # tokens the handler already dropped to fit (truncation.py); `prompt` is then token ids
 
 
 class EmbedRequest(Submission):
@@ -148,11 +163,13 @@ class _Slot:
         self.n_past = 0  # tokens in this sequence's KV cache
         self.last_token = -1
         self.n_generated = 0
+        self.generated: list[int] = []  # for return_token_ids and Ollama's context
         self.chain = chain
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopMatcher(request.params.stop)
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
+        self.truncated = 0  # prompt tokens dropped to fit, told with "started" (at the first token)
         self.logit_index = -1
         self.pending: list[LogprobEntry] = []  # logprobs of tokens whose text is still held back
         self.sample = sample  # the engine's _sample, or _sample_rich for logprobs and rendered control tokens
@@ -173,6 +190,9 @@ class Engine:
     n_batch: int
     add_bos: bool
     eog_tokens: list[int]
+    tokenize: Callable[[str, bool], list[int]]  # these three are the Vocabulary's; tokenize works on any thread
+    _piece: Callable[[int], bytes]
+    _piece_special: Callable[[int], bytes]
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -215,51 +235,33 @@ class Engine:
         self.ready.set()
         try:
             self._loop()
-        except Exception:
-            log.exception("engine failed")
-            raise
+        except BaseException as e:
+            faults.engine_cannot_go_on(e)  # the process ends here: the daemon starts a new runner
         finally:
             self._free()
 
     def _load(self) -> None:
         cfg = self.config
         self.model, on_gpu = _load_model(cfg)
-        self.vocab = llama.llama_model_get_vocab(self.model)
-        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        words = Vocabulary(self.model, OUTPUT_MARKERS)
+        self.vocab, self.n_vocab, self.tokenize, self._piece = words.vocab, words.n_vocab, words.tokenize, words.piece
+        self._piece_special, self.bos_text, self.eos_text = words.piece_special, words.bos_text, words.eos_text
+        self.add_bos, self.fim, self.controls = words.add_bos, words.fim, words.controls
+        self.eog_tokens = words.eog_tokens
         self.ctx = _new_context(self.model, cfg)
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_ctx_seq = llama.llama_n_ctx_seq(self.ctx)
         self.n_batch = min(cfg.n_batch, llama.llama_n_batch(self.ctx))
         self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
         template = llama.llama_model_chat_template(self.model, None)
-        self.chat_template = template.decode("utf-8", errors="replace") if template else None
-        self.bos_text = self._special_text(llama.llama_vocab_bos(self.vocab))
-        self.eos_text = self._special_text(llama.llama_vocab_eos(self.vocab))
-        self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self.chat_template = cfg.chat_template or (template.decode("utf-8", errors="replace") if template else None)
         self.n_embd = llama.llama_model_n_embd(self.model)
-        fim = [self._special_text(llama.llama_vocab_fim_pre(self.vocab)),
-               self._special_text(llama.llama_vocab_fim_suf(self.vocab)),
-               self._special_text(llama.llama_vocab_fim_mid(self.vocab))]
-        self.fim = (fim[0], fim[1], fim[2]) if all(fim) else None
-        self.controls = {}  # the output markers that are control tokens (rendered as nothing unless asked)
-        for text in OUTPUT_MARKERS:
-            tokens = self.tokenize(text, False)
-            if len(tokens) == 1 and llama.llama_vocab_get_attr(self.vocab, tokens[0]) & llama.LLAMA_TOKEN_ATTR_CONTROL:
-                self.controls[text] = tokens[0]
-        self.eog_tokens = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
         if cfg.mmproj:
             self.vision = Vision(cfg.mmproj, self.model, use_gpu=on_gpu, n_threads=cfg.n_threads)
-        self._piece_buffer = ctypes.create_string_buffer(256)
         self._free_seq_ids = list(range(cfg.n_parallel))
         self._slots: list[_Slot] = []
         log.info("loaded %s: %d sequences x %d tokens, batch %d, %d threads",
                  cfg.model_path, cfg.n_parallel, self.n_ctx_seq, self.n_batch, cfg.n_threads)
-
-    def _special_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        text = llama.llama_vocab_get_text(self.vocab, token)
-        return text.decode("utf-8", errors="replace") if text else ""
 
     def _free(self) -> None:
         if self._embedder is not None:
@@ -273,34 +275,6 @@ class Engine:
         llama.llama_free(self.ctx)
         llama.llama_model_free(self.model)
 
-    def tokenize(self, text: str, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        tokens = (llama.llama_token * capacity)()
-        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
-        if n < 0:
-            capacity = -n
-            tokens = (llama.llama_token * capacity)()
-            n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
-        return list(tokens[:n])
-
-    def _piece(self, token: int) -> bytes:
-        n = llama.llama_token_to_piece(self.vocab, token, self._piece_buffer, 256, 0, False)
-        if n < 0:
-            buffer = ctypes.create_string_buffer(-n)
-            n = llama.llama_token_to_piece(self.vocab, token, buffer, -n, 0, False)
-            return buffer.raw[:n]
-        return self._piece_buffer.raw[:n]
-
-    def _piece_special(self, token: int) -> bytes:
-        """A token's text, control tokens included (`_piece` renders them as nothing)."""
-        buffer = ctypes.create_string_buffer(256)
-        n = llama.llama_token_to_piece(self.vocab, token, buffer, 256, 0, True)
-        if n < 0:
-            buffer = ctypes.create_string_buffer(-n)
-            n = llama.llama_token_to_piece(self.vocab, token, buffer, -n, 0, True)
-        return buffer.raw[:n]
-
     def _admit(self, block: bool) -> None:
         """Drain the inbox: embeddings are answered at once, generations take free slots in arrival order."""
         while True:
@@ -310,27 +284,46 @@ class Engine:
                 break
             block = False
             if isinstance(request, EmbedRequest):
-                self._embed(request)
+                self._begin(request)
             else:
                 self._waiting.append(request)
         while self._free_seq_ids and self._waiting:
             request = self._waiting.popleft()
             if not request.cancelled:
-                self._start(request)
+                self._begin(request)
+
+    def _begin(self, request: Request | EmbedRequest) -> None:
+        """Start a generation (or answer an embedding); its failure is its own error, the engine goes on."""
+        if request.fault == "engine":  # raised outside any request's guard, as an engine bug would be
+            raise faults.InjectedFault("injected into the engine loop (test hook)")
+        try:
+            if request.fault == "start":
+                raise faults.InjectedFault("injected while starting a request (test hook)")
+            if isinstance(request, EmbedRequest):
+                self._embed(request)
+                return
+            self._start(request)
+            if request.fault == "sample" and self._slots and (slot := self._slots[-1]).request is request:
+                slot.sample = faults.failing_after_first(slot.sample)
+        except Exception as e:
+            self._failed(request, e)
+
+    def _failed(self, request: Submission, error: Exception) -> None:
+        """A request's own failure: its error is answered, and what it held (its sequence) given back."""
+        status, message = faults.request_error(error)
+        request.emit(Event("error", text=message, status=status))
+        for slot in [s for s in self._slots if s.request is request]:
+            self._release(slot)
+        for seq_id in set(range(self.config.n_parallel)) - {s.seq_id for s in self._slots} - set(self._free_seq_ids):
+            llama.llama_memory_seq_rm(self.memory, seq_id, -1, -1)  # taken, not yet occupied, when it failed
+            heapq.heappush(self._free_seq_ids, seq_id)
 
     def _embed(self, request: EmbedRequest) -> None:
         if request.cancelled:
             return
         if self._embedder is None:
             self._embedder = Embedder(self.model, self.config.n_ctx_per_seq, self.config.n_threads, self.tokenize)
-        try:
-            vectors, n_tokens = self._embedder.embed(request.inputs, request.truncate)
-        except BadRequest as e:
-            request.emit(Event("error", text=str(e), status=400))
-            return
-        except RuntimeError as e:
-            request.emit(Event("error", text=str(e)))
-            return
+        vectors, n_tokens = self._embedder.embed(request.inputs, request.truncate)  # a failure: _failed answers it
         request.emit(Event("embeddings", usage={"data": vectors, "prompt_tokens": n_tokens}))
 
     def _prompt_tokens(self, request: Request, text: str) -> list[int]:
@@ -342,29 +335,47 @@ class Engine:
         return request.add_special and self.add_bos and not bos_written
 
     def _start(self, request: Request) -> None:
-        try:
-            if request.images:
-                self._start_media(request)
-                return
-            tokens = self._prompt_tokens(request, request.prompt)
-            n_full = len(tokens)
-            while len(tokens) >= self.n_ctx_seq:  # no room to generate: try shorter renderings, if allowed
-                tokens = self._prompt_tokens(request, next(request.shorter, None) or _too_long(n_full, self.n_ctx_seq))
-            if not tokens:
-                raise BadRequest("the prompt is empty")
-            chain = request.params.build_chain(self.vocab, self.n_vocab, self.eog_tokens)
-        except BadRequest as e:
-            request.emit(Event("error", text=str(e), status=400))
+        """Take a slot; a prompt that cannot be read raises (BadRequest: 400), and _begin answers it."""
+        if request.images:
+            self._start_media(request)
             return
-        self._occupy(_Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain, self._sampler(request)))
+        tokens = self._given_tokens(request.prompt) if isinstance(request.prompt, list) \
+            else self._prompt_tokens(request, request.prompt)
+        n_full = len(tokens) + request.truncated
+        while len(tokens) >= self.n_ctx_seq:  # no room to generate: try shorter renderings, if allowed
+            tokens = self._prompt_tokens(request, next(request.shorter, None) or _too_long(n_full, self.n_ctx_seq))
+        if not tokens:
+            raise BadRequest("the prompt is empty")
+        chain = request.params.build_chain(self.vocab, self.n_vocab, self.eog_tokens)
+        if len(tokens) < n_full:  # never silent: the runner's answer says so in a header, and the log
+            log.info("prompt truncated to fit the context of %d: %d of %d tokens dropped (oldest messages)",
+                     self.n_ctx_seq, n_full - len(tokens), n_full)
+        self._occupy(_Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain, self._sampler(request)),
+                     n_full - len(tokens))
+
+    def _given_tokens(self, tokens: list[int]) -> list[int]:
+        """A prompt sent as token ids: each must be in the vocabulary (llama_decode aborts the process on one
+        that is not)."""
+        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.n_vocab),
+                   None)
+        if bad is not None:
+            raise BadRequest(f"the prompt's token id {bad!r} is not in this model's vocabulary "
+                             f"(0 to {self.n_vocab - 1})")
+        return tokens
 
     def _sampler(self, request: Request) -> Callable[[_Slot], None]:
         return self._sample_rich if request.top_logprobs is not None or request.specials else self._sample
 
-    def _occupy(self, slot: _Slot) -> None:
+    def _occupy(self, slot: _Slot, truncated: int = 0) -> None:
         self._slots.append(slot)
         self.active = len(self._slots)
-        slot.request.emit(Event("started"))
+        slot.truncated = truncated
+
+    def _first_token(self, slot: _Slot) -> None:
+        """The "started" event goes out with the first token: an answer begins once its prompt is read, so that
+        the daemon's first-byte timeout covers the queue and the prompt, and its idle timeout only the tokens."""
+        slot.t_first = time.perf_counter()
+        slot.request.emit(Event("started", usage={"truncated": slot.truncated} if slot.truncated else None))
 
     def _start_media(self, request: Request) -> None:
         """Admit a request with images: its whole prompt evaluated now into its sequence (vision.py), its
@@ -372,6 +383,8 @@ class Engine:
         image, no room in the context) is a 400, and the slot is given back."""
         if self.vision is None:
             raise BadRequest("the model does not support images")
+        if not isinstance(request.prompt, str):
+            raise BadRequest("images need the prompt as text, not token ids")
         chain = request.params.build_chain(self.vocab, self.n_vocab, self.eog_tokens)
         seq_id = heapq.heappop(self._free_seq_ids)
         t_start = time.perf_counter()
@@ -406,6 +419,8 @@ class Engine:
             "completion_tokens": slot.n_generated,
             "prompt_ms": (t_first - slot.t_start) * 1000,
             "predicted_ms": (now - t_first) * 1000,
+            "prompt_token_ids": slot.prompt,
+            "token_ids": slot.generated,
         }))
         self._release(slot)
 
@@ -463,12 +478,16 @@ class Engine:
                 continue
             for slot in list(self._slots):
                 if slot.logit_index >= 0:
-                    slot.sample(slot)
+                    try:
+                        slot.sample(slot)
+                    except Exception as e:  # that sequence's failure, not the engine's
+                        self._failed(slot.request, e)
 
     def _sample(self, slot: _Slot) -> None:
         token: int = llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index)
         if slot.t_first is None:
-            slot.t_first = time.perf_counter()
+            self._first_token(slot)
+        slot.generated.append(token)
         if llama.llama_vocab_is_eog(self.vocab, token):
             self._finish(slot, "stop", flush=True)
             return
@@ -487,7 +506,8 @@ class Engine:
         """`_sample`, with logprobs and control tokens rendered, as the request asked."""
         token: int = llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index)
         if slot.t_first is None:
-            slot.t_first = time.perf_counter()
+            self._first_token(slot)
+        slot.generated.append(token)
         if llama.llama_vocab_is_eog(self.vocab, token):
             self._finish(slot, "stop", flush=True)
             return
@@ -533,7 +553,8 @@ def _load_model(cfg: EngineConfig) -> tuple[Any, bool]:
 
 
 def _new_context(model: Any, cfg: EngineConfig) -> Any:
-    """n_parallel sequences of n_ctx_per_seq tokens (at most what the model was trained for), each its own."""
+    """n_parallel sequences of n_ctx_per_seq tokens (at most what the model was trained for), each its own,
+    with the model's LoRA adapter when it has one."""
     train_ctx = llama.llama_model_n_ctx_train(model)
     per_seq = min(cfg.n_ctx_per_seq, train_ctx) if train_ctx > 0 else cfg.n_ctx_per_seq
     ctx_params = llama.llama_context_default_params()
@@ -548,6 +569,8 @@ def _new_context(model: Any, cfg: EngineConfig) -> Any:
     ctx = llama.llama_init_from_model(model, ctx_params)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context (not enough memory for the KV cache?)")
+    if cfg.lora:
+        apply_lora(model, ctx, cfg.lora)
     return ctx
 
 

@@ -13,7 +13,22 @@ from typing import Any
 import llama_cpp as llama
 from llama_cpp import llama_grammar
 
+from ...protocol.limits import MAX_LOGIT_BIAS, SAMPLING_RANGES
+
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per sampler
+# Where each sampling field must lie (inclusive; protocol/limits.py, which the daemon checks too); outside, the
+# request is a 400. llama.cpp takes them as C ints and floats: a NaN, an infinity or a value past 32 bits is
+# undefined there, and some sizes are allocations (repeat_last_n is a ring buffer per request: 50,000,000 asked
+# for hundreds of MiB). Model-relative bounds (repeat_last_n at most the context, top_k at most the vocabulary)
+# are checked against the loaded model.
+RANGES = SAMPLING_RANGES
+MAX_STOPS = 16  # each is matched against the text held back at every token, on the engine thread
+MAX_STOP_CHARS = 256
+# A raw GBNF grammar: llama.cpp parses nested groups and follows rule references recursively in C, so a deep
+# one overflows the engine thread's stack (a grammar nested 100,000 deep ended the runner with SIGSEGV).
+MAX_GRAMMAR_CHARS = 128 * 1024
+MAX_GRAMMAR_DEPTH = 128
+MAX_GRAMMAR_RULES = 4096
 
 
 class BadRequest(ValueError):
@@ -39,7 +54,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_request(cls, body: dict[str, Any]) -> SamplingParams:
+    def from_request(cls, body: dict[str, Any], *, n_ctx: int = 0, n_vocab: int = 0) -> SamplingParams:
+        """The sampling fields of an OpenAI/vLLM body, each checked against RANGES, and against the loaded
+        model's context (`n_ctx`) and vocabulary (`n_vocab`) where those are given."""
         params = cls()
         numeric = {
             "temperature": float, "top_k": int, "top_p": float, "min_p": float, "typical_p": float,
@@ -54,6 +71,13 @@ class SamplingParams:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise BadRequest(f"{key} must be a number, got {value!r}")
+            low, high = RANGES[key]
+            if key == "repeat_last_n" and n_ctx:
+                high = n_ctx
+            elif key == "top_k" and n_vocab:
+                high = n_vocab
+            if not low <= value <= high:  # also false for NaN
+                raise BadRequest(f"{key} must be from {_number(low)} to {_number(high)}, got {value!r}")
             setattr(params, key, kind(value))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None:
@@ -62,11 +86,13 @@ class SamplingParams:
             params.max_tokens = max_tokens if max_tokens >= 0 else None
         stop = body.get("stop")
         if isinstance(stop, str):
-            params.stop = [stop]
+            params.stop = [stop] if stop else []
         elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
             params.stop = [s for s in stop if s]
         elif stop is not None:
             raise BadRequest("stop must be a string or a list of strings")
+        if len(params.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in params.stop):
+            raise BadRequest(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each")
         params.grammar = grammar_from_request(body)
         params.ignore_eos = bool(body.get("ignore_eos", False))
         bias = body.get("logit_bias") or {}
@@ -74,10 +100,14 @@ class SamplingParams:
             raise BadRequest("logit_bias must map token ids to biases")
         try:
             params.logit_bias = {int(token): float(value) for token, value in bias.items()}
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise BadRequest("logit_bias must map token ids to numbers") from None
+        if not all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for b in params.logit_bias.values()):
+            raise BadRequest(f"logit_bias values must be from -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}")
         if params.top_k < 0:
             params.top_k = 0
+        if params.repeat_last_n < 0:  # llama.cpp's and Ollama's -1: the whole context
+            params.repeat_last_n = n_ctx or 64
         return params
 
     def build_chain(self, vocab: Any, n_vocab: int, eog_tokens: list[int]) -> Any:
@@ -124,7 +154,10 @@ def grammar_from_request(body: dict[str, Any]) -> str | None:
     """GBNF for OpenAI's response_format (json_object / json_schema) or a raw `grammar` field."""
     grammar = body.get("grammar")
     if isinstance(grammar, str):
+        check_grammar(grammar)
         return grammar
+    if grammar is not None:
+        raise BadRequest("grammar must be a string (GBNF)")
     fmt = body.get("response_format")
     if fmt is None:
         return None
@@ -142,6 +175,43 @@ def grammar_from_request(body: dict[str, Any]) -> str | None:
     except Exception as e:  # the converter raises plain exceptions for unsupported schemas
         raise BadRequest(f"unsupported JSON schema: {e}") from None
     return gbnf
+
+
+def check_grammar(grammar: str) -> None:
+    """Refuse a raw GBNF grammar that llama.cpp's recursive parser could not take safely: too long, groups
+    nested too deep, or too many rules (rule references are followed recursively too)."""
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise BadRequest(f"grammar is {len(grammar)} characters; at most {MAX_GRAMMAR_CHARS} are accepted")
+    if grammar.count("::=") > MAX_GRAMMAR_RULES:
+        raise BadRequest(f"grammar has more than {MAX_GRAMMAR_RULES} rules")
+    depth = deepest = 0
+    quote = ""  # the closing character of the literal or character class being read
+    escaped = comment = False
+    for char in grammar:
+        if comment:
+            comment = char != "\n"
+        elif quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char == "#":
+            comment = True
+        elif char in "\"[":
+            quote = "]" if char == "[" else char
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    if deepest > MAX_GRAMMAR_DEPTH:
+        raise BadRequest(f"grammar nests groups {deepest} deep; at most {MAX_GRAMMAR_DEPTH} are accepted")
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value == int(value) and abs(value) >= 1000 else f"{value:g}"
 
 
 class StopMatcher:

@@ -17,8 +17,11 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import math
+import os
 import struct
 import time
 import uuid
@@ -26,12 +29,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ...protocol import shapes, sse
+from ...protocol import shapes, sse, surrogates
 from ...protocol.errors import openai_error_body
+from ...protocol.runner_secret import RUNNER_SECRET_ENV, RequireSecret
+from . import faults, prompts, truncation
 from . import tools as tool_plans
 from .engine import EmbedRequest, Engine, Event, EventUsage, Request
 from .output import ChatOutput, Message, TextLogprobs, chat_logprobs, merge_text_logprobs
@@ -42,6 +48,10 @@ from .tool_calls import MARKERS, ToolCallParser, detect_family
 
 MAX_CHOICES = 128
 MAX_TOP_LOGPROBS = 20
+# Variables the runner gives every chat template itself: chat_template_kwargs cannot set them too.
+TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
+log = logging.getLogger("mgr.runner")
 
 
 def error_response(message: str, status: int) -> JSONResponse:
@@ -49,13 +59,73 @@ def error_response(message: str, status: int) -> JSONResponse:
 
 
 async def _read_json(request: HttpRequest) -> dict[str, Any]:
+    raw = await request.body()
     try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise BadRequest("the request body is not valid JSON") from None
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON (or nests too deep)") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    if (where := surrogates.lone_surrogate(raw, body)) is not None:  # it must never reach the tokenizer
+        raise BadRequest(surrogates.message(where))
     return body
+
+
+async def _internal_error(_: HttpRequest, error: Exception) -> Response:
+    """Whatever a handler did not expect: a short message in the protocol's shape (the log has the rest)."""
+    status, message = faults.request_error(error)
+    return error_response(message, status)
+
+
+def _check_stream_options(body: dict[str, Any]) -> None:
+    """`stream` and `stream_options` are read only once generation has started: their shape is checked before."""
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise BadRequest("stream must be true or false")
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise BadRequest('stream_options must be an object, as in {"include_usage": true}')
+    if options.get("include_usage") is not None and not isinstance(options["include_usage"], bool):
+        raise BadRequest("stream_options.include_usage must be true or false")
+
+
+def _template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise BadRequest("chat_template_kwargs must be an object")
+    taken = [key for key in TEMPLATE_VARIABLES if key in kwargs]
+    if taken:
+        raise BadRequest(f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields do")
+    return kwargs
+
+
+def _chat_tokens(engine: Engine, text: str) -> list[int]:
+    """A rendered chat's tokens, as the engine would read them (BOS added unless the template wrote it)."""
+    return engine.tokenize(text, engine.add_bos and not (engine.bos_text and text.startswith(engine.bos_text)))
+
+
+def _limits(engine: Engine) -> dict[str, int]:
+    """The loaded model's context and vocabulary, which bound some sampling fields (0: not loaded yet)."""
+    return {"n_ctx": engine.n_ctx_seq, "n_vocab": getattr(engine, "n_vocab", 0)}
+
+
+def _submit(engine: Engine, request: Request, extras: Extras | None) -> None:
+    if extras is not None:
+        request.truncated, request.fault = extras.truncated, extras.fault
+    engine.submit(request)
+
+
+def _render(template: ChatTemplate, messages: list[dict[str, Any]], tools: Any, kwargs: dict[str, Any]) -> str:
+    """The prompt; a template that fails on what this request sent (its kwargs, its messages) is a 400."""
+    try:
+        return template.render(messages, tools=tools, **kwargs)
+    except BadRequest:
+        raise
+    except Exception as e:
+        raise BadRequest(f"the chat template failed on this request ({type(e).__name__}: {e})") from None
 
 
 async def _watch_disconnect(http: HttpRequest, *requests: Request) -> None:
@@ -65,7 +135,7 @@ async def _watch_disconnect(http: HttpRequest, *requests: Request) -> None:
         message = await http.receive()
         if message["type"] == "http.disconnect":
             for request in requests:
-                request.cancelled = True
+                request.cancel()
             return
 
 
@@ -78,6 +148,9 @@ class Extras:
     specials: frozenset[int] = frozenset()  # control tokens the parsers need rendered
     output: Callable[[], ChatOutput] | None = None  # chat: a choice's parsers (reasoning, tool calls)
     echo: str = ""  # completions: the prompt, put before the answer
+    truncated: int = 0  # chat: prompt tokens already dropped to fit (truncation.py); the prompt is then token ids
+    fault: faults.Fault | None = None  # the test hook (faults.py)
+    token_ids: bool = False  # vLLM's return_token_ids: the prompt's and each choice's token ids, on the last chunk
 
     @property
     def plain(self) -> bool:
@@ -104,7 +177,11 @@ class RunnerApp:
             Route(shapes.CHAT_PATH, self.chat, methods=["POST"]),
             Route(shapes.COMPLETION_PATH, self.completions, methods=["POST"]),
             Route(shapes.EMBEDDING_PATH, self.embeddings, methods=["POST"]),
-        ])
+            Route(shapes.TOKENIZE_PATH, self.tokenize, methods=["POST"]),
+        ], exception_handlers={Exception: _internal_error},
+            # the daemon's per-runner secret (protocol/runner_secret.py); none set (a test's runner): no check
+            middleware=[Middleware(RequireSecret, secret=secret)] if (secret := os.environ.get(RUNNER_SECRET_ENV))
+            else [])
 
     @property
     def template(self) -> ChatTemplate:
@@ -133,34 +210,40 @@ class RunnerApp:
             images: list[bytes] | None = [] if vision is not None else None
             messages = normalize_messages(body.get("messages"), images, vision.marker if vision else "")
             plan = tool_plans.plan(body)
-            kwargs = body.get("chat_template_kwargs") or {}
-            if not isinstance(kwargs, dict):
-                raise BadRequest("chat_template_kwargs must be an object")
+            kwargs = _template_kwargs(body)
             effort = body.get("reasoning_effort")
             if effort is not None:
                 if effort not in ("low", "medium", "high"):
                     raise BadRequest('reasoning_effort must be "low", "medium" or "high"')
                 kwargs = {"reasoning_effort": effort, **kwargs}  # for templates that read it (gpt-oss)
-            template, tools = self.template, plan.tools
-            prompt = template.render(messages, tools=tools, **kwargs)
+            template, tools = prompts.request_template(body, self.template, self.engine), plan.tools
+            _check_stream_options(body)
+            params = SamplingParams.from_request(body, **_limits(self.engine))
             # an image prompt is never shortened (its images would no longer match its markers): too long is a 400
-            truncate = bool(body.get("truncate")) and not images
-
-            def shorter() -> Iterator[str]:
-                return (template.render(m, tools=tools, **kwargs) for m in _shorter_conversations(messages, truncate))
-
-            params = SamplingParams.from_request(body)
-            extras = self._chat_extras(body, plan, kwargs, prompt, params)
+            fitted: truncation.Fitted | None = None
+            if body.get("truncate") and not images and self.engine.n_ctx_seq:
+                # rendered, tokenized and fitted in a worker thread: a long chat holds neither this loop nor
+                # the engine thread, so the model's other clients go on meanwhile
+                fitted = await asyncio.to_thread(truncation.fit, messages,
+                                                 lambda conversation: _render(template, conversation, tools, kwargs),
+                                                 functools.partial(_chat_tokens, self.engine), self.engine.n_ctx_seq)
+                prompt = fitted.text
+            else:
+                prompt = _render(template, messages, tools, kwargs)
+            extras = self._chat_extras(body, plan, kwargs, prompt, params, template)
+            extras.fault = faults.requested_fault(body)
         except BadRequest as e:
             return error_response(str(e), 400)
-        return await self._generate(http, body, params, prompt, add_special=True, chat=True, shorter=shorter,
-                                    extras=extras, images=tuple(images or ()))
+        if fitted is not None:
+            extras.truncated = fitted.dropped
+        return await self._generate(http, body, params, fitted.tokens if fitted is not None else prompt,
+                                    add_special=True, chat=True, extras=extras, images=tuple(images or ()))
 
     def _chat_extras(self, body: dict[str, Any], plan: tool_plans.ToolPlan, kwargs: dict[str, Any], prompt: str,
-                     params: SamplingParams) -> Extras:
+                     params: SamplingParams, template: ChatTemplate) -> Extras:
         """n, logprobs, and the parsers this chat request's output goes through (with the grammar of a
         forced call)."""
-        source = self.template.source
+        source = template.source
         thinking = thinks(source) and kwargs.get("enable_thinking") is not False
         inside = thinking and opens_block(prompt)
         family = detect_family(source)
@@ -188,34 +271,36 @@ class RunnerApp:
             top_logprobs=(top or 0) if logprobs else None,
             specials=frozenset(controls[m] for m in markers if m in controls),
             output=output,
+            token_ids=_flag(body, "return_token_ids"),
         )
 
     async def completions(self, http: HttpRequest) -> Response:
         try:
             body = await _read_json(http)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise BadRequest("prompt must be a string")
-            params = SamplingParams.from_request(body)
-            echo = body.get("echo")
-            if echo is not None and not isinstance(echo, bool):
-                raise BadRequest("echo must be true or false")
+            prompt = prompts.completion_prompt(body.get("prompt"))
+            _check_stream_options(body)
+            params = SamplingParams.from_request(body, **_limits(self.engine))
+            echo = _flag(body, "echo")
+            if echo and not isinstance(prompt, str):
+                raise BadRequest("echo needs the prompt as text, not token ids")
             extras = Extras(n=_whole_number(body, "n", 1, MAX_CHOICES) or 1,
                             top_logprobs=_whole_number(body, "logprobs", 0, MAX_TOP_LOGPROBS),
-                            echo=prompt if echo else "")
+                            echo=prompt if echo and isinstance(prompt, str) else "",
+                            token_ids=_flag(body, "return_token_ids"), fault=faults.requested_fault(body))
             suffix = body.get("suffix")
             if suffix is not None and not isinstance(suffix, str):
                 raise BadRequest("suffix must be a string")
             if suffix:
-                if self.engine.fim is None:
-                    raise BadRequest("this model has no fill-in-the-middle tokens, so it does not take a suffix")
-                prefix_token, suffix_token, middle_token = self.engine.fim
-                prompt = f"{prefix_token}{prompt}{suffix_token}{suffix}{middle_token}"
+                prompt = prompts.fill_in_the_middle(self.engine, prompt, suffix)
         except BadRequest as e:
             return error_response(str(e), 400)
         return await self._generate(http, body, params, prompt, add_special=True, chat=False, extras=extras)
+
+    async def tokenize(self, http: HttpRequest) -> Response:
+        try:
+            return JSONResponse(prompts.tokenize(await _read_json(http), self.template, self.engine))
+        except BadRequest as e:
+            return error_response(str(e), 400)
 
     async def embeddings(self, http: HttpRequest) -> Response:
         try:
@@ -229,6 +314,7 @@ class RunnerApp:
         except BadRequest as e:
             return error_response(str(e), 400)
         request = EmbedRequest(asyncio.get_running_loop(), inputs, truncate=bool(body.get("truncate", True)))
+        request.fault = faults.requested_fault(body)
         self.engine.submit(request)
         try:
             event = await request.events.get()
@@ -248,13 +334,13 @@ class RunnerApp:
         }
         return JSONResponse(answer)
 
-    async def _generate(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, prompt: str,
+    async def _generate(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, prompt: str | list[int],
                         add_special: bool, chat: bool, shorter: Callable[[], Iterator[str]] = lambda: iter(()),
                         extras: Extras | None = None, images: tuple[bytes, ...] = ()) -> Response:
         if extras is not None and not extras.plain:
             return await self._generate_rich(http, body, params, prompt, add_special, chat, shorter, extras, images)
         request = Request(asyncio.get_running_loop(), params, prompt, add_special, shorter(), images=images)
-        self.engine.submit(request)
+        _submit(self.engine, request, extras)
         watcher = asyncio.create_task(_watch_disconnect(http, request))
         try:
             first = await request.events.get()
@@ -267,12 +353,13 @@ class RunnerApp:
             return error_response(first.text, first.status)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
+        headers = _truncation_headers(first)
         if body.get("stream"):
             watcher.cancel()  # StreamingResponse watches for the disconnect itself
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(request, ident, created, chat, include_usage),
-                media_type="text/event-stream",
+                self._stream(request, ident, created, chat, include_usage, extras is not None and extras.token_ids),
+                media_type="text/event-stream", headers=headers,
             )
         try:
             parts: list[str] = []
@@ -302,10 +389,12 @@ class RunnerApp:
                 "choices": [{"index": 0, "text": content, "finish_reason": event.finish_reason, "logprobs": None}],
                 "usage": _usage(event), "timings": _timings(event),
             }
-        return JSONResponse(answer)
+        if extras is not None and extras.token_ids:
+            _add_token_ids(answer, 0, event, chat)
+        return JSONResponse(answer, headers=headers)
 
     async def _stream(self, request: Request, ident: str, created: int, chat: bool,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+                      include_usage: bool, token_ids: bool = False) -> AsyncIterator[bytes]:
         model = self.model_name
         encode = sse.encode  # per token: one local lookup
 
@@ -334,6 +423,8 @@ class RunnerApp:
                 elif event.kind == "done":
                     last = chunk(None, event.finish_reason)
                     last["timings"] = _timings(event)
+                    if token_ids:
+                        _add_token_ids(last, 0, event, chat)
                     yield encode(last)
                     if include_usage:
                         summary = chunk(None, None)  # OpenAI's usage chunk: no choices
@@ -342,14 +433,18 @@ class RunnerApp:
                         yield encode(summary)
                     yield sse.DONE
                     return
+        except Exception as e:  # after the 200: the stream's last event says it
+            status, message = faults.request_error(e)
+            yield encode(openai_error_body(message, status))
         finally:
             request.cancelled = True
 
 
     # n choices, parsers, logprobs, echo -----------------------------------------------------------------
-    async def _generate_rich(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams, prompt: str,
-                             add_special: bool, chat: bool, shorter: Callable[[], Iterator[str]],
-                             extras: Extras, images: tuple[bytes, ...] = ()) -> Response:
+    async def _generate_rich(self, http: HttpRequest, body: dict[str, Any], params: SamplingParams,
+                             prompt: str | list[int], add_special: bool, chat: bool,
+                             shorter: Callable[[], Iterator[str]], extras: Extras,
+                             images: tuple[bytes, ...] = ()) -> Response:
         loop = asyncio.get_running_loop()
         requests = []
         for i in range(extras.n):
@@ -358,11 +453,13 @@ class RunnerApp:
             requests.append(Request(loop, own, prompt, add_special, shorter(), top_logprobs=extras.top_logprobs,
                                     specials=extras.specials, images=images))
         for request in requests:
-            self.engine.submit(request)
+            _submit(self.engine, request, extras)
         watcher = asyncio.create_task(_watch_disconnect(http, *requests))
+        headers: dict[str, str] = {}
         try:
             for request in requests:
                 first = await request.events.get()
+                headers = headers or _truncation_headers(first)
                 if first.kind == "error":
                     watcher.cancel()
                     for other in requests:
@@ -380,7 +477,7 @@ class RunnerApp:
             watcher.cancel()  # StreamingResponse watches for the disconnect itself
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self._stream_rich(requests, choices, include_usage),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers=headers)
         try:
             async with contextlib.aclosing(_merged(requests)) as events:
                 async for index, event in events:
@@ -391,7 +488,7 @@ class RunnerApp:
             for request in requests:
                 request.cancelled = True
             watcher.cancel()
-        return JSONResponse(choices.answer())
+        return JSONResponse(choices.answer(), headers=headers)
 
     async def _stream_rich(self, requests: list[Request], choices: _Choices,
                            include_usage: bool) -> AsyncIterator[bytes]:
@@ -410,6 +507,9 @@ class RunnerApp:
             if include_usage:
                 yield encode(choices.usage_chunk())
             yield sse.DONE
+        except Exception as e:  # after the 200 (a parser's failure, say): the stream's last event says it
+            status, message = faults.request_error(e)
+            yield encode(openai_error_body(message, status))
         finally:
             for request in requests:
                 request.cancelled = True
@@ -463,6 +563,7 @@ class _Choices:
         self.text_logprobs = [TextLogprobs(len(extras.echo)) for _ in range(n)]
         self.text_logprob_parts: list[list[shapes.TextLogprobs]] = [[] for _ in range(n)]
         self.finish: list[shapes.FinishReason | None] = [None] * n
+        self.done_events: list[Event | None] = [None] * n  # for the token ids
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.timings: shapes.Timings = {"prompt_ms": 0.0, "predicted_ms": 0.0}
@@ -510,6 +611,8 @@ class _Choices:
         else:
             last = self._text_chunk(index, "", finish)
         last["timings"] = _timings(event)
+        if self.extras.token_ids:
+            _add_token_ids(last, 0, event, self.chat)
         chunks.append(last)
         return chunks
 
@@ -551,14 +654,25 @@ class _Choices:
                                              "finish_reason": self.finish[i]}
                 choice["logprobs"] = {"content": self.chat_logprobs[i]} if asked else None
                 chat_choices.append(choice)
-            return {"id": self.ident, "object": "chat.completion", "created": self.created, "model": self.model,
-                    "choices": chat_choices, "usage": self.usage(), "timings": self.timings}
+            return self._with_token_ids({
+                "id": self.ident, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": chat_choices, "usage": self.usage(), "timings": self.timings})
         text_choices: list[shapes.TextChoice] = [
             {"index": i, "text": "".join(self.texts[i]), "finish_reason": self.finish[i],
              "logprobs": merge_text_logprobs(self.text_logprob_parts[i]) if asked else None}
             for i in range(n)]
-        return {"id": self.ident, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": text_choices, "usage": self.usage(), "timings": self.timings}
+        answer: shapes.TextCompletion = {
+            "id": self.ident, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": text_choices, "usage": self.usage(), "timings": self.timings}
+        return self._with_token_ids(answer)
+
+    def _with_token_ids(self, answer: shapes.ChatCompletion | shapes.TextCompletion) -> shapes.ChatCompletion | \
+            shapes.TextCompletion:
+        if self.extras.token_ids:
+            for i, event in enumerate(self.done_events):
+                if event is not None:
+                    _add_token_ids(answer, i, event, self.chat)
+        return answer
 
     # both -------------------------------------------------------------------------------------------------
     def _done(self, index: int, event: Event) -> shapes.FinishReason | None:
@@ -566,6 +680,7 @@ class _Choices:
         self.prompt_tokens = usage.get("prompt_tokens", 0)  # the same prompt for every choice: counted once
         self.completion_tokens += usage.get("completion_tokens", 0)
         self.timings = _timings(event)
+        self.done_events[index] = event
         finish = event.finish_reason
         output = self.outputs[index]
         if output is not None and output.called and finish == "stop":
@@ -576,6 +691,28 @@ class _Choices:
     def usage(self) -> shapes.Usage:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{key} must be true or false")
+    return bool(value)
+
+
+def _truncation_headers(started: Event) -> dict[str, str]:
+    """A prompt cut to fit the context is never silent: the answer carries how many tokens were dropped."""
+    truncated = (started.usage or {}).get("truncated", 0)
+    return {shapes.TRUNCATED_HEADER: str(truncated)} if truncated else {}
+
+
+def _add_token_ids(answer: Any, position: int, event: Event, chat: bool) -> None:
+    """vLLM's return_token_ids shape: the prompt's ids (chat: on the answer or chunk; completions: on the
+    choice) and the choice's generated ids. The llama.cpp runner sends them on the chunk with finish_reason."""
+    usage: EventUsage = event.usage or {}
+    choice = answer["choices"][position]
+    (answer if chat else choice)["prompt_token_ids"] = usage.get("prompt_token_ids", [])
+    choice["token_ids"] = usage.get("token_ids", [])
 
 
 def _shorter_conversations(messages: list[dict[str, Any]], allowed: bool) -> Iterator[list[dict[str, Any]]]:

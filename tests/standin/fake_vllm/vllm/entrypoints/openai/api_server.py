@@ -26,6 +26,11 @@ parser.add_argument("--enforce-eager", action="store_true")
 parser.add_argument("--enable-auto-tool-choice", action="store_true")
 parser.add_argument("--tool-call-parser", choices=TOOL_PARSERS)
 parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS)
+parser.add_argument("--trust-request-chat-template", action="store_true")
+parser.add_argument("--chat-template")
+parser.add_argument("--enable-lora", action="store_true")
+parser.add_argument("--lora-modules", nargs="*")
+parser.add_argument("--max-lora-rank", type=int)
 args = parser.parse_args()
 if args.enable_auto_tool_choice and not args.tool_call_parser:
     sys.exit("stand-in vLLM: --enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's cli_args
