@@ -111,9 +111,13 @@ class Lifecycle:
             return instance.placement if capacity.fits_again(instance, free) else None
         spec = instance.spec
         ray_gpus = self.settings.for_model(spec.name).ray_gpus
+        # without a model of ours on a GPU, nothing we could evict would free memory: what is free is all there is
+        room_coming = bool(self.scheduler.unloading) or any(
+            other is not instance and other.placement.gpus for other in self.scheduler.instances.values())
         try:
             try:
-                return place(spec.format, spec.estimate, free, spec.pinned, spec.layers, self._ray_cluster(), ray_gpus)
+                return place(spec.format, spec.estimate, free, spec.pinned, spec.layers, self._ray_cluster(), ray_gpus,
+                             room_coming)
             except TooBig as e:
                 if not ray_gpus or isinstance(e, NeedsGpu):
                     raise

@@ -6,7 +6,9 @@ Rules (in order):
 - the single GPU with the most free memory that fits the model;
 - vLLM: tensor parallel over the fewest of 2, 4, 8 GPUs whose free memory each holds 1/n of the model;
 - GGUF: layers split over the fewest GPUs (most free first) that hold it together;
-- nothing fits now, but would fit on the GPUs if they were empty: None (the scheduler evicts or waits);
+- nothing fits now, but would fit on the GPUs if they were empty: None (the scheduler evicts or waits), unless
+  none of our models holds GPU memory (`room_coming` false): then what is free is all there will be (another
+  process holds the rest, as on a shared workstation), and the next rule applies;
 - never fits: vLLM -> TooBig with the numbers; GGUF -> as many layers offloaded as fit, the rest on the CPU.
 A model pinned to GPUs in the config runs on exactly those, all of them, as CUDA_VISIBLE_DEVICES would have
 it (vLLM tensor parallel over them, GGUF layers split over them).
@@ -77,14 +79,15 @@ def _gib(n: float) -> str:
 
 def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...] | None = None,
           layers: int | None = None, cluster: RayCluster | None = None,
-          ray_gpus: int | None = None) -> Placement | None:
+          ray_gpus: int | None = None, room_coming: bool = True) -> Placement | None:
     """A placement for a model that needs `need` bytes; None when it does not fit now but would once
     other models leave; TooBig when it never can. `ray_gpus` puts a vLLM model on the Ray cluster over that
-    many GPUs even where it would fit here (the per-model setting)."""
+    many GPUs even where it would fit here (the per-model setting). `room_coming`: some of our models hold GPU
+    memory and could leave; without, waiting would wait for ever."""
     if ray_gpus and cluster is not None and model_format == "safetensors":
         return _on_cluster(need, cluster, ray_gpus, gpus)
     if pinned is not None:
-        return _pinned(model_format, need, gpus, pinned, layers)
+        return _pinned(model_format, need, gpus, pinned, layers, room_coming)
     candidates = gpus
     if not candidates:
         if model_format == "gguf":
@@ -101,7 +104,7 @@ def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...]
             total += gpu.free
             if total >= need:
                 return Placement(tuple(sorted(g.index for g in chosen)))
-        if sum(g.total for g in candidates) >= need:
+        if room_coming and sum(g.total for g in candidates) >= need:
             return None  # fits once idle models leave
         if not layers:
             return CPU
@@ -117,7 +120,10 @@ def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...]
     largest = max(n for n in (1, 2, 4, 8) if n <= len(candidates))
     totals = sorted((g.total for g in candidates), reverse=True)[:largest]
     if all(t * MAX_FRACTION >= need / largest for t in totals):
-        return None  # fits once idle models leave
+        if room_coming:
+            return None  # fits once idle models leave
+        raise TooBig(f"the model needs about {_gib(need)} of GPU memory and {_gib(by_free[0].free)} is free "
+                     f"(GPU {by_free[0].index}); other processes hold the rest")
     if cluster is not None:
         return _across_machines(need, cluster, cluster.gpu_memory or min(g.total for g in candidates))
     raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the largest group of GPUs vLLM can use "
@@ -154,7 +160,7 @@ def _on_cluster(need: int, cluster: RayCluster, count: int, gpus: list[Gpu]) -> 
 
 
 def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...],
-            layers: int | None) -> Placement | None:
+            layers: int | None, room_coming: bool) -> Placement | None:
     chosen = [g for g in gpus if g.index in pinned]
     if len(chosen) < len(set(pinned)):
         raise TooBig(f"the model is pinned to GPUs {list(pinned)}, which this machine does not have")
@@ -162,7 +168,7 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
     if model_format == "gguf":
         if sum(g.free for g in chosen) >= need:
             return Placement(indices)
-        if sum(g.total for g in chosen) >= need:
+        if room_coming and sum(g.total for g in chosen) >= need:
             return None  # fits once idle models leave
         offload = math.floor((layers or 0) * sum(g.free for g in chosen) / need)
         return Placement(indices, gpu_layers=offload) if offload > 0 else CPU
@@ -170,7 +176,10 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
     if all(g.free >= share for g in chosen):
         return Placement(indices, memory_fraction=min(share / smallest, MAX_FRACTION))
     if share <= smallest * MAX_FRACTION:
-        return None
+        if room_coming:
+            return None
+        raise TooBig(f"the model needs about {_gib(share)} on each GPU it is pinned to, and other processes "
+                     f"leave only {_gib(min(g.free for g in chosen))} free on one of them")
     raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the GPUs it is pinned to "
                  f"({len(chosen)} x {_gib(smallest)}) cannot hold it")
 

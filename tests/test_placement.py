@@ -96,6 +96,18 @@ def test_none_when_it_would_fit_after_other_models_leave() -> None:
     assert place("safetensors", 50 * GIB, gpus(10)) is None
 
 
+def test_memory_another_process_holds_is_not_waited_for() -> None:
+    """None of our models holds GPU memory (room_coming false): nothing will leave, so GGUF offloads what fits
+    now and vLLM fails with the numbers, where waiting would wait for ever."""
+    assert place("gguf", 50 * GIB, gpus(10, 10), layers=40, room_coming=False) == Placement((0, 1), gpu_layers=16)
+    assert place("gguf", 50 * GIB, gpus(10), pinned=(0,), layers=40, room_coming=False) == \
+        Placement((0,), gpu_layers=8)
+    with pytest.raises(TooBig, match="10.0 GiB is free .GPU 0.; other processes hold the rest"):
+        place("safetensors", 50 * GIB, gpus(10), room_coming=False)
+    with pytest.raises(TooBig, match="other processes"):
+        place("safetensors", 50 * GIB, gpus(10), pinned=(0,), room_coming=False)
+
+
 # the scheduler on imaginary GPUs ----------------------------------------------------------------------
 TINY_GGUF_NEED = GGUF_COMPUTE_BUFFER  # the test GGUFs have no KV heads, so their estimate is the buffer + bytes
 
@@ -182,3 +194,18 @@ def test_vllm_model_tensor_parallel_and_too_big(store: Store, tmp_path: Path) ->
                 await h.scheduler.acquire("vl")
 
     run(scenario)
+
+
+def test_a_gpu_filled_by_another_process_does_not_hold_a_load_for_ever(store: Store, tmp_path: Path) -> None:
+    """A shared workstation: someone else's process holds most of the GPU. No model of ours could make room, so
+    the GGUF model loads where it can now (here, its one layer does not fit: on the CPU) instead of waiting."""
+    cards = StaticGpus([300 * MIB])
+    cards.allocate(1, 0, 250 * MIB)  # not a runner of ours
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, gpus=cards) as h:
+            lease = await h.scheduler.acquire("alpha")
+            assert lease.instance.placement == CPU
+            lease.release()
+
+    run(scenario, timeout=15)

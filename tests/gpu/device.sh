@@ -11,9 +11,11 @@
 #   device.sh poll NAME [S]      wait up to S seconds (default 540) for NAME to finish, then print its log
 set -uo pipefail
 step=$1; shift
-install_llama_cpp() {  # once the detached CUDA build is done
+install_llama_cpp() {  # once the detached CUDA build is done: llama-cpp-python's Python package over its libraries
   if grep -q "BUILD DONE rc=0" /tmp/lcp-build.log 2>/dev/null && [ ! -d /tmp/lcp-site/llama_cpp ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/lcp-site /tmp/lcp-wheel/*.whl /tmp/stage/diskcache-*.whl
+    mkdir -p /tmp/lcp-site && cp -r /tmp/llama_cpp_python-*/llama_cpp /tmp/lcp-site/
+    mkdir -p /tmp/lcp-site/llama_cpp/lib && find /tmp/lcp-build -name "lib*.so*" -exec cp -a {} /tmp/lcp-site/llama_cpp/lib/ \;
+    python3 -m pip install -q --no-index --no-deps --target /tmp/lcp-site /tmp/stage/diskcache-*.whl
   fi
 }
 case $step in
@@ -21,9 +23,13 @@ piece)
   mkdir -p /tmp/stage && cp -r "$1"/* /tmp/stage/
   if [ -f /tmp/stage/lcp.tar.xz ]; then
     tar -C /tmp -xJf /tmp/stage/lcp.tar.xz && rm /tmp/stage/lcp.tar.xz
-    setsid bash -c 'cd /tmp && export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF" \
-      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc); start=$(date +%s)
-      python3 -m pip wheel --no-deps --no-build-isolation -w /tmp/lcp-wheel /tmp/llama_cpp_python-* > /tmp/lcp-build.log 2>&1
+    # one CUDA build of the vendored llama.cpp: its shared libraries (under llama-cpp-python's Python package, as
+    # its wheel would hold them) and llama-server from the same source, for the comparison
+    setsid bash -c 'cd /tmp/llama_cpp_python-*/vendor/llama.cpp && start=$(date +%s)
+      { cmake -B /tmp/lcp-build -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON \
+          -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release \
+        && cmake --build /tmp/lcp-build -j "$(nproc)" --target llama-server llama ggml mtmd; } > /tmp/lcp-build.log 2>&1
       echo "BUILD DONE rc=$? in $(( $(date +%s) - start )) s" >> /tmp/lcp-build.log' < /dev/null > /dev/null 2>&1 &
     echo "llama-cpp-python CUDA build started"
   fi

@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct as a safetensors folder there), not in CI:
 
     export PYTHONPATH=<mgr shim>:/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
-    python3 tests/gpu/gpu_checks.py /tmp/smollm2-st
+    python3 tests/gpu/gpu_checks.py /tmp/smollm2-st [/tmp/stage/smollm2.gguf [/tmp/lcp-build/bin/llama-server]]
 
 Checks, in order, printing what it measured: `mgr create` of the safetensors folder; chat through /api/chat and
 /v1/chat/completions (answers contain "Paris"); `mgr ps` shows it on GPU 0 with the vllm backend; a second
@@ -129,6 +129,12 @@ def main(folder: str) -> None:
         check("GPU 0" in listing and "vllm" in listing, "mgr ps shows smol-st on GPU 0 with the vllm backend")
         one = runners(daemon)
         check(len(one) == 1, "one vLLM runner")
+        argv = one[0].cmdline()
+        port = argv[argv.index("--port") + 1]
+        bypass = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+            "model": "smol-st:latest", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        check(bypass.status_code == 401, f"the vLLM port refuses a request without the runner's secret "
+              f"(VLLM_API_KEY): {bypass.status_code}")
         used_one = gpu_used_mib() - baseline
         say(f"     GPU memory with one model: {used_one} MiB (share {share(one[0]):.3f}); ps size_vram "
             f"{ps()[0]['size_vram'] // (1 << 20)} MiB")
@@ -203,4 +209,14 @@ def _up() -> bool:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/smollm2-st")
+    # then both engines on the GPU (both_engines.py): GGUF offloaded, against llama-server, one memory budget
+    folder = sys.argv[1] if len(sys.argv) > 1 else "/tmp/smollm2-st"
+    if os.environ.get("GPU_CHECKS_VLLM", "1") == "1":
+        main(folder)
+    if len(sys.argv) > 2:
+        import both_engines
+        from harness import FAILED
+
+        both_engines.main(folder, sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+        say(f"{len(FAILED)} failed" if FAILED else "all passed")
+        sys.exit(1 if FAILED else 0)

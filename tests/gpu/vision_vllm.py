@@ -1,11 +1,14 @@
 """Images through mgr to the real vLLM (issue 11's last item), on the GPU machine after ../shared/gpu/unpack.sh and
 `source tests/gpu/env.sh`:
 
-    python3 tests/gpu/vision_vllm.py /tmp/smollm2-st
+    python3 tests/gpu/vision_vllm.py /tmp/smollm2-st [qwen2vl|llava]
 
-No vision model can be fetched there, so one is made: LLaVA's architecture (vLLM's LlavaForConditionalGeneration)
-with SmolLM2-135M's real weights as its language model and a tiny CLIP vision tower and projector of random weights
-(64x64 images in 16-pixel patches: 16 image tokens). It cannot describe an image; what is checked is the path: mgr
+No vision model can be fetched there, so one is made. qwen2vl (the default): Qwen2-VL's architecture (vLLM's
+Qwen2VLForConditionalGeneration) at a tiny size with random weights and SmolLM2's tokenizer plus Qwen2-VL's vision
+tokens (a 112x112 image: 8x8 patches of 14 pixels, merged 2x2 into 16 image tokens). llava: LLaVA with SmolLM2-135M's
+real weights as its language model and a tiny CLIP tower (vLLM 0.25's LLaVA did not import with transformers 5.17 on
+the GPU image: pixtral's PixtralRotaryEmbedding is gone). Neither can describe an image; what is checked is the path:
+mgr
 sees the vision capability in its config, Ollama's `images` and OpenAI's `image_url` parts reach vLLM, which runs
 the vision tower (the prompt grows by the image's tokens), the answer is 200 with text; a text-only model answers
 Ollama's 400 for images. PASS/FAIL per check, all run, exit 1 if any failed.
@@ -30,6 +33,59 @@ TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+IMAGE_SIDE = {"qwen2vl": 112, "llava": 64}
+
+
+def build_qwen2vl(text_folder: str, out: Path) -> None:
+    """A Qwen2-VL of random weights, shaped as the real config.json is (scaled down: head_dim 128 keeps the real
+    mrope_section), with SmolLM2's tokenizer and Qwen2-VL's vision tokens added."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(text_folder)
+    tokenizer.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
+                         special_tokens=True)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in
+           ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")}
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "attention_dropout": 0.0,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"], "hidden_act": "silu", "hidden_size": 256, "initializer_range": 0.02,
+        "intermediate_size": 512, "max_position_embeddings": 4096, "max_window_layers": 2,
+        "num_attention_heads": 2, "num_hidden_layers": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "sliding_window": 4096, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "use_cache": True, "use_sliding_window": False, "vocab_size": (len(tokenizer) + 63) // 64 * 64,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 2, "embed_dim": 64, "mlp_ratio": 2, "num_heads": 4, "in_chans": 3,
+                          "hidden_size": 256, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                          "temporal_patch_size": 2},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    loaded = AutoConfig.from_pretrained(out)
+    model = Qwen2VLForConditionalGeneration._from_config(loaded, torch_dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
+    parts: dict[str, object] = {"image_processor": images, "tokenizer": tokenizer}
+    if hasattr(transformers, "Qwen2VLVideoProcessor"):
+        parts["video_processor"] = transformers.Qwen2VLVideoProcessor()
+    transformers.Qwen2VLProcessor(**parts, chat_template=QWEN_TEMPLATE).save_pretrained(out)
+    tokenizer_config = out / "tokenizer_config.json"
+    data = json.loads(tokenizer_config.read_text())
+    data["chat_template"] = QWEN_TEMPLATE
+    tokenizer_config.write_text(json.dumps(data))
 
 
 def build(text_folder: str, out: Path) -> None:
@@ -68,23 +124,23 @@ def build(text_folder: str, out: Path) -> None:
     tokenizer_config.write_text(json.dumps(data))
 
 
-def png() -> str:
+def png(side: int) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def main(text_folder: str) -> None:
+def main(text_folder: str, arch: str) -> None:
     out = ROOT / "tiny-llava"
-    with section("build the tiny LLaVA"):
-        build(text_folder, out)
+    with section(f"build the tiny {arch}"):
+        (build_qwen2vl if arch == "qwen2vl" else build)(text_folder, out)
         check((out / "config.json").exists(), f"written to {out}: {sorted(p.name for p in out.iterdir())}")
     daemon = Daemon(ROOT, '[models."tiny-llava:latest"]\nvllm_args = ["--enforce-eager", "--max-model-len", "2048"]\n'
                           '[models."smol-text:latest"]\nvllm_args = ["--enforce-eager"]\n')
     daemon.start()
-    image = png()
+    image = png(IMAGE_SIDE[arch])
     try:
         with section("images through mgr to vLLM"):
             made = daemon.mgr("create", "tiny-llava", "--from", str(out))
@@ -127,4 +183,4 @@ def main(text_folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/smollm2-st")
+    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/smollm2-st", sys.argv[2] if len(sys.argv) > 2 else "qwen2vl")

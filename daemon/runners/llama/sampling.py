@@ -52,6 +52,7 @@ class SamplingParams:
     grammar: str | None = None
     ignore_eos: bool = False
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    cache_prompt: bool = True  # llama-server's: false reads the whole prompt, whatever its slot holds
 
     @classmethod
     def from_request(cls, body: dict[str, Any], *, n_ctx: int = 0, n_vocab: int = 0) -> SamplingParams:
@@ -95,6 +96,10 @@ class SamplingParams:
             raise BadRequest(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each")
         params.grammar = grammar_from_request(body)
         params.ignore_eos = bool(body.get("ignore_eos", False))
+        cache_prompt = body.get("cache_prompt", True)
+        if not isinstance(cache_prompt, bool):
+            raise BadRequest("cache_prompt must be true or false")
+        params.cache_prompt = cache_prompt
         bias = body.get("logit_bias") or {}
         if not isinstance(bias, dict):
             raise BadRequest("logit_bias must map token ids to biases")
