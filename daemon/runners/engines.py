@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import sys
 
+import httpx
 import psutil
 
 from mgr.registry.catalog import Format
 from mgr.registry.config import Settings
 
 from ..placement import Placement
+from ..protocol.shapes import HEALTH_PATH
 from .base import LoadSpec, ProcessRunner, runner_log_path
 from .http import RunnerPool
 from .process import free_port
@@ -44,9 +46,20 @@ class LlamaCppRunner(ProcessRunner):
             argv += ["--chat-template", spec.chat_template]
         if spec.adapter is not None:  # the model's ADAPTER: a GGUF LoRA
             argv += ["--lora", str(spec.adapter)]
+        if not settings.cache_prompt:
+            argv += ["--no-cache-prompt"]
         env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in placement.gpus)  # "" = the CPU
         super().__init__(spec, pool, port, argv, env, runner_log_path(settings.runner_log_dir, spec))
+
+    async def cached_tokens(self) -> int | None:
+        """The tokens its slots hold for later prompts (its /health), None when it does not answer at once."""
+        try:
+            health = (await self.control.get(self.base_url + HEALTH_PATH, timeout=2.0)).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        count = health.get("cached_tokens") if isinstance(health, dict) else None
+        return count if isinstance(count, int) else None
 
 
 class EngineRunners:

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mmproj", default=None, help="a vision model's projector GGUF: images are accepted with it")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template used instead of the model's own")
     p.add_argument("--lora", default=None, help="a GGUF LoRA adapter applied to every request")
+    p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
+                   help="clear a slot's KV cache when its request ends (no prompt prefix reused)")
     return p.parse_args(argv)
 
 
@@ -40,7 +42,7 @@ async def serve(args: argparse.Namespace) -> int:
     engine = Engine(EngineConfig(
         model_path=args.model, n_parallel=args.parallel, n_ctx_per_seq=args.ctx_size,
         n_batch=args.batch_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, mmproj=args.mmproj,
-        chat_template=args.chat_template, lora=args.lora,
+        chat_template=args.chat_template, lora=args.lora, cache_prompt=args.cache_prompt,
     ))
     engine.start()
     server = uvicorn.Server(uvicorn.Config(

@@ -5,9 +5,10 @@ OS thread, and several teams on few cores turn every barrier into a futex sleep 
 
 Each step builds one batch holding the next token of every generating sequence plus chunks of prompts still
 being read, within n_batch tokens (more in one decode aborts the process), and runs one llama_decode. A new
-request takes a free sequence slot at the next step; a finished or cancelled one clears its memory. The KV
-cache is not unified: every sequence has its own n_ctx / n_parallel cells, so an answer never depends on what
-else shares the batch.
+request takes a free sequence slot at the next step: the one whose KV cells hold the longest prefix of its prompt,
+which it does not decode again (prompt_cache.py); a finished or cancelled one keeps its cells for a later prompt.
+The KV cache is not unified: every sequence has its own n_ctx / n_parallel cells, so an answer never depends on
+what else shares the batch.
 
 The asyncio side talks to the thread through a SimpleQueue (requests in) and loop.call_soon_threadsafe
 (events out); a request's `cancelled` flag is read at every step.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import dataclasses
-import heapq
 import logging
 import math
 import os
@@ -49,6 +49,7 @@ from ...protocol.shapes import FinishReason
 from . import faults
 from .embeddings import Embedder, put_token
 from .lora import apply_lora
+from .prompt_cache import EXACT_ROWS, SlotCache, exact_chunk
 from .reasoning import CLOSE, OPEN
 from .sampling import BadRequest, SamplingParams, StopMatcher
 from .tool_calls import MARKERS
@@ -69,6 +70,7 @@ class EngineConfig:
     mmproj: str | None = None  # a vision model's projector: images are accepted when it is set
     chat_template: str | None = None  # a Jinja chat template given at create, used instead of the model's
     lora: str | None = None  # a GGUF LoRA adapter given at create, applied to every sequence
+    cache_prompt: bool = True  # slots keep their KV cells for later prompts (prompt_cache.py)
 
 
 # What output parsers look for: rendered as text for the requests they read, even where they are control tokens.
@@ -89,6 +91,7 @@ class EventUsage(TypedDict, total=False):
     truncated: int  # "started": prompt tokens dropped to fit the context (oldest messages first)
     prompt_token_ids: list[int]  # "done": the prompt as the model read it
     token_ids: list[int]  # "done": the tokens generated, the end-of-generation token included (as vLLM's)
+    cached_tokens: int  # "done": the prompt's first tokens found in the slot's cache, not decoded again
 
 
 @dataclasses.dataclass
@@ -161,6 +164,8 @@ class _Slot:
         self.n_prompt = len(tokens)  # what usage counts (an image prompt's, its text and image tokens)
         self.n_prompt_done = 0  # prompt tokens already decoded
         self.n_past = 0  # tokens in this sequence's KV cache
+        self.n_cached = 0  # prompt tokens its slot held already (the prompt cache)
+        self.n_exact = 0  # first prompt tokens whose KV cells a cold run would compute the same (prompt_cache.py)
         self.last_token = -1
         self.n_generated = 0
         self.generated: list[int] = []  # for return_token_ids and Ollama's context
@@ -193,6 +198,7 @@ class Engine:
     tokenize: Callable[[str, bool], list[int]]  # these three are the Vocabulary's; tokenize works on any thread
     _piece: Callable[[int], bytes]
     _piece_special: Callable[[int], bytes]
+    _cache: SlotCache  # the sequence slots: which are free, what their KV cells hold
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -211,6 +217,11 @@ class Engine:
         self.vision: Vision | None = None  # a vision model's projector
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self.active = 0  # sequences in a slot; read by /health for visibility only
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens idle slots hold in their KV cells for later prompts (the prompt cache); read by /health."""
+        return self._cache.held if self.ready.is_set() and not self.load_error else 0
 
     # asyncio side ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -258,7 +269,7 @@ class Engine:
         self.n_embd = llama.llama_model_n_embd(self.model)
         if cfg.mmproj:
             self.vision = Vision(cfg.mmproj, self.model, use_gpu=on_gpu, n_threads=cfg.n_threads)
-        self._free_seq_ids = list(range(cfg.n_parallel))
+        self._cache = SlotCache(self.memory, cfg.n_parallel, cfg.cache_prompt)
         self._slots: list[_Slot] = []
         log.info("loaded %s: %d sequences x %d tokens, batch %d, %d threads",
                  cfg.model_path, cfg.n_parallel, self.n_ctx_seq, self.n_batch, cfg.n_threads)
@@ -287,7 +298,7 @@ class Engine:
                 self._begin(request)
             else:
                 self._waiting.append(request)
-        while self._free_seq_ids and self._waiting:
+        while self._cache and self._waiting:
             request = self._waiting.popleft()
             if not request.cancelled:
                 self._begin(request)
@@ -314,9 +325,7 @@ class Engine:
         request.emit(Event("error", text=message, status=status))
         for slot in [s for s in self._slots if s.request is request]:
             self._release(slot)
-        for seq_id in set(range(self.config.n_parallel)) - {s.seq_id for s in self._slots} - set(self._free_seq_ids):
-            llama.llama_memory_seq_rm(self.memory, seq_id, -1, -1)  # taken, not yet occupied, when it failed
-            heapq.heappush(self._free_seq_ids, seq_id)
+        self._cache.reclaim({s.seq_id for s in self._slots})  # a slot taken, not yet occupied, when it failed
 
     def _embed(self, request: EmbedRequest) -> None:
         if request.cancelled:
@@ -339,7 +348,7 @@ class Engine:
         if request.images:
             self._start_media(request)
             return
-        tokens = self._given_tokens(request.prompt) if isinstance(request.prompt, list) \
+        tokens = _given_tokens(request.prompt, self.n_vocab) if isinstance(request.prompt, list) \
             else self._prompt_tokens(request, request.prompt)
         n_full = len(tokens) + request.truncated
         while len(tokens) >= self.n_ctx_seq:  # no room to generate: try shorter renderings, if allowed
@@ -350,18 +359,10 @@ class Engine:
         if len(tokens) < n_full:  # never silent: the runner's answer says so in a header, and the log
             log.info("prompt truncated to fit the context of %d: %d of %d tokens dropped (oldest messages)",
                      self.n_ctx_seq, n_full - len(tokens), n_full)
-        self._occupy(_Slot(heapq.heappop(self._free_seq_ids), request, tokens, chain, self._sampler(request)),
-                     n_full - len(tokens))
-
-    def _given_tokens(self, tokens: list[int]) -> list[int]:
-        """A prompt sent as token ids: each must be in the vocabulary (llama_decode aborts the process on one
-        that is not)."""
-        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.n_vocab),
-                   None)
-        if bad is not None:
-            raise BadRequest(f"the prompt's token id {bad!r} is not in this model's vocabulary "
-                             f"(0 to {self.n_vocab - 1})")
-        return tokens
+        seq_id, cached = self._cache.take(tokens, request.params.cache_prompt)
+        slot = _Slot(seq_id, request, tokens, chain, self._sampler(request))
+        slot.n_cached = slot.n_exact = slot.n_prompt_done = slot.n_past = cached  # the rest is decoded
+        self._occupy(slot, n_full - len(tokens))
 
     def _sampler(self, request: Request) -> Callable[[_Slot], None]:
         return self._sample_rich if request.top_logprobs is not None or request.specials else self._sample
@@ -386,16 +387,15 @@ class Engine:
         if not isinstance(request.prompt, str):
             raise BadRequest("images need the prompt as text, not token ids")
         chain = request.params.build_chain(self.vocab, self.n_vocab, self.eog_tokens)
-        seq_id = heapq.heappop(self._free_seq_ids)
+        seq_id, _ = self._cache.take(None)  # image embeddings are never reused: a cleared slot
         t_start = time.perf_counter()
         try:
             add_special = self._add_special(request, request.prompt)
             n_tokens, n_past = self.vision.prefill(request.prompt, add_special, request.images, self.ctx, seq_id,
                                                    self.n_ctx_seq, self.n_batch)
         except (BadRequest, RuntimeError) as e:
-            llama.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
             llama.llama_sampler_free(chain)
-            heapq.heappush(self._free_seq_ids, seq_id)
+            self._cache.give_back(seq_id, None)
             request.emit(Event("error", text=str(e), status=400 if isinstance(e, BadRequest) else 500))
             return
         slot = _Slot(seq_id, request, [], chain, self._sampler(request))
@@ -421,16 +421,18 @@ class Engine:
             "predicted_ms": (now - t_first) * 1000,
             "prompt_token_ids": slot.prompt,
             "token_ids": slot.generated,
+            "cached_tokens": slot.n_cached,
         }))
         self._release(slot)
 
-    def _release(self, slot: _Slot) -> None:
-        """Give a sequence's slot back (its KV cells, its sampler chain, its id); on its own, for a cancelled
-        or failed sequence, it tells the request nothing."""
-        llama.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+    def _release(self, slot: _Slot, keep: bool = True) -> None:
+        """Give a sequence's slot back (its sampler chain, its id), its KV cells kept for a later prompt unless
+        `keep` is false (a failed decode) or they hold images; on its own, for a cancelled or failed sequence,
+        it tells the request nothing."""
         llama.llama_sampler_free(slot.chain)
         self._slots.remove(slot)
-        heapq.heappush(self._free_seq_ids, slot.seq_id)  # lowest first: batches stay compact and in order
+        # only the prompt's exact prefix is offered again; the cells past it are dropped when the slot is taken
+        self._cache.give_back(slot.seq_id, slot.prompt[:slot.n_exact] if keep and not slot.request.images else None)
         self.active = len(self._slots)
 
     def _loop(self) -> NoReturn:
@@ -443,38 +445,12 @@ class Engine:
                 continue
             # Prompt chunks share what n_batch leaves after one token per generating sequence; the oldest
             # request gets it first.
-            budget = self.n_batch - sum(1 for slot in self._slots if not slot.prefilling)
-            chunk: dict[int, int] = {}
-            for slot in self._slots:
-                if slot.prefilling and budget > 0:
-                    chunk[slot.seq_id] = min(budget, len(slot.prompt) - slot.n_prompt_done)
-                    budget -= chunk[slot.seq_id]
-            # Written in ascending seq_id order: llama.cpp decoded an out-of-order batch ~35% slower (measured
-            # here: 41 ms vs 30 ms for the same 8 tokens).
-            n = 0
-            for slot in sorted(self._slots, key=lambda s: s.seq_id):
-                slot.logit_index = -1
-                if not slot.prefilling:
-                    put_token(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
-                    slot.logit_index = n
-                    slot.n_past += 1
-                    n += 1
-                    continue
-                take = chunk.get(slot.seq_id, 0)
-                for i in range(take):
-                    last = slot.n_prompt_done + i == len(slot.prompt) - 1
-                    put_token(batch, n, slot.prompt[slot.n_prompt_done + i], slot.n_past, slot.seq_id, last)
-                    if last:
-                        slot.logit_index = n
-                    slot.n_past += 1
-                    n += 1
-                slot.n_prompt_done += take
-            batch.n_tokens = n
+            batch.n_tokens = _fill(batch, self._slots, self.n_batch)
             rc = llama.llama_decode(self.ctx, batch)
             if rc != 0:
                 for slot in list(self._slots):
                     slot.request.emit(Event("error", text=f"llama_decode failed with code {rc}"))
-                    self._release(slot)
+                    self._release(slot, keep=False)
                 continue
             for slot in list(self._slots):
                 if slot.logit_index >= 0:
@@ -529,6 +505,51 @@ class Engine:
         elif (request.params.max_tokens is not None and slot.n_generated >= request.params.max_tokens
               or slot.n_past + 1 >= self.n_ctx_seq):
             self._finish(slot, "length", flush=True)
+
+
+def _fill(batch: Any, slots: list[_Slot], n_batch: int) -> int:
+    """Write one step's batch: the next token of every generating sequence, and prompt chunks in what n_batch
+    leaves (the oldest request's first); the number of tokens written."""
+    generating = sum(1 for slot in slots if not slot.prefilling)
+    budget = n_batch - generating
+    chunk: dict[int, int] = {}
+    for slot in slots:
+        if slot.prefilling and budget > 0:
+            chunk[slot.seq_id] = exact_chunk(len(slot.prompt) - slot.n_prompt_done, budget)
+            budget -= chunk[slot.seq_id]
+    alone = generating == 0 and len(chunk) == 1  # one sequence's prompt rows, as a cold run decodes them
+    # Written in ascending seq_id order: llama.cpp decoded an out-of-order batch ~35% slower (measured
+    # here: 41 ms vs 30 ms for the same 8 tokens).
+    n = 0
+    for slot in sorted(slots, key=lambda s: s.seq_id):
+        slot.logit_index = -1
+        if not slot.prefilling:
+            put_token(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
+            slot.logit_index = n
+            slot.n_past += 1
+            n += 1
+            continue
+        take = chunk.get(slot.seq_id, 0)
+        if alone and take >= EXACT_ROWS and slot.n_exact == slot.n_prompt_done:
+            slot.n_exact += take
+        for i in range(take):
+            last = slot.n_prompt_done + i == len(slot.prompt) - 1
+            put_token(batch, n, slot.prompt[slot.n_prompt_done + i], slot.n_past, slot.seq_id, last)
+            if last:
+                slot.logit_index = n
+            slot.n_past += 1
+            n += 1
+        slot.n_prompt_done += take
+    return n
+
+
+def _given_tokens(tokens: list[int], n_vocab: int) -> list[int]:
+    """A prompt sent as token ids: each must be in the vocabulary (llama_decode aborts the process on one that
+    is not)."""
+    bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise BadRequest(f"the prompt's token id {bad!r} is not in this model's vocabulary (0 to {n_vocab - 1})")
+    return tokens
 
 
 def _too_long(n_tokens: int, n_ctx_seq: int) -> NoReturn:

@@ -196,6 +196,7 @@ class RunnerApp:
         return JSONResponse({
             "status": "ok", "active": self.engine.active, "waiting": self.engine.waiting,
             "n_ctx_seq": self.engine.n_ctx_seq, "n_parallel": self.engine.config.n_parallel,
+            "cached_tokens": self.engine.cached_tokens,
         })
 
     async def models(self, _: HttpRequest) -> Response:
@@ -565,6 +566,7 @@ class _Choices:
         self.finish: list[shapes.FinishReason | None] = [None] * n
         self.done_events: list[Event | None] = [None] * n  # for the token ids
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.timings: shapes.Timings = {"prompt_ms": 0.0, "predicted_ms": 0.0}
 
@@ -678,6 +680,7 @@ class _Choices:
     def _done(self, index: int, event: Event) -> shapes.FinishReason | None:
         usage: EventUsage = event.usage or {}
         self.prompt_tokens = usage.get("prompt_tokens", 0)  # the same prompt for every choice: counted once
+        self.cached_tokens = usage.get("cached_tokens", 0)
         self.completion_tokens += usage.get("completion_tokens", 0)
         self.timings = _timings(event)
         self.done_events[index] = event
@@ -690,7 +693,8 @@ class _Choices:
 
     def usage(self) -> shapes.Usage:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
@@ -741,7 +745,8 @@ def _base64_floats(vector: list[float]) -> str:
 def _usage(event: Event) -> shapes.Usage:
     usage: EventUsage = event.usage or {}
     prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)}}
 
 
 def _timings(event: Event) -> shapes.Timings:
