@@ -9,6 +9,7 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,18 +17,20 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mgr.registry.errors import MgrError
 from mgr.registry.store import Store
 
-from ..errors import BadRequest
+from ..errors import BadRequest, RunnerFailed
 from ..instances import Lease
-from ..metrics import metered
+from ..metrics import Generation
 from ..protocol import shapes, strict_json
 from ..protocol.limits import MAX_DIMENSIONS, MAX_TOP_LOGPROBS
-from ..runners.http import RunnerResponse, events
+from ..runners.http import RUNNER_STOPPED, RunnerGone, RunnerResponse, events
 from ..scheduler import Scheduler
 from . import fields
-from .asgi import CleanupStreamingResponse, lease_for, read_json, unless_disconnected
+from .asgi import client_disconnected, lease_for, parse_json, read_body, read_json, unless_disconnected
 from .operations import (
     ChatRequest,
     CompletionRequest,
@@ -46,9 +49,10 @@ from .operations import (
     truncation_report,
 )
 from .options import map_format, map_options, parse_keep_alive
-from .render import status_and_message
+from .render import error_response, status_and_message
 
 NDJSON = "application/x-ndjson"
+NDJSON_TYPE = (b"content-type", NDJSON.encode())
 
 
 def now_iso() -> str:
@@ -229,25 +233,52 @@ class OllamaGeneration:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/api/chat", self.chat, methods=["POST"]),
-            Route("/api/generate", self.generate, methods=["POST"]),
             Route("/api/embed", self.embed, methods=["POST"]),
             Route("/api/embeddings", self.embeddings, methods=["POST"]),
         ]
 
-    async def chat(self, request: Request) -> Response:
-        started = time.perf_counter_ns()
-        op = chat_request(await read_json(request))
-        if not op.messages:
-            return await self.load_or_unload(request, op.target, op.stream, chat=True)
-        return await self._generate(request, op, chat=True, started=started)
+    def relay_routes(self) -> dict[str, ASGIApp]:
+        """/api/chat and /api/generate: POST endpoints served as plain ASGI ahead of the router, as the OpenAI
+        relay's are (every `mgr run`, Open WebUI and Ollama client request crosses them; see `_stream`)."""
+        return {"/api/chat": self._endpoint("/api/chat", chat=True),
+                "/api/generate": self._endpoint("/api/generate", chat=False)}
 
-    async def generate(self, request: Request) -> Response:
-        started = time.perf_counter_ns()
-        op = generate_request(await read_json(request))
-        if isinstance(op, ChatRequest) and not op.messages:
-            return await self.load_or_unload(request, op.target, op.stream, chat=False)
-        return await self._generate(request, op, chat=False, started=started)
+    def _endpoint(self, path: str, chat: bool) -> ASGIApp:
+        parse = chat_request if chat else generate_request
+
+        async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+            started = time.perf_counter_ns()
+            lease: Lease | None = None
+            try:
+                op = parse(parse_json(await read_body(receive)))
+                if isinstance(op, ChatRequest) and not op.messages:
+                    response = await self._load_or_unload(receive, op.target, op.stream, chat)
+                else:
+                    lease = await lease_for(receive, self.scheduler, op)
+                    if op.stream:
+                        upstream = await self._open(op, lease)
+                    else:
+                        # A runner sends a whole answer's headers only when it is done: the client may leave
+                        # before that, and then the runner must stop (the connection to it is closed).
+                        answer, headers = await unless_disconnected(receive, self._answer(op, lease, chat, started))
+                        lease.release()
+                        response = JSONResponse(answer, headers=headers)
+            except BaseException as exc:  # nothing has been sent yet
+                if lease is not None:
+                    lease.release()
+                if not isinstance(exc, Exception):
+                    raise  # cancelled
+                await error_response(scope["method"], path, exc)(scope, receive, send)
+                return
+            if lease is None or not op.stream:
+                await response(scope, receive, send)
+                return
+            try:
+                await _stream(upstream, _Rendering(lease, chat, started), receive, send)
+            finally:
+                lease.release()
+                await upstream.aclose()
+        return endpoint
 
     async def embed(self, request: Request) -> Response:
         started = time.perf_counter_ns()
@@ -280,13 +311,15 @@ class OllamaGeneration:
             lease.release()
 
     async def load_or_unload(self, request: Request, target: Target, stream: bool, chat: bool) -> Response:
+        return await self._load_or_unload(request.receive, target, stream, chat)
+
+    async def _load_or_unload(self, receive: Receive, target: Target, stream: bool, chat: bool) -> Response:
         if target.keep_alive == 0:
             await asyncio.to_thread(self.store.get, target.model)  # 404 for an unknown model
             await self.scheduler.unload(target.model)
             reason = "unload"
         else:
-            await unless_disconnected(request.receive,
-                                      self.scheduler.load(target.model, target.num_ctx, target.keep_alive))
+            await unless_disconnected(receive, self.scheduler.load(target.model, target.num_ctx, target.keep_alive))
             reason = "load"
         answer: dict[str, Any] = {"model": target.model, "created_at": now_iso(), "done": True, "done_reason": reason}
         if chat:
@@ -296,27 +329,6 @@ class OllamaGeneration:
         if stream:
             return Response(json.dumps(answer) + "\n", media_type=NDJSON)
         return JSONResponse(answer)
-
-    async def _generate(self, request: Request, op: ChatRequest | CompletionRequest, chat: bool,
-                        started: int) -> Response:
-        lease = await lease_for(request.receive, self.scheduler, op)
-        if not op.stream:
-            try:
-                # A runner sends a whole answer's headers only when it is done: the client may leave before
-                # that, and then the runner must stop (the connection to it is closed).
-                answer, headers = await unless_disconnected(request.receive, self._answer(op, lease, chat, started))
-                return JSONResponse(answer, headers=headers)
-            finally:
-                lease.release()
-        try:
-            upstream = await self._open(op, lease)
-        except BaseException:
-            lease.release()
-            raise
-        chunks = _ollama_chunks(upstream, lease, chat, started)
-        response = CleanupStreamingResponse(_ndjson(chunks), NDJSON, [lease.release, upstream.aclose])
-        response.headers.update(truncation_report(upstream.headers, lease.spec.name))
-        return response
 
     @staticmethod
     async def _open(op: ChatRequest | CompletionRequest, lease: Lease) -> RunnerResponse:
@@ -336,7 +348,7 @@ class OllamaGeneration:
         upstream = await self._open(op, lease)
         try:
             headers = truncation_report(upstream.headers, lease.spec.name)
-            return await _collect(_ollama_chunks(upstream, lease, chat, started), chat), headers
+            return await _collect(_ollama_chunks(upstream, _Rendering(lease, chat, started)), chat), headers
         finally:
             await upstream.aclose()
 
@@ -357,80 +369,261 @@ def _ollama_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
                                                      strict=False))]
 
 
-async def _ollama_chunks(upstream: RunnerResponse, lease: Lease, chat: bool,
-                         started: int) -> AsyncIterator[dict[str, Any]]:
-    """Runner SSE events -> Ollama chunks (content, thinking, logprobs); tool calls, gathered, in one chunk at
-    the end; the last one carries done_reason and the metrics."""
-    model = lease.spec.name
-    sent = time.perf_counter_ns()
-    first_token: int | None = None
-    usage: dict[str, Any] = {}
-    timings: dict[str, Any] = {}
-    finish = "stop"
-    calls: dict[int, dict[str, str]] = {}
-    # return_token_ids: vLLM's shape (the prompt's ids on the chunk, or on the choice for completions; the
-    # generated ids per choice, in any chunk), gathered into Ollama's context
-    prompt_ids: list[int] | None = None
-    answer_ids: list[int] = []
-    async for event in metered(events(upstream), model):
-        usage = event.get("usage") or usage
-        timings = event.get("timings") or timings
-        prompt_ids = event.get("prompt_token_ids") or prompt_ids
-        for choice in event.get("choices") or []:
-            prompt_ids = choice.get("prompt_token_ids") or prompt_ids
-            answer_ids += choice.get("token_ids") or []
+_stamp_second = -1
+_stamp_prefix = b""
+
+
+def created_stamp() -> bytes:
+    """now_iso() for every chunk of a stream, at a fraction of its cost: the date and time to the second are
+    formatted once a second."""
+    global _stamp_second, _stamp_prefix
+    now = time.time()
+    second = int(now)
+    if second != _stamp_second:
+        _stamp_prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
+        _stamp_second = second
+    return b"%s.%06dZ" % (_stamp_prefix, int((now - second) * 1e6))
+
+
+Part = tuple[str, str | None, list[dict[str, Any]]]  # (text, thinking, logprobs) of one choice's chunk
+
+# The event nearly every token is: one choice that adds text and nothing else (vLLM's and mgr's runner's
+# layout, compact or json.dumps's; the generated token ids when they were asked for). Its text is already a
+# JSON string literal, copied into the Ollama line as it is: such an event is never parsed.
+_PLAIN = re.compile(
+    rb'"choices"\s*:\s*\[\s*\{\s*"index"\s*:\s*0\s*,\s*(?:"delta"\s*:\s*\{\s*"content"\s*:\s*(?P<content>"(?:[^"\\]|\\.)*")'
+    rb'\s*\}|"text"\s*:\s*(?P<text>"(?:[^"\\]|\\.)*"))(?:\s*,\s*"logprobs"\s*:\s*null)?\s*,\s*"finish_reason"\s*:\s*null'
+    rb'(?:\s*,\s*"stop_reason"\s*:\s*null)?(?:\s*,\s*"prompt_logprobs"\s*:\s*null)?'
+    rb'(?:\s*,\s*"token_ids"\s*:\s*\[(?P<ids>[0-9,\s]*)\])?\s*\}\s*\]'
+    rb'(?:\s*,\s*"usage"\s*:\s*null)?\s*\}\s*\Z')
+
+
+def _runner_error(error: Any) -> MgrError:
+    """A runner's error event as the error it is (as runners.http.events reads one)."""
+    if not isinstance(error, dict):
+        return RunnerFailed(str(error))
+    code = error.get("code")
+    return MgrError(str(error.get("message")), code if isinstance(code, int) and code >= 400 else 500)
+
+
+class _Rendering:
+    """One answer's runner SSE events -> Ollama chunks (content, thinking, logprobs); tool calls, gathered, in
+    one chunk at the end; the last one carries done_reason and the metrics. Times and counts the answer for
+    /metrics and the access log (metrics.Generation) as it goes. A stream renders each plain content chunk as
+    bytes straight from a template (`line`): no dict is built and only the text is JSON-encoded."""
+
+    __slots__ = ("answer_ids", "calls", "chat", "finish", "first_token", "generation", "lease", "model",
+                 "prompt_ids", "sent", "started", "timings", "usage", "_end", "_head", "_tail")
+
+    def __init__(self, lease: Lease, chat: bool, started: int) -> None:
+        self.lease = lease
+        self.model = lease.spec.name
+        self.chat = chat
+        self.started = started
+        self.sent = time.perf_counter_ns()
+        self.first_token: int | None = None
+        self.usage: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
+        self.finish = "stop"
+        self.calls: dict[int, dict[str, str]] = {}
+        # return_token_ids: vLLM's shape (the prompt's ids on the chunk, or on the choice for completions; the
+        # generated ids per choice, in any chunk), gathered into Ollama's context
+        self.prompt_ids: list[int] | None = None
+        self.answer_ids: list[int] = []
+        self.generation = Generation(self.model)
+        # json.dumps's own layout (", " and ": "), so a chunk reads the same whichever way it was written
+        self._head = ('{"model": ' + json.dumps(self.model) + ', "created_at": "').encode()
+        self._tail = (b'", "message": {"role": "assistant", "content": ' if chat else b'", "response": ')
+        self._end = b'}, "done": false}\n' if chat else b', "done": false}\n'
+
+    def plain(self, payload: bytes) -> bytes | None:
+        """The Ollama line of an event that only adds text (b"" for empty text), straight from its bytes;
+        None when the event is anything else (then it is parsed)."""
+        match = _PLAIN.search(payload)
+        if match is None:
+            return None
+        text = match["content"] if match["content"] is not None else (None if self.chat else match["text"])
+        if text is None:
+            return None
+        if match["ids"]:
+            self.answer_ids += [int(i) for i in match["ids"].split(b",")]
+        if text == b'""':
+            return b""
+        if self.first_token is None:
+            self.first_token = time.perf_counter_ns()
+        self.generation.chunk()
+        return b"".join((self._head, created_stamp(), self._tail, text, self._end))
+
+    def parts(self, event: dict[str, Any]) -> list[Part]:
+        """What one runner event adds that a client sees now; the rest (usage, ids, tool calls, the finish
+        reason) is kept for the end."""
+        if "usage" in event:
+            self.usage = event["usage"] or self.usage
+        if "timings" in event:
+            self.timings = event["timings"] or self.timings
+        if "prompt_token_ids" in event:
+            self.prompt_ids = event["prompt_token_ids"] or self.prompt_ids
+        parts: list[Part] = []
+        output = False
+        for choice in event.get("choices") or ():
+            if "prompt_token_ids" in choice:
+                self.prompt_ids = choice["prompt_token_ids"] or self.prompt_ids
+            if "token_ids" in choice:
+                self.answer_ids += choice["token_ids"] or []
             if choice.get("finish_reason"):
-                finish = "length" if choice["finish_reason"] == "length" else "stop"
+                self.finish = "length" if choice["finish_reason"] == "length" else "stop"
             delta = choice.get("delta") or {}
-            for call in delta.get("tool_calls") or []:
-                slot = calls.setdefault(call.get("index", 0), {"id": "", "name": "", "arguments": ""})
-                function = call.get("function") or {}
-                slot["id"] = call.get("id") or slot["id"]
-                slot["name"] += function.get("name") or ""
-                slot["arguments"] += function.get("arguments") or ""
-            piece = delta.get("content") if chat else choice.get("text", delta.get("content"))
+            calls = delta.get("tool_calls")
+            if calls:
+                output = True
+                for call in calls:
+                    slot = self.calls.setdefault(call.get("index", 0), {"id": "", "name": "", "arguments": ""})
+                    function = call.get("function") or {}
+                    slot["id"] = call.get("id") or slot["id"]
+                    slot["name"] += function.get("name") or ""
+                    slot["arguments"] += function.get("arguments") or ""
+            piece = delta.get("content") if self.chat else choice.get("text", delta.get("content"))
             thinking = delta.get("reasoning_content") or delta.get("reasoning")
-            logprobs = _ollama_logprobs(choice)
+            logprobs = _ollama_logprobs(choice) if choice.get("logprobs") else []
             if piece or thinking or logprobs:
-                if first_token is None:
-                    first_token = time.perf_counter_ns()
-                chunk: dict[str, Any] = {"model": model, "created_at": now_iso()}
-                if chat:
-                    chunk["message"] = {"role": "assistant", "content": piece or ""}
-                    if thinking:
-                        chunk["message"]["thinking"] = thinking
-                else:
-                    chunk["response"] = piece or ""
-                    if thinking:
-                        chunk["thinking"] = thinking
-                if logprobs:
-                    chunk["logprobs"] = logprobs
-                chunk["done"] = False
-                yield chunk
-    if calls:
-        tool_calls = [{"id": c["id"] or f"call_{i}", "function": {
-            "index": i, "name": c["name"], "arguments": _json_object(c["arguments"])}}
-            for i, (_, c) in enumerate(sorted(calls.items()))]
-        yield {"model": model, "created_at": now_iso(), "done": False,
-               **({"message": {"role": "assistant", "content": "", "tool_calls": tool_calls}} if chat
-                  else {"response": ""})}
-    finished = time.perf_counter_ns()
-    first_token = first_token or finished
-    prompt_ns = int(timings["prompt_ms"] * 1e6) if "prompt_ms" in timings else first_token - sent
-    eval_ns = int(timings["predicted_ms"] * 1e6) if "predicted_ms" in timings else finished - first_token
-    last: dict[str, Any] = {
-        "model": model, "created_at": now_iso(),
-        **({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}),
-        "done": True, "done_reason": finish,
-    }
-    if prompt_ids is not None and not chat:
-        last["context"] = [*prompt_ids, *answer_ids]
-    yield {
-        **last,
-        "total_duration": finished - started, "load_duration": int(lease.load_seconds * 1e9),
-        "prompt_eval_count": int(usage.get("prompt_tokens", 0)), "prompt_eval_duration": prompt_ns,
-        "eval_count": int(usage.get("completion_tokens", 0)), "eval_duration": eval_ns,
-    }
+                output = output or bool(piece or thinking)
+                if self.first_token is None:
+                    self.first_token = time.perf_counter_ns()
+                parts.append((piece or "", thinking, logprobs))
+        if output:
+            self.generation.chunk()
+        return parts
+
+    def chunk(self, part: Part) -> dict[str, Any]:
+        piece, thinking, logprobs = part
+        chunk: dict[str, Any] = {"model": self.model, "created_at": created_stamp().decode()}
+        if self.chat:
+            chunk["message"] = {"role": "assistant", "content": piece}
+            if thinking:
+                chunk["message"]["thinking"] = thinking
+        else:
+            chunk["response"] = piece
+            if thinking:
+                chunk["thinking"] = thinking
+        if logprobs:
+            chunk["logprobs"] = logprobs
+        chunk["done"] = False
+        return chunk
+
+    def line(self, part: Part) -> bytes:
+        piece, thinking, logprobs = part
+        if thinking or logprobs:
+            return json.dumps(self.chunk(part)).encode() + b"\n"
+        return b"".join((self._head, created_stamp(), self._tail, json.dumps(piece).encode(), self._end))
+
+    def last(self) -> list[dict[str, Any]]:
+        """The chunks after the runner's last event: the tool calls (when any), then the final one."""
+        model, chat = self.model, self.chat
+        chunks: list[dict[str, Any]] = []
+        if self.calls:
+            tool_calls = [{"id": c["id"] or f"call_{i}", "function": {
+                "index": i, "name": c["name"], "arguments": _json_object(c["arguments"])}}
+                for i, (_, c) in enumerate(sorted(self.calls.items()))]
+            chunks.append({"model": model, "created_at": now_iso(), "done": False,
+                           **({"message": {"role": "assistant", "content": "", "tool_calls": tool_calls}} if chat
+                              else {"response": ""})})
+        finished = time.perf_counter_ns()
+        first_token = self.first_token or finished
+        timings, usage = self.timings, self.usage
+        prompt_ns = int(timings["prompt_ms"] * 1e6) if "prompt_ms" in timings else first_token - self.sent
+        eval_ns = int(timings["predicted_ms"] * 1e6) if "predicted_ms" in timings else finished - first_token
+        last: dict[str, Any] = {
+            "model": model, "created_at": now_iso(),
+            **({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}),
+            "done": True, "done_reason": self.finish,
+        }
+        if self.prompt_ids is not None and not chat:
+            last["context"] = [*self.prompt_ids, *self.answer_ids]
+        chunks.append({
+            **last,
+            "total_duration": finished - self.started, "load_duration": int(self.lease.load_seconds * 1e9),
+            "prompt_eval_count": int(usage.get("prompt_tokens", 0)), "prompt_eval_duration": prompt_ns,
+            "eval_count": int(usage.get("completion_tokens", 0)), "eval_duration": eval_ns,
+        })
+        return chunks
+
+    def done(self) -> None:
+        """Counts the tokens the runner reported (once, however the answer ended)."""
+        self.generation.done(int(self.usage.get("prompt_tokens") or 0), int(self.usage.get("completion_tokens") or 0))
+
+
+async def _ollama_chunks(upstream: RunnerResponse, rendering: _Rendering) -> AsyncIterator[dict[str, Any]]:
+    """The answer's Ollama chunks as dicts (a whole answer gathers them)."""
+    try:
+        async for event in events(upstream):
+            for part in rendering.parts(event):
+                yield rendering.chunk(part)
+        for chunk in rendering.last():
+            yield chunk
+    finally:
+        rendering.done()
+
+
+async def _relay_lines(upstream: RunnerResponse, rendering: _Rendering, send: Send) -> None:
+    """The runner's SSE events as Ollama lines, sent as each read of the runner's bytes arrives (several
+    events in one read go in one send). An event that only adds text takes `_Rendering.plain`; any other is
+    parsed. Raises the runner's error event, or RunnerFailed when the runner's stream breaks."""
+    pending = b""
+    try:
+        async for data in upstream.iter_bytes():
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()  # an incomplete last line waits for the rest
+            out: list[bytes] = []
+            finished = False
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    finished = True
+                    break
+                plain = rendering.plain(payload)
+                if plain is not None:
+                    if plain:
+                        out.append(plain)
+                    continue
+                event = json.loads(payload)
+                if "error" in event:
+                    raise _runner_error(event["error"])
+                out += [rendering.line(part) for part in rendering.parts(event)]
+            if out:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            if finished:
+                return
+    except RunnerGone:
+        raise RunnerFailed(RUNNER_STOPPED) from None
+
+
+async def _stream(upstream: RunnerResponse, rendering: _Rendering, receive: Receive, send: Send) -> None:
+    """A streamed answer, sent as the runner's events arrive: one NDJSON line per chunk. An error after the
+    200 has gone out becomes a final {"error": ...} line. A client that leaves closes the runner connection,
+    which is how the runner learns to stop generating; one watcher task per stream notices it."""
+    async def abort_when_the_client_leaves() -> None:
+        await client_disconnected(receive)
+        upstream.abort()
+
+    watcher = asyncio.ensure_future(abort_when_the_client_leaves())
+    headers = [NDJSON_TYPE, *((name.lower().encode("latin-1"), value.encode("latin-1"))
+                              for name, value in truncation_report(upstream.headers, rendering.model).items())]
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            await _relay_lines(upstream, rendering, send)
+            tail = b"".join(json.dumps(chunk).encode() + b"\n" for chunk in rendering.last())
+        except Exception as e:  # a failure mgr did not expect is "internal error" with an id, logged
+            if watcher.done():
+                tail = b""  # the client has gone: nobody to tell
+            else:
+                tail = json.dumps({"error": status_and_message(e)[1]}).encode() + b"\n"
+        await send({"type": "http.response.body", "body": tail})
+    finally:
+        watcher.cancel()
+        rendering.done()
 
 
 async def _collect(chunks: AsyncIterator[dict[str, Any]], chat: bool) -> dict[str, Any]:
@@ -474,13 +667,3 @@ def _json_object(text: str) -> Any:
         return strict_json.loads(text) if text else {}  # a model's NaN or a nesting too deep stays text
     except ValueError:
         return {"arguments": text}
-
-
-async def _ndjson(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """One JSON object per line; an error after the stream started becomes a final {"error": ...} line
-    (the status, 200, was sent already)."""
-    try:
-        async for chunk in chunks:
-            yield json.dumps(chunk).encode() + b"\n"
-    except Exception as e:  # a failure mgr did not expect is "internal error" with an id, logged
-        yield json.dumps({"error": status_and_message(e)[1]}).encode() + b"\n"

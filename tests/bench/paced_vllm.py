@@ -17,6 +17,12 @@ import time
 EVENT = ('data: {{"id":"cmpl-{rid}","object":"text_completion","created":{created},"model":"{model}",'
          '"choices":[{{"index":0,"text":" word","logprobs":null,"finish_reason":{finish},"stop_reason":null,'
          '"prompt_logprobs":null}}],"usage":null}}\n\n')
+CHAT_EVENT = ('data: {{"id":"chatcmpl-{rid}","object":"chat.completion.chunk","created":{created},"model":"{model}",'
+              '"choices":[{{"index":0,"delta":{{"content":" word"}},"logprobs":null,"finish_reason":{finish},'
+              '"stop_reason":null}}]}}\n\n')
+CHAT_ROLE = ('data: {{"id":"chatcmpl-{rid}","object":"chat.completion.chunk","created":{created},"model":"{model}",'
+             '"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+             '"finish_reason":null}}]}}\n\n')
 USAGE = ('data: {{"id":"cmpl-{rid}","object":"text_completion","created":{created},"model":"{model}",'
          '"choices":[],"usage":{{"prompt_tokens":12,"total_tokens":{total},"completion_tokens":{n}}}}}\n\n')
 
@@ -26,11 +32,13 @@ def chunk(data: bytes) -> bytes:
 
 
 class Stream:
-    __slots__ = ("transport", "left", "rid", "model", "usage", "created")
+    __slots__ = ("transport", "left", "rid", "model", "usage", "created", "event")
 
-    def __init__(self, transport: asyncio.Transport, tokens: int, rid: int, model: str, usage: bool) -> None:
+    def __init__(self, transport: asyncio.Transport, tokens: int, rid: int, model: str, usage: bool,
+                 chat: bool = False) -> None:
         self.transport, self.left, self.rid, self.model, self.usage = transport, tokens, rid, model, usage
         self.created = int(time.time())
+        self.event = CHAT_EVENT if chat else EVENT
 
 
 class Engine:
@@ -60,7 +68,7 @@ class Engine:
                     continue  # the client went away: stop generating for it
                 stream.left -= 1
                 last = stream.left == 0
-                data = EVENT.format(rid=stream.rid, created=stream.created, model=stream.model,
+                data = stream.event.format(rid=stream.rid, created=stream.created, model=stream.model,
                                     finish='"length"' if last else "null").encode()
                 if last:
                     if stream.usage:
@@ -105,9 +113,10 @@ class Connection(asyncio.Protocol):
         if method == "GET" and path in ("/health", "/is_sleeping"):
             self.respond("200 OK", b'{"is_sleeping":false}' if path == "/is_sleeping" else b"")
             return
-        if method != "POST" or path != "/v1/completions":
+        if method != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
             self.respond("404 Not Found", b'{"error":{"message":"the paced stand-in only streams completions"}}')
             return
+        chat = path == "/v1/chat/completions"
         request = json.loads(body)
         Connection.counter += 1
         if not request.get("stream"):
@@ -116,8 +125,12 @@ class Connection(asyncio.Protocol):
         self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
         usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        self.engine.submit(Stream(self.transport, int(request.get("max_tokens") or 16), Connection.counter,
-                                  request.get("model", "stand-in"), usage))
+        stream = Stream(self.transport, int(request.get("max_tokens") or 16), Connection.counter,
+                        request.get("model", "stand-in"), usage, chat)
+        if chat:  # vLLM's first chat chunk: the role, no content yet
+            self.transport.write(chunk(CHAT_ROLE.format(rid=stream.rid, created=stream.created,
+                                                        model=stream.model).encode()))
+        self.engine.submit(stream)
 
 
 async def serve(port: int, step: float) -> None:

@@ -2,10 +2,14 @@
 run measured). The engine is a STAND-IN (tests/bench/paced_vllm.py: vLLM-shaped SSE, one token per stream per
 step, almost free per token), so the numbers are the daemon's: its CPU time per request and per relayed
 token, and throughput/TTFT through it vs straight to the stand-in, with the multi-process load generator the
-GPU benchmark uses (tests/bench/loadgen.py).
+GPU benchmark uses.
 
     .venv/bin/python tests/bench/relay_overhead.py [--clients 1,16,64,256] [--tokens 128] [--step-ms 10]
-        [--processes 4] [--runs 2] [--duration 4] [--profile FILE]
+        [--processes 4] [--runs 2] [--rounds 4] [--endpoint chat|completion] [--apis openai,ollama]
+        [--profile FILE]
+
+Each cell sends clients x rounds requests, closed loop, through mgr's load generator (mgr.cli.loadgen, what
+`mgr bench` runs): straight to the stand-in, then through mgr's OpenAI relay and its Ollama API.
 
 On a 2-core machine the client, the stand-in and the daemon share the cores, so read the daemon's CPU cost
 per token first; the ratios are only meaningful where the cores are not saturated.
@@ -28,11 +32,11 @@ import psutil
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from fakehub import import_file  # noqa: E402
-from loadgen import run_cell  # noqa: E402
 from serving import NotServing, wait_until_serving  # noqa: E402
 from standin.models import write_tiny_safetensors_model  # noqa: E402
 
 HERE = Path(__file__).parent
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
 GIB = 1 << 30
 
 DAEMON = """
@@ -81,10 +85,13 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=10.0)
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds per closed-loop run")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client in a cell (closed loop)")
+    parser.add_argument("--endpoint", choices=("chat", "completion"), default="chat")
+    parser.add_argument("--apis", default="openai,ollama", help="the APIs measured through mgr")
     parser.add_argument("--profile", default="", help="write a cProfile of the daemon during the mgr cells")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mgr-relay-"))
+    from mgr.cli.loadgen import Endpoint, request_body, run_cell
     from mgr.registry.store import Store
 
     store = Store(root / "models")
@@ -108,34 +115,45 @@ def main() -> None:
                         if "--port" in p.cmdline())
         direct = f"http://127.0.0.1:{stand_in.cmdline()[stand_in.cmdline().index('--port') + 1]}"
         process = psutil.Process(daemon.pid)
-        print(f"paced stand-in: one token per stream every {args.step_ms:g} ms, {args.tokens} tokens; "
+        targets = {"direct": Endpoint(direct, "openai", args.endpoint)}
+        for api in args.apis.split(","):
+            targets[f"mgr {api}"] = Endpoint(url, api, args.endpoint)
+        print(f"paced stand-in: one token per stream every {args.step_ms:g} ms, {args.tokens} tokens, {args.endpoint}; "
               f"{args.processes} load-generator processes; {os.cpu_count()} cores\n")
-        print("| clients | direct tok/s | mgr tok/s | mgr/direct | direct TTFT p50 ms | mgr TTFT p50 ms | added ms "
-              "| daemon CPU us/request | daemon CPU us/token |")
+        print("| clients | path | tok/s | / direct | TTFT p50 ms | added ms | daemon CPU us/request | "
+              "daemon CPU us/token | client saturated |")
         print("|---|---|---|---|---|---|---|---|---|")
         for clients in (int(c) for c in args.clients.split(",")):
-            for target in (direct, url):  # warm: connections, pools
-                run_cell(target, "smol:latest", clients, 16, args.processes, duration=1)
-            cells: dict[str, list] = {"direct": [], "mgr": []}
-            cpu = 0.0
+            def bodies(endpoint: Endpoint, tokens: int, count: int) -> list[bytes]:
+                return [request_body(endpoint.api, endpoint.kind, "smol:latest", PROMPT, tokens, True)] * count
+
+            for endpoint in targets.values():  # warm: connections, pools
+                run_cell(endpoint, bodies(endpoint, 16, clients), clients, processes=args.processes)
+            cells: dict[str, list] = {name: [] for name in targets}
+            cpu = dict.fromkeys(targets, 0.0)
             for run in range(args.runs):
-                order = [("direct", direct), ("mgr", url)]
-                for name, target in order if run % 2 == 0 else order[::-1]:
-                    if name == "mgr" and args.profile:
+                order = list(targets.items())
+                for name, endpoint in order if run % 2 == 0 else order[::-1]:
+                    if name != "direct" and args.profile:
                         daemon.send_signal(10)  # SIGUSR1: profile on
                     before = sum(process.cpu_times()[:2])
-                    cells[name].append(run_cell(target, "smol:latest", clients, args.tokens, args.processes,
-                                                    args.duration))
-                    if name == "mgr":
-                        cpu += sum(process.cpu_times()[:2]) - before
-            d_tok = statistics.median(c.tok_s for c in cells["direct"])
-            m_tok = statistics.median(c.tok_s for c in cells["mgr"])
-            d_ttft = statistics.median(c.ttft_p50_ms for c in cells["direct"])
-            m_ttft = statistics.median(c.ttft_p50_ms for c in cells["mgr"])
-            requests = sum(c.requests for c in cells["mgr"])
-            print(f"| {clients} | {d_tok:.0f} | {m_tok:.0f} | {m_tok / d_tok:.3f} | {d_ttft:.1f} | {m_ttft:.1f} | "
-                  f"{m_ttft - d_ttft:+.1f} | {cpu / requests * 1e6:.0f} | "
-                  f"{cpu / sum(c.tokens for c in cells['mgr']) * 1e6:.1f} |", flush=True)
+                    cells[name].append(run_cell(endpoint, bodies(endpoint, args.tokens, clients * args.rounds),
+                                                clients, processes=args.processes))
+                    cpu[name] += sum(process.cpu_times()[:2]) - before
+            d_tok = statistics.median(c.output_throughput for c in cells["direct"])
+            d_ttft = statistics.median(c.ttft_ms["p50"] for c in cells["direct"])
+            for name in targets:
+                tok = statistics.median(c.output_throughput for c in cells[name])
+                ttft = statistics.median(c.ttft_ms["p50"] for c in cells[name])
+                requests = sum(c.completed for c in cells[name])
+                tokens = sum(c.total_output_tokens for c in cells[name])
+                errors = sum(c.errors for c in cells[name])
+                if errors:
+                    print(f"  {name}: {errors} errors: {cells[name][0].first_errors}")
+                daemon_cpu = "" if name == "direct" else (
+                    f"{cpu[name] / requests * 1e6:.0f} | {cpu[name] / tokens * 1e6:.1f}")
+                print(f"| {clients} | {name} | {tok:.0f} | {tok / d_tok:.3f} | {ttft:.1f} | {ttft - d_ttft:+.1f} | "
+                      f"{daemon_cpu or ' | '} | {any(c.saturated for c in cells[name])} |", flush=True)
         if args.profile:
             daemon.send_signal(12)  # SIGUSR2: dump
             time.sleep(2)

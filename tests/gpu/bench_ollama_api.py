@@ -1,0 +1,112 @@
+"""Issue 16, item 4 on the GPU: the Ollama API (/api/chat, /api/generate) and the OpenAI relay through mgr
+against the same vLLM runner addressed directly, at 1, 16, 64 and 256 concurrent streams, measured with
+`mgr bench` itself. The direct target is mgr's own vLLM runner process (its port and secret read from the
+process), so both sides see the same engine, cell by cell (mgr bench alternates mgr and the target), and
+`--repeat` runs the whole sweep again so every ratio is a median of paired runs. Every path samples alike
+(Ollama's default options, which the Ollama API applies, are sent through the OpenAI API as well).
+
+    python3 tests/gpu/bench_ollama_api.py /tmp/smollm2-st [--clients 1,16,64,256] [--tokens 128]
+        [--repeat 3] [--endpoints chat,completion]
+
+Prints, per endpoint and concurrency, tokens/s and TTFT p50 of mgr's Ollama API, mgr's OpenAI relay and
+direct vLLM, and the ratios: PASS when both mgr paths keep >= 0.97 of direct vLLM's throughput and add
+<= 5 ms to its TTFT p50. Exits 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import FAILED, Daemon, check, flag, say
+
+ROOT = Path(os.environ.get("MGR_GPU_ROOT", "/tmp/mgr-gpu-bench"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a safetensors model folder (SmolLM2-135M-Instruct)")
+    parser.add_argument("--clients", default="1,16,64,256")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--endpoints", default="chat,completion", help="chat (/api/chat) and/or completion "
+                                                                       "(/api/generate)")
+    args = parser.parse_args()
+    daemon = Daemon(ROOT, "", port=11500, MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
+    daemon.start()
+    try:
+        made = daemon.mgr("create", "smol", "--from", args.model)
+        if not check(made.returncode == 0, f"mgr create smol --from {args.model} {made.stderr[-300:]}"):
+            return 1
+        answer = daemon.chat("smol")
+        check(not answer.startswith("HTTP"), f"smol answers: {answer[:80]!r}")
+        [runner] = daemon.servers()
+        argv = runner.cmdline()
+        direct = f"http://127.0.0.1:{flag(argv, '--port')}"
+        served = flag(argv, "--served-model-name") or "smol:latest"
+        secret = runner.environ().get("VLLM_API_KEY", "")
+        say(f"     direct vLLM: {direct} as {served!r} (mgr's own runner process {runner.pid})")
+        for endpoint in args.endpoints.split(","):
+            # (server, api, concurrency) -> [(tok/s, TTFT p50 ms)] over the repeats
+            cells: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+            for repeat in range(args.repeat):
+                report = Path(tempfile.mkdtemp()) / "bench.json"
+                run = daemon.mgr("bench", "smol", "--api", "ollama,openai", "--endpoint", endpoint,
+                                 "--concurrency", args.clients, "--output-len", str(args.tokens),
+                                 "--input-len", str(args.input_len), "--target", f"direct={direct}#{served}",
+                                 "--target-key", secret, "--seed", str(repeat), "--json", str(report),
+                                 # the same sampling through every path: Ollama's defaults, which the Ollama
+                                 # API applies, sent to the OpenAI relay and to vLLM directly too
+                                 "--temperature", "0.8", "-o", "top_k=40", "-o", "top_p=0.9",
+                                 "-o", "repeat_penalty=1.1")
+                say(run.stderr.rstrip())
+                if not check(run.returncode == 0, f"mgr bench --endpoint {endpoint} (run {repeat + 1})"):
+                    continue
+                say(run.stdout.rstrip())
+                for cell in json.loads(report.read_text())["cells"]:
+                    check(cell["errors"] == 0, f"{cell['server']} {cell['api']} c={cell['concurrency']}: "
+                                               f"no errors ({cell['first_errors']})")
+                    if cell["saturated"]:
+                        say(f"     note: the load generator saturated in {cell['server']} {cell['api']} "
+                            f"c={cell['concurrency']} (CPU {cell['client_cpu']:.0%})")
+                    cells.setdefault((cell["server"], cell["api"], cell["concurrency"]), []).append(
+                        (cell["output_throughput"], cell["ttft_ms"]["p50"]))
+            path = "/api/chat" if endpoint == "chat" else "/api/generate"
+            say(f"\n| {endpoint} | streams | mgr {path} tok/s | mgr OpenAI tok/s | direct vLLM tok/s | "
+                f"Ollama / direct | OpenAI / direct | Ollama TTFT +ms | OpenAI TTFT +ms |")
+            say("|---|---|---|---|---|---|---|---|---|")
+            for clients in (int(c) for c in args.clients.split(",")):
+                ollama, openai = cells.get(("mgr", "ollama", clients)), cells.get(("mgr", "openai", clients))
+                base = cells.get(("direct", "openai", clients))
+                if not (ollama and openai and base):
+                    check(False, f"{endpoint} c={clients}: cells missing")
+                    continue
+                runs = min(len(ollama), len(openai), len(base))
+                # paired: each repeat's mgr cell against the direct cell measured right after it
+                ratios = {name: statistics.median(side[i][0] / base[i][0] for i in range(runs))
+                          for name, side in (("ollama", ollama), ("openai", openai))}
+                added = {name: statistics.median(side[i][1] - base[i][1] for i in range(runs))
+                         for name, side in (("ollama", ollama), ("openai", openai))}
+                say(f"| {endpoint} | {clients} | {statistics.median(c[0] for c in ollama):,.0f} | "
+                    f"{statistics.median(c[0] for c in openai):,.0f} | {statistics.median(c[0] for c in base):,.0f} | "
+                    f"{ratios['ollama']:.3f} | {ratios['openai']:.3f} | {added['ollama']:+.1f} | "
+                    f"{added['openai']:+.1f} |")
+                for name in ("ollama", "openai"):
+                    check(ratios[name] >= 0.97 and added[name] <= 5.0,
+                          f"{endpoint} {name} at {clients} streams: {ratios[name]:.3f} of direct vLLM (>= 0.97), "
+                          f"TTFT p50 {added[name]:+.1f} ms (<= +5)")
+    finally:
+        daemon.stop()
+    say(f"\n{len(FAILED)} checks failed" if FAILED else "\nall checks passed")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

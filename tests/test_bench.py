@@ -1,0 +1,179 @@
+"""`mgr bench` against the real llama.cpp runner through a real daemon: a small sweep through both APIs (the
+table's fields, the JSON, the plots), `--target` against a second `mgr serve`, and the errors a user can make.
+Also the Ollama API's byte-level fast path (api/ollama.py), which must render exactly what the parsed path
+renders. Not a timed test: the numbers are checked for being consistent, not fast (tests/bench/bench_cli.py
+compares them with tests/bench/bench_gguf.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import Daemon
+
+pytestmark = pytest.mark.slow
+
+FIELDS = ("request_throughput", "output_throughput", "total_token_throughput", "ttft_ms", "tpot_ms", "itl_ms",
+          "completed", "errors", "duration", "client_cpu", "saturated")
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterator[Daemon]:
+    """Another `mgr serve` with the same model under another name: the server --target measures."""
+    d = Daemon(tmp_path_factory.mktemp("second"), {"MGR_NUM_PARALLEL": "2"})
+    d.start()
+    created = d.cli("create", "other", "--from", str(gguf_path))
+    assert created.returncode == 0, created.stderr
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def two_slots(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("bench"), {"MGR_NUM_PARALLEL": "2"})
+    d.start()
+    created = d.cli("create", "smollm2", "--from", str(gguf_path))
+    assert created.returncode == 0, created.stderr
+    yield d
+    d.stop()
+
+
+def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemon, second: Daemon,
+                                                                  tmp_path: Path) -> None:
+    report, svg, page = tmp_path / "bench.json", tmp_path / "bench.svg", tmp_path / "bench.html"
+    run = two_slots.cli("bench", "smollm2", "--concurrency", "1,2", "--num-prompts", "2", "--input-len", "16",
+                        "--output-len", "12", "--api", "ollama,openai", "--target", f"second={second.base_url}",
+                        "--json", str(report), "--plot", str(svg), timeout=600)
+    assert run.returncode == 0, run.stderr
+    # the live lines name every cell; the table has vLLM's fields
+    for needle in ("warming up mgr smollm2 (ollama)", "warming up second other:latest (openai)",
+                   "mgr smollm2 ollama c=1:", "second other:latest openai c=2:"):
+        assert needle in run.stderr, run.stderr
+    header = run.stdout.splitlines()[0].split()
+    for column in ("SERVER", "MODEL", "API", "CONC", "REQ/S", "TTFT", "ITL", "P50", "P90", "P99", "ERR"):
+        assert column in header, run.stdout
+    rows = [line.split() for line in run.stdout.splitlines()[1:] if line.startswith(("mgr ", "second "))]
+    # mgr and the target alternate, cell by cell: concurrency, then API, then server
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        (server, api, c) for c in ("1", "2") for api in ("ollama", "openai") for server in ("mgr", "second")]
+
+    cells = json.loads(report.read_text())["cells"]
+    assert len(cells) == 8
+    for cell in cells:
+        for field in FIELDS:
+            assert field in cell, field
+        assert cell["errors"] == 0 and cell["completed"] == 2, cell
+        # ignore_eos through both APIs: every answer has exactly --output-len tokens, as its server counted
+        assert cell["total_output_tokens"] == 2 * 12, cell
+        assert cell["total_input_tokens"] > 2 * 16  # the prompt and the chat template
+        assert cell["output_throughput"] == pytest.approx(24 / cell["duration"])
+        assert cell["request_throughput"] == pytest.approx(2 / cell["duration"])
+        ttft, itl = cell["ttft_ms"], cell["itl_ms"]
+        assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"] and ttft["mean"] > 0
+        assert 0 <= itl["p50"] <= itl["p90"] <= itl["p99"]
+        assert ttft["mean"] < cell["duration"] * 1000
+        assert cell["model"] == ("smollm2" if cell["server"] == "mgr" else "other:latest")  # the target's only model
+        assert not cell["saturated"] or cell["client_cpu"] >= 0.85 or cell["client_lag_ms"] > 5
+
+    tree = ET.fromstring(svg.read_text())
+    lines = tree.findall(".//{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 * 4  # two panels, a line per server and API
+    assert "second other:latest openai" in svg.read_text()
+
+    again = two_slots.cli("bench", "smollm2", "-c", "1", "-n", "1", "--output-len", "4", "--plot", str(page))
+    assert again.returncode == 0, again.stderr
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<table>" in html and "<script" not in html
+
+
+def test_a_dataset_and_a_request_rate(two_slots: Daemon, tmp_path: Path) -> None:
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "Tell me about the sea and its tides, please."},
+                           {"from": "gpt", "value": "The sea moves with the moon, twice a day."}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "too short to keep"}]},
+    ]))
+    report = tmp_path / "rate.json"
+    run = two_slots.cli("bench", "smollm2", "-c", "2", "-n", "3", "--dataset", str(dataset), "--request-rate", "50",
+                        "--api", "openai", "--endpoint", "completion", "--temperature", "0", "-o", "top_k=1",
+                        "-o", "repeat_penalty=1.0", "--json", str(report), timeout=300)
+    assert run.returncode == 0, run.stderr
+    written = json.loads(report.read_text())
+    assert written["sampling"] == {"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}
+    [cell] = written["cells"]
+    assert cell["request_rate"] == 50 and cell["completed"] == 3 and cell["errors"] == 0
+    # the answer's length in tokens estimated from its text (41 characters / 4), ignore_eos on
+    assert cell["total_output_tokens"] == 3 * 10
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["nope"], 'mgr: the warm-up request to nope failed: HTTP 404: model "nope" not found'),
+    (["smollm2", "--plot", "out.jpg"], "the file must end in .svg, .html or .png"),
+    (["smollm2", "--dataset", "/nonexistent.json"], "cannot read the dataset /nonexistent.json"),
+    (["smollm2", "--no-mgr"], "--no-mgr needs at least one --target"),
+    (["smollm2", "--target", "ftp://x"], "expected [NAME=]http://host:port[#MODEL]"),
+])
+def test_mistakes_are_one_error_line(two_slots: Daemon, args: list[str], message: str) -> None:
+    run = two_slots.cli("bench", *args, "-c", "1", "-n", "1", "--output-len", "2")
+    assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_bad_arguments_are_usage_errors(two_slots: Daemon) -> None:
+    for args in (["-c", "0"], ["--api", "grpc"], ["--request-rate", "-1"]):
+        run = two_slots.cli("bench", "smollm2", *args)
+        assert run.returncode == 2 and "usage:" in run.stderr, run.stderr
+
+
+# the Ollama API's fast path ----------------------------------------------------------------------------------
+def _rendering(chat: bool) -> Any:
+    from mgr.daemon.api.ollama import _Rendering
+
+    lease = SimpleNamespace(spec=SimpleNamespace(name="smol:latest"), load_seconds=0.0)
+    return _Rendering(lease, chat, 0)  # type: ignore[arg-type]
+
+
+STAMP = re.compile(rb'"created_at": "[^"]*"')
+PLAIN_EVENTS = [  # vLLM's layouts (compact) and mgr's runner's (json.dumps)
+    ({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+      "choices": [{"index": 0, "delta": {"content": 'say "hi" \\ \u00e9\u4e2d \n'}, "finish_reason": None}]}, True),
+    ({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+      "choices": [{"index": 0, "delta": {"content": " word"}, "logprobs": None, "finish_reason": None,
+                   "stop_reason": None, "token_ids": [17, 4]}]}, False),
+    ({"id": "c2", "object": "text_completion", "created": 1, "model": "m",
+      "choices": [{"index": 0, "text": " w", "logprobs": None, "finish_reason": None, "stop_reason": None,
+                   "prompt_logprobs": None}], "usage": None}, False),
+]
+
+
+@pytest.mark.parametrize(("event", "chat"), PLAIN_EVENTS)
+@pytest.mark.parametrize("compact", [True, False])
+def test_the_fast_path_renders_what_the_parsed_path_renders(event: dict[str, Any], chat: bool,
+                                                            compact: bool) -> None:
+    payload = json.dumps(event, separators=(",", ":") if compact else None, ensure_ascii=compact).encode()
+    fast, parsed = _rendering(chat), _rendering(chat)
+    line = fast.plain(payload)
+    assert line is not None and line.endswith(b"\n")
+    [part] = parsed.parts(json.loads(payload))
+    expected = parsed.line(part)
+    assert json.loads(STAMP.sub(b'"created_at": ""', line)) == json.loads(STAMP.sub(b'"created_at": ""', expected))
+    assert STAMP.sub(b"", line) == STAMP.sub(b"", expected) or not compact  # bytes too, as json.dumps writes
+    assert fast.answer_ids == parsed.answer_ids and fast.first_token is not None
+
+
+@pytest.mark.parametrize("event", [
+    {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]},
+    {"choices": [{"index": 0, "delta": {"content": "x", "reasoning_content": "y"}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}], "usage": {"prompt_tokens": 1}},
+    {"choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": {"content": []}, "finish_reason": None}]},
+    {"choices": [{"index": 1, "delta": {"content": "x"}, "finish_reason": None}]},
+    {"error": {"message": "choices", "code": 500}},
+])
+def test_anything_else_is_parsed(event: dict[str, Any]) -> None:
+    assert _rendering(True).plain(json.dumps(event).encode()) is None
