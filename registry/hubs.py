@@ -15,9 +15,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Literal
 
-Source = Literal["hf", "hf-mirror", "modelscope"]
+Source = Literal["hf", "hf-mirror", "modelscope", "ollama"]
 # The API a hub speaks, which is also the key of its repos in the catalog (the mirror serves Hugging Face's).
-Api = Literal["hf", "modelscope"]
+# Ollama's registry speaks OCI distribution (manifests and blobs, registry/ollama_registry.py) and has no repos in
+# the catalog: a short name reaches it only when MGR_SOURCES names it, as the fallback for names not in the catalog.
+Api = Literal["hf", "modelscope", "ollama"]
 
 # Listing is a few small requests: a source that does not answer in this long is treated as unreachable.
 LIST_TIMEOUT = 20.0
@@ -38,6 +40,7 @@ class Hub:
     # Whether the token `hf auth login` saved is used when none is set. Never for the mirror: sending a
     # Hugging Face token to a third party must be a choice.
     login_token: bool = False
+    in_default_order: bool = True  # tried for short names unless MGR_SOURCES says otherwise
 
     @property
     def setting(self) -> str:
@@ -83,10 +86,22 @@ HUBS: Mapping[Source, Hub] = {
             "https://modelscope.cn/my/myaccesstoken of an account that has access",
             prefix="ms:",
         ),
+        Hub(
+            id="ollama",
+            api="ollama",
+            host="registry.ollama.ai",
+            hosts=("registry.ollama.ai",),
+            endpoint="https://registry.ollama.ai",
+            endpoint_env=("MGR_OLLAMA_REGISTRY",),
+            token_env=("MGR_OLLAMA_TOKEN",),
+            token_hint="set MGR_OLLAMA_TOKEN to a token the registry (MGR_OLLAMA_REGISTRY) accepts",
+            prefix="ollama://",
+            in_default_order=False,
+        ),
     )
 }
-SOURCES: tuple[Source, ...] = tuple(HUBS)
-APIS: tuple[Api, ...] = ("hf", "modelscope")
+SOURCES: tuple[Source, ...] = tuple(hub.id for hub in HUBS.values() if hub.in_default_order)
+APIS: tuple[Api, ...] = ("hf", "modelscope")  # the catalog's
 
 
 def _saved_hf_token() -> str | None:

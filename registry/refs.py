@@ -3,7 +3,12 @@
     hf.co/{owner}/{repo}[:{tag}][@{revision}]          Hugging Face (also huggingface.co/...)
     hf-mirror.com/{owner}/{repo}[:{tag}][@{revision}]  the same repo, fetched through the mirror
     modelscope.cn/{owner}/{repo}[:{tag}][@{revision}]  ModelScope (also ms:{owner}/{repo}...)
+    ollama://[{namespace}/]{model}[:{tag}]               Ollama's registry (MGR_OLLAMA_REGISTRY), `library` by
+    registry.ollama.ai/{namespace}/{model}[:{tag}]       default: ollama://llama3.2:3b
     {family}[:{size}[-{variant}]]                      a short name from the catalog (qwen2.5:7b-q4_K_M)
+
+A model from Ollama's registry is named as Ollama names it: `llama3.2:3b` for the library, `{namespace}/{model}:tag`
+otherwise.
 
 The model's name in the store is the reference as typed, with `:latest` when no tag is given (Ollama's rule).
 Two spellings have no name of their own and are normalised: `ms:owner/repo` is stored as
@@ -24,6 +29,7 @@ from .names import InvalidName, parse_name
 ACCEPTED_FORMS = (
     "hf.co/{owner}/{repo}[:{tag}], huggingface.co/{owner}/{repo}[:{tag}], hf-mirror.com/{owner}/{repo}[:{tag}], "
     "modelscope.cn/{owner}/{repo}[:{tag}] or ms:{owner}/{repo}[:{tag}], each with an optional @{revision}; "
+    "ollama://[{namespace}/]{model}[:{tag}] or registry.ollama.ai/{namespace}/{model}[:{tag}]; "
     "or a catalog name such as qwen2.5:7b or qwen2.5:7b-q4_K_M"
 )
 
@@ -69,7 +75,44 @@ class ShortReference:
     tag: str  # as typed: "7b-q4_K_M", "latest"; the catalog and the file choice compare case-insensitively
 
 
-Reference = HubReference | ShortReference
+@dataclasses.dataclass(frozen=True)
+class OllamaReference:
+    """A model in Ollama's registry: /v2/{namespace}/{model}/manifests/{tag}."""
+
+    text: str
+    name: str  # the store name, as Ollama shows it: "llama3.2:3b", "user/model:latest"
+    namespace: str  # "library" for Ollama's own
+    model: str
+    tag: str  # "latest" when not given
+
+    @property
+    def repo(self) -> str:
+        return f"{self.namespace}/{self.model}"
+
+
+def ollama_reference(text: str, namespace: str, model: str, tag: str | None) -> OllamaReference:
+    """Checks each part (they become URL path segments and the store name)."""
+    _check(text, namespace, _REPO_PART, "namespace")
+    _check(text, model, _REPO_PART, "model name")
+    if tag is not None:
+        _check(text, tag, _TAG, "tag")
+    path = model if namespace.lower() == "library" else f"{namespace}/{model}"
+    return OllamaReference(text=text, name=_store_name(text, path, tag), namespace=namespace, model=model,
+                           tag=tag or "latest")
+
+
+def _parse_ollama(text: str, rest: str) -> OllamaReference:
+    if "@" in rest:
+        raise InvalidReference(text, "an Ollama model takes no @revision: name its tag")
+    path, colon, tag = rest.partition(":")
+    parts = path.split("/")
+    if len(parts) not in (1, 2):
+        raise InvalidReference(text, "expected ollama://[{namespace}/]{model}[:{tag}]")
+    namespace, model = parts if len(parts) == 2 else ("library", parts[0])
+    return ollama_reference(text, namespace, model, tag if colon else None)
+
+
+Reference = HubReference | ShortReference | OllamaReference
 
 
 def _check(text: str, value: str, pattern: re.Pattern[str], what: str) -> str:
@@ -126,6 +169,8 @@ def parse_reference(text: str) -> Reference:
     body = re.sub(r"^https?://", "", text, flags=re.IGNORECASE)
     for hub in HUBS.values():
         if hub.prefix and body.lower().startswith(hub.prefix):
+            if hub.api == "ollama":
+                return _parse_ollama(text, body[len(hub.prefix):])
             return _parse_hub(text, hub.id, hub.host, body[len(hub.prefix):])
     if "/" in body:
         host, _, rest = body.partition("/")
@@ -133,6 +178,8 @@ def parse_reference(text: str) -> Reference:
         if source is None:
             hint = f"did you mean hf.co/{body}?" if body.count("/") == 1 else f"unknown hub host {host!r}"
             raise InvalidReference(text, hint)
+        if HUBS[source].api == "ollama":
+            return _parse_ollama(text, rest)
         return _parse_hub(text, source, host.lower(), rest)
     if "@" in body:
         raise InvalidReference(text, "a catalog name takes no @revision; name the hub repo to pin a revision")

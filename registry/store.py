@@ -9,6 +9,17 @@
     <models>/tmp/                       blobs being written; renamed into blobs/ only once verified
     <models>/links/<model id>/          folders of symlinks into blobs/, named as the model's files, for engines
                                         that want a directory (vLLM) or find files by name (split GGUFs)
+    <models>/imports/sha256-<hex>.json  how an imported blob came in without a copy (`link_file`): a hard link
+                                        or a reflink of a file elsewhere (mgr's own name for those bytes), or an
+                                        external file (blobs/ then holds a symlink to it, and the record holds its
+                                        size, mtime and inode as verified)
+
+Imports (`mgr import`, `create --link`) bring files in without copying their bytes: a hard link when the file is on
+the store's filesystem, a reflink (FICLONE) where the filesystem shares extents, else a symlink to the file with its
+record. Every imported file is hashed once, as every blob is. An external file is mgr's only to read: deleting a
+model, or garbage collection, removes the symlink and the record, never the file. Its size, mtime and inode are
+re-checked (at most once a second, on the spec cache's `generation` read): a file that changed makes its models
+refuse to load (ExternalFileChanged, 409) until `verify` has hashed it again.
 
 A model derived from another (`/api/create` with `from`, a Modelfile's FROM name) names the same blobs: nothing
 is copied, and deleting the base keeps every blob the derived model still names.
@@ -23,6 +34,8 @@ from __future__ import annotations
 import builtins  # `list` in the class body below is Store.list
 import dataclasses
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -33,7 +46,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from .capabilities import Capability, capabilities, is_projector
@@ -51,6 +64,12 @@ _FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 UPLOAD_GRACE_SECONDS = 3600.0
 # A pull's partial download (tmp/<key>.partial + .parts.json) can be resumed: never delete one younger than this.
 RESUMABLE_GRACE_SECONDS = 86400.0
+# How often the external files' size, mtime and inode are looked at again (`Store.generation`).
+EXTERNAL_RECHECK_SECONDS = 1.0
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int), a reflink of a whole file
+_HASH_CHUNK = 8 << 20
+
+ImportMode = Literal["hardlink", "reflink", "external"]
 
 
 class ModelNotFound(MgrError, LookupError):
@@ -77,6 +96,13 @@ class UnreadableFile(InvalidModel):
     def __init__(self, message: str, digest: str) -> None:
         super().__init__(message)
         self.digest = digest
+
+
+class ExternalFileChanged(MgrError):
+    """A model file mgr records outside its store (an import without a copy) has changed or gone since it was
+    verified: the model is refused until `mgr verify` hashes it again (409: the file's state, not the request)."""
+
+    status = 409
 
 
 def now_iso() -> str:
@@ -261,6 +287,53 @@ class BlobWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What says a file is still the one verified: size, mtime and inode (None: gone or unreadable)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("path"), str) else None
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of a file as a digest (reading it: the one cost of an import without a copy)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _reflink(source: Path, target: Path) -> bool:
+    """A copy-on-write clone of `source` at `target` (btrfs, XFS, bcachefs...): no bytes copied. False where the
+    filesystem cannot (or the two are on different filesystems); nothing is left at `target` then."""
+    try:
+        with source.open("rb") as src, target.open("xb") as dst:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        return True
+    except OSError:
+        target.unlink(missing_ok=True)
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkedFile:
+    """A file brought into the store by `Store.link_file`."""
+
+    digest: str
+    size: int
+    mode: ImportMode | Literal["present"]  # present: the store had these bytes already
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -268,7 +341,8 @@ class Store:
         self.manifests_dir = root / "manifests"
         self.tmp_dir = root / "tmp"
         self.links_dir = root / "links"
-        for d in (self.blobs_dir, self.manifests_dir, self.tmp_dir, self.links_dir):
+        self.imports_dir = root / "imports"
+        for d in (self.blobs_dir, self.manifests_dir, self.tmp_dir, self.links_dir, self.imports_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         # digest -> when a client last uploaded it or was told the store has it (time.time()), until a manifest
@@ -276,7 +350,29 @@ class Store:
         # does by the blob's mtime
         self._uploads: dict[str, float] = {}
         # Bumped on every manifest write or delete, so callers can cache what they derive from manifests.
-        self.generation = 0
+        self._generation = 0
+        # External files as last looked at (digest -> (size, mtime_ns, ino) or None when gone), and when
+        self._external_seen: dict[str, tuple[int, int, int] | None] = {}
+        self._external_checked = 0.0
+        self._externals: dict[str, dict[str, Any]] = {}  # digest -> record, of the external ones only
+        for record_path in self.imports_dir.glob("sha256-*.json"):
+            record = _read_record(record_path)
+            if record is not None and record.get("mode") == "external":
+                self._externals[record_path.name.removesuffix(".json").replace("-", ":", 1)] = record
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a manifest is written or deleted, or an external file is seen to change (looked at
+        at most every EXTERNAL_RECHECK_SECONDS): what is derived from a model (its load spec) is derived again,
+        and a changed file is refused there (`model_path`)."""
+        now = time.monotonic()
+        if now - self._external_checked >= EXTERNAL_RECHECK_SECONDS:
+            self._external_checked = now
+            seen = {digest: _file_state(Path(record["path"])) for digest, record in dict(self._externals).items()}
+            if seen != self._external_seen:
+                self._external_seen = seen
+                self._generation += 1
+        return self._generation
 
     # blobs -------------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -292,8 +388,10 @@ class Store:
         """A client uploaded this blob, or asked whether the store has it (and will name it in a create rather
         than upload it): its grace period starts again. False when the store does not have it."""
         path = self.blob_path(digest)
+        if not path.is_file():
+            return False
         try:
-            os.utime(path)
+            os.utime(path, follow_symlinks=False)  # an external file's own mtime is the user's, not ours
         except FileNotFoundError:
             return False
         now = time.time()
@@ -306,16 +404,156 @@ class Store:
         """Move a file already verified to hash to `digest` into blobs/ (a pull hashes while it downloads,
         so this does not hash again)."""
         target = self.blob_path(digest)
-        if target.exists():
+        if target.exists() and not target.is_symlink():
             path.unlink(missing_ok=True)  # deduplicated: the store already had these bytes
         else:
+            # new, or the store had them only as an external file (or a symlink to one that is gone): now its own
             os.replace(path, target)
+            self._forget_import(digest)
             dir_fd = os.open(target.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)  # the rename survives a power loss
             finally:
                 os.close(dir_fd)
-        os.utime(target)  # restart its grace period: the manifest that names it comes next
+        os.utime(target, follow_symlinks=False)  # restart its grace period: the manifest that names it comes next
+
+    # imports: files brought in without a copy --------------------------------------------------------
+    def _import_record_path(self, digest: str) -> Path:
+        return self.imports_dir / (check_digest(digest).replace(":", "-") + ".json")
+
+    def import_record(self, digest: str) -> dict[str, Any] | None:
+        """How this blob came in, when it was imported: mode, path, size, mtime_ns, ino, verified_at."""
+        return _read_record(self._import_record_path(digest))
+
+    def _forget_import(self, digest: str) -> None:
+        self._import_record_path(digest).unlink(missing_ok=True)
+        self._externals.pop(digest, None)
+
+    def _record_import(self, digest: str, mode: ImportMode, source: Path, state: tuple[int, int, int]) -> None:
+        record = {"mode": mode, "path": str(source), "size": state[0], "mtime_ns": state[1], "ino": state[2],
+                  "verified_at": now_iso()}
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.import"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self._import_record_path(digest))
+        if mode == "external":
+            self._externals[digest] = record
+            self._external_seen[digest] = state
+        else:
+            self._externals.pop(digest, None)
+
+    def link_file(self, source: Path, expected: str | None = None, *, external: bool = False) -> LinkedFile:
+        """Bring the file at `source` into blobs/ without copying its bytes: hashed (and checked against
+        `expected`), then a hard link (same filesystem), a reflink (a filesystem that shares extents), or else
+        recorded where it is (`external`: that only). Raises DigestMismatch, ExternalFileChanged (it changed
+        while being hashed), OSError (unreadable)."""
+        source = source.resolve()
+        before = _file_state(source)
+        if before is None or not source.is_file():
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(source))
+        if expected is not None and self.has_blob(expected) and not self.blob_path(expected).is_symlink():
+            return LinkedFile(expected, before[0], "present")  # the store's own copy: nothing to hash or link
+        digest = hash_file(source)
+        if expected is not None and digest != expected:
+            raise DigestMismatch(f"{source} hashes to {digest}, not {expected} as its name or manifest says")
+        changed = ExternalFileChanged(f"{source} changed while it was being imported; import it again")
+        with self._lock:
+            target = self.blob_path(digest)
+            if target.exists() and not target.is_symlink():
+                return LinkedFile(digest, before[0], "present")
+            if target.is_symlink() and self._externals.get(digest, {}).get("path") == str(source):
+                if _file_state(source) != before:
+                    raise changed
+                self._record_import(digest, "external", source, before)  # verified again
+                return LinkedFile(digest, before[0], "external")
+            staging = self.tmp_dir / f"{uuid.uuid4().hex}.link"
+            mode: ImportMode = "external"
+            if not external:
+                try:
+                    os.link(source, staging)
+                    mode = "hardlink"
+                except OSError:  # another filesystem (EXDEV), someone else's file (protected_hardlinks), ...
+                    if _reflink(source, staging):
+                        mode = "reflink"
+            if mode == "external":
+                staging.symlink_to(source)
+            if _file_state(source) != before:
+                staging.unlink(missing_ok=True)
+                raise changed
+            os.replace(staging, target)  # over a symlink to a file that is gone, if there was one
+            self._record_import(digest, mode, source, before)
+            return LinkedFile(digest, before[0], mode)
+
+    def check_external(self, manifest: Manifest) -> None:
+        """Raises ExternalFileChanged when one of the model's external files is not as verified."""
+        for f in (*manifest.files, *manifest.adapters):
+            record = self._externals.get(f.digest)
+            if record is None:
+                continue
+            state = _file_state(Path(record["path"]))
+            if state is None:
+                raise ExternalFileChanged(
+                    f"{manifest.name}: its file {f.path} was {record['path']}, which is gone: import it again, or "
+                    f"`mgr rm {manifest.name}`")
+            if state != (record["size"], record["mtime_ns"], record["ino"]):
+                raise ExternalFileChanged(
+                    f"{manifest.name}: its file {f.path} ({record['path']}) changed since it was verified: "
+                    f"run `mgr verify {manifest.name}` to check its bytes again")
+
+    def verify(self, name: str) -> builtins.list[str]:
+        """Hash the model's external files that changed since verified: the same bytes are recorded as verified
+        again (and the model serves again); other bytes raise ExternalFileChanged. Returns the paths hashed."""
+        manifest = self.get(name)
+        hashed = []
+        for f in (*manifest.files, *manifest.adapters):
+            record = self._externals.get(f.digest)
+            if record is None:
+                continue
+            path = Path(record["path"])
+            before = _file_state(path)
+            if before == (record["size"], record["mtime_ns"], record["ino"]):
+                continue
+            if before is None:
+                raise ExternalFileChanged(f"{manifest.name}: its file {f.path} was {path}, which is gone")
+            digest = hash_file(path)
+            hashed.append(str(path))
+            if digest != f.digest:
+                raise ExternalFileChanged(
+                    f"{manifest.name}: its file {f.path} ({path}) now hashes to {digest}, not {f.digest}: these "
+                    f"are other bytes; import the file again as a new model, or `mgr rm {manifest.name}`")
+            if _file_state(path) != before:
+                raise ExternalFileChanged(f"{path} changed while it was being verified; verify it again")
+            with self._lock:
+                self._record_import(f.digest, "external", path, before)
+        return hashed
+
+    def disk_usage(self) -> builtins.list[dict[str, Any]]:
+        """Per model: its size, how much of it is the store's own bytes, hard-linked or reflinked with files
+        elsewhere, or external files; shared with other models in the store; and what deleting it would free."""
+        with self._lock:
+            manifests = self.list()
+            users: dict[str, int] = {}
+            for m in manifests:
+                for digest in set(m.blob_digests):
+                    users[digest] = users.get(digest, 0) + 1
+            result = []
+            for m in manifests:
+                usage = dict.fromkeys(("stored", "hardlink", "reflink", "external", "shared", "frees"), 0)
+                for f in {f.digest: f for f in (*m.files, *m.adapters)}.values():
+                    record = self.import_record(f.digest)
+                    mode = record["mode"] if record is not None else "stored"
+                    try:
+                        links = self.blob_path(f.digest).lstat().st_nlink
+                    except OSError:
+                        links = 1
+                    if mode == "hardlink" and links <= 1:
+                        mode = "stored"  # the other name is gone: these bytes are now only the store's
+                    usage[mode if mode in usage else "stored"] += f.size
+                    if users.get(f.digest, 0) > 1:
+                        usage["shared"] += f.size
+                    elif mode == "stored" and links <= 1:
+                        usage["frees"] += f.size
+                result.append({"name": m.name, "size": m.size, **usage})
+            return result
 
     # manifests ---------------------------------------------------------------------------------------
     def _manifest_path(self, name: ModelName) -> Path:
@@ -346,7 +584,7 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        self.generation += 1
+        self._generation += 1
         for digest in manifest.blob_digests:  # named now: the upload's grace has done its work
             self._uploads.pop(digest, None)
 
@@ -454,7 +692,7 @@ class Store:
         with self._lock:
             manifest = self.get(name)
             self._manifest_path(parse_name(name)).unlink()
-            self.generation += 1
+            self._generation += 1
             if not any(m.digest == manifest.digest for m in self.list()):  # a copy still uses its links
                 shutil.rmtree(self.links_dir / manifest.digest, ignore_errors=True)
                 shutil.rmtree(self.links_dir / f"{manifest.digest}-adapter", ignore_errors=True)
@@ -473,7 +711,8 @@ class Store:
             spared = {d for d, at in self._uploads.items() if at > recent} if spare_uploads else set()
             removed = [d for d in set(digests) if d not in referenced and d not in spared and self.has_blob(d)]
             for digest in removed:
-                self.blob_path(digest).unlink(missing_ok=True)
+                self.blob_path(digest).unlink(missing_ok=True)  # an external file's symlink, never the file
+                self._forget_import(digest)
                 self._uploads.pop(digest, None)
             return removed
 
@@ -485,9 +724,14 @@ class Store:
             removed: builtins.list[str] = []
             for path in self.blobs_dir.glob("sha256-*"):
                 digest = path.name.replace("-", ":", 1)
-                if digest not in referenced and path.stat().st_mtime < cutoff:
+                # lstat: an external file's symlink is judged by its own age, and only the symlink goes
+                if digest not in referenced and path.lstat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
+                    self._forget_import(digest)
                     removed.append(digest)
+            for record in self.imports_dir.glob("sha256-*.json"):  # a record whose blob went another way
+                if not os.path.lexists(self.blobs_dir / record.name.removesuffix(".json")):
+                    record.unlink(missing_ok=True)
             resumable_cutoff = time.time() - max(grace_seconds, RESUMABLE_GRACE_SECONDS)
             for path in self.tmp_dir.iterdir():
                 stem = path.name.split(".")[0]
@@ -499,7 +743,9 @@ class Store:
     # serving -----------------------------------------------------------------------------------------
     def model_path(self, manifest: Manifest) -> Path:
         """What an engine opens: a GGUF blob; for a split GGUF the first part in a folder of links named as
-        the parts were (llama.cpp finds the others by name beside it); for safetensors the folder of links."""
+        the parts were (llama.cpp finds the others by name beside it); for safetensors the folder of links.
+        Raises ExternalFileChanged when one of its files is an external file that changed since verified."""
+        self.check_external(manifest)
         if manifest.format == "gguf":
             parts = sorted(f.path for f in manifest.files
                            if f.path.lower().endswith(".gguf") and not is_projector(f.path))
@@ -510,6 +756,7 @@ class Store:
 
     def projector_path(self, manifest: Manifest) -> Path | None:
         """A GGUF vision model's projector (mmproj) blob, for llama.cpp's --mmproj; None for other models."""
+        self.check_external(manifest)
         found = next((f for f in manifest.files if is_projector(f.path)), None)
         return self.blob_path(found.digest) if found is not None and manifest.format == "gguf" else None
 
