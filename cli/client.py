@@ -11,14 +11,17 @@ import contextlib
 import http.client
 import json
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 # Connecting to localhost either works at once or not at all; a short limit turns a wrong MGR_HOST into an
-# error instead of a hang. Reads have no limit: loading a model or generating an answer can take minutes.
+# error instead of a hang. A control call (list, ps, show, ...) gets CONTROL_TIMEOUT for its answer. Calls that
+# may wait minutes for a load, a pull or an upload have no read limit; they first ask GET /api/version with
+# CONTROL_TIMEOUT, so a daemon that accepts connections but never answers is an error, not a hang.
 CONNECT_TIMEOUT = 10.0
+CONTROL_TIMEOUT = 30.0
 UPLOAD_BLOCK = 1 << 20
 API_KEY_ENV = "MGR_API_KEY"  # one of the daemon's keys (its MGR_API_KEYS), sent with every request
 
@@ -45,11 +48,16 @@ class ConnectionLost(APIError):
     """The connection broke after it was made (the daemon stopped or crashed mid-request)."""
 
 
+class DaemonTimeout(ConnectionLost):
+    """The daemon accepted the connection but did not answer in time (stuck, or not mgr)."""
+
+
 class Client:
     """Requests against one daemon, e.g. `Client("http://127.0.0.1:11434")`."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, timeout: float = CONTROL_TIMEOUT) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "") or not parts.hostname:
             raise ValueError(f"unsupported base URL {base_url!r}; expected http://host:port")
@@ -60,9 +68,10 @@ class Client:
 
     # -- public calls ---------------------------------------------------------------------------------------
 
-    def request_json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        """Send `body` as JSON (None = no body) and return the decoded JSON answer ({} for an empty one)."""
-        conn, response = self._send(method, path, body)
+    def request_json(self, method: str, path: str, body: Any = None, wait: bool = False) -> dict[str, Any]:
+        """Send `body` as JSON (None = no body) and return the decoded JSON answer ({} for an empty one).
+        `wait`: the answer may take minutes (a load); otherwise it must come within the client's timeout."""
+        conn, response = self._send(method, path, body, wait)
         try:
             with self._guard():
                 data = response.read()
@@ -83,7 +92,7 @@ class Client:
         (or an exception in the consumer, such as KeyboardInterrupt) closes the connection, which tells the
         daemon to stop generating.
         """
-        conn, response = self._send(method, path, body)
+        conn, response = self._send(method, path, body, wait=True)
         try:
             while True:
                 with self._guard():
@@ -107,7 +116,7 @@ class Client:
 
     def head(self, path: str) -> int:
         """The HTTP status of a HEAD request (no error for 4xx: callers ask "do you have it?")."""
-        conn = self._connect()
+        conn = self._connect(self.timeout)
         try:
             with self._guard():
                 conn.request("HEAD", path, headers=self._auth)
@@ -117,13 +126,14 @@ class Client:
         finally:
             conn.close()
 
-    def upload(self, path: str, file_path: Path | str) -> int:
+    def upload(self, path: str, file_path: Path | str, progress: Callable[[int], None] | None = None) -> int:
         """POST the raw bytes of `file_path` in 1 MiB blocks with a Content-Length (not chunked: the daemon can
         then check the size before reading). Returns the status; raises APIError on >= 400."""
         file_path = Path(file_path)
         size = file_path.stat().st_size
         with file_path.open("rb") as f:  # outside the guard: a file error is not a connection error
-            conn = self._connect()
+            self.ping()
+            conn = self._connect(None)
             try:
                 with self._guard():
                     conn.putrequest("POST", path)
@@ -133,8 +143,12 @@ class Client:
                         conn.putheader(name, value)
                     conn.endheaders()
                     try:
+                        sent = 0
                         while block := f.read(UPLOAD_BLOCK):
                             conn.send(block)
+                            sent += len(block)
+                            if progress is not None:
+                                progress(sent)
                     except OSError:
                         # The daemon may answer early (a 4xx) and close its end; its answer says more than
                         # "broken pipe", so read it. With no answer to read, the guard reports the lost connection.
@@ -149,7 +163,16 @@ class Client:
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def ping(self) -> None:
+        """GET /api/version within the timeout: the daemon answers (raises DaemonTimeout otherwise)."""
+        conn, response = self._send("GET", "/api/version", None, wait=False)
+        try:
+            with self._guard():
+                response.read()
+        finally:
+            conn.close()
+
+    def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT)
         try:
             conn.connect()
@@ -157,7 +180,7 @@ class Client:
             conn.close()
             raise DaemonUnreachable(self.base_url, e.strerror or str(e)) from None
         assert conn.sock is not None
-        conn.sock.settimeout(None)  # see CONNECT_TIMEOUT: reads wait as long as the model needs
+        conn.sock.settimeout(timeout)  # None: reads wait as long as the model needs (see CONTROL_TIMEOUT)
         return conn
 
     @contextlib.contextmanager
@@ -165,13 +188,22 @@ class Client:
         """Turn a broken connection into ConnectionLost, so that only the CLI's own output raises OSError."""
         try:
             yield
+        except TimeoutError:
+            raise DaemonTimeout(
+                f"mgr at {self.base_url} accepted the connection but did not answer within {self.timeout:.0f}s; "
+                "it may be stuck: see `mgr status`, restart it (`mgr stop-server`, then `mgr serve --detach`), "
+                "or check that MGR_HOST points at mgr") from None
         except (http.client.HTTPException, OSError) as e:
             reason = f"{e.__class__.__name__}: {e}"
             raise ConnectionLost(f"lost the connection to mgr at {self.base_url} ({reason})") from None
 
-    def _send(self, method: str, path: str, body: Any) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send a JSON request; return the open connection and a response whose status is < 400."""
-        conn = self._connect()
+    def _send(self, method: str, path: str, body: Any,
+              wait: bool) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send a JSON request; return the open connection and a response whose status is < 400. With `wait`,
+        the daemon is pinged first and the answer then has no time limit."""
+        if wait:
+            self.ping()
+        conn = self._connect(None if wait else self.timeout)
         try:
             headers = {"Accept": "application/json, application/x-ndjson", **self._auth}
             payload = None

@@ -6,20 +6,26 @@ A Modelfile (Ollama's: registry/modelfile.py) is read here, as Ollama's CLI read
 in the store, and everything else (PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE) travels in the request.
 Everything that can be checked locally is checked before the daemon is contacted, so a typo in the path or a
 folder with the wrong files fails in milliseconds with a message about the files, not about the network.
-Blobs are content-addressed: a file the daemon already holds (same sha256) is never sent twice.
+Blobs are content-addressed: a file the daemon already holds (same sha256) is never sent twice. The new name
+is checked first (before hashing gigabytes); hashing and uploading show their progress (a line rewritten in
+place on a terminal, one line per step elsewhere).
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from mgr.registry.modelfile import Modelfile, ModelfileError, parse_modelfile
+from mgr.registry.names import InvalidName, parse_name
 
 from .client import APIError, Client
 from .format import human_size
+from .terminal import is_tty
 
 GGUF_MAGIC = b"GGUF"
 HASH_BLOCK = 1 << 20
@@ -39,6 +45,11 @@ FOLDER_FILES = frozenset(
         "merges.txt",
         "chat_template.jinja",
         "chat_template.json",
+        "vocab.txt",
+        # a vision model's image and video processors (transformers 5 writes processor_config.json)
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
     }
 )
 FOLDER_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -83,13 +94,51 @@ def model_files(source: Path | str) -> dict[str, Path]:
     return files
 
 
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read 1 MiB at a time so that a 100 GB model does not need 100 GB of RAM."""
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """The hex sha256 of a file, read 1 MiB at a time so that a 100 GB model does not need 100 GB of RAM;
+    `progress` hears the bytes hashed so far."""
     digest = hashlib.sha256()
+    done = 0
     with path.open("rb") as f:
         while block := f.read(HASH_BLOCK):
             digest.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(done)
     return digest.hexdigest()
+
+
+class StepProgress:
+    """`hashing NAME  45% (44 MB/98 MB)`: one line rewritten at most 10 times a second on a terminal; elsewhere
+    one line when a step starts."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.live = is_tty(out)
+        self._shown = 0.0
+
+    def step(self, verb: str, name: str, total: int) -> Callable[[int], None]:
+        if not self.live:
+            print(f"{verb} {name} ({human_size(total)})", file=self.out, flush=True)
+
+        def update(done: int) -> None:
+            if not self.live or (done < total and time.monotonic() - self._shown < 0.1):
+                return
+            self._shown = time.monotonic()
+            percent = 100 * done // total if total else 100
+            self.out.write(f"\r\x1b[K{verb} {name} {percent:3d}% ({human_size(done)}/{human_size(total)})")
+            if done >= total:
+                self.out.write("\n")
+            self.out.flush()
+        return update
+
+
+def check_name(name: str) -> None:
+    """The new model's name, checked before any file is read (a typo must not cost a 100 GB hash)."""
+    try:
+        parse_name(name)
+    except InvalidName as e:
+        raise CreateError(str(e)) from None
 
 
 def adapter_files(source: Path) -> dict[str, Path]:
@@ -166,18 +215,25 @@ def modelfile_request(modelfile: Modelfile, folder: Path) -> tuple[dict[str, Any
 def _upload(client: Client, files: dict[str, Path], out: TextIO) -> dict[str, str]:
     """The files' digests; the blobs the daemon lacks are sent."""
     digests: dict[str, str] = {}
+    steps = StepProgress(out)
     for relative, path in files.items():
-        digest = "sha256:" + sha256_file(path)
+        size = path.stat().st_size
+        hashed = steps.step("hashing", relative, size)
+        digest = "sha256:" + sha256_file(path, hashed)
+        hashed(size)
         digests[relative] = digest
         if client.head(f"/api/blobs/{digest}") == 200:
+            print(f"{relative}: the daemon has it already", file=out, flush=True)
             continue
-        print(f"uploading {relative} ({human_size(path.stat().st_size)})", file=out, flush=True)
-        client.upload(f"/api/blobs/{digest}", path)
+        sent = steps.step("uploading", relative, size)
+        client.upload(f"/api/blobs/{digest}", path, sent)
+        sent(size)
     return digests
 
 
 def create_from_modelfile(client: Client, name: str, path: Path | str, out: TextIO = sys.stdout) -> int:
     """`mgr create NAME -f Modelfile`. Raises CreateError (a bad Modelfile names its line) before any upload."""
+    check_name(name)
     path = Path(path).expanduser()
     request, files, adapters = modelfile_request(read_modelfile(path), path.resolve().parent)
     if files:
@@ -187,12 +243,19 @@ def create_from_modelfile(client: Client, name: str, path: Path | str, out: Text
     return _build(client, {"model": name, **request, "stream": True}, out)
 
 
-def create_model(client: Client, name: str, source: Path | str, out: TextIO = sys.stdout) -> int:
+def create_model(client: Client, name: str, source: Path | str, out: TextIO = sys.stdout, link: bool = False) -> int:
     """Validate, upload the blobs the daemon lacks, then stream the daemon's build statuses. Returns 0 on success.
+    `link`: the daemon brings the file or folder in where it is, without a copy (cli/importer.py).
 
     Raises CreateError for a bad source and APIError / DaemonUnreachable for the daemon's failures.
     """
+    check_name(name)
     files = model_files(source)  # before any network traffic, see the module docstring
+    if link:
+        from .importer import run_import
+
+        path = str(Path(source).expanduser().absolute())
+        return run_import(client, {"from": "file", "path": path, "model": name})
     return _build(client, {"model": name, "files": _upload(client, files, out), "stream": True}, out)
 
 

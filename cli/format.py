@@ -127,7 +127,7 @@ def ps_name(model: Mapping[str, Any]) -> str:
 
 
 def ps_processor(model: Mapping[str, Any]) -> str:
-    """Where the model runs: "CPU" without GPUs, "100% GPU (GPU 0)" on one, "GPU 0,1" over several."""
+    """Where the model runs: "CPU" without GPUs, "GPU 0" on one, "GPU 0,1" over several."""
     gpus = list(model.get("gpus") or [])
     ray = model.get("ray")
     if isinstance(ray, dict):
@@ -135,8 +135,6 @@ def ps_processor(model: Mapping[str, Any]) -> str:
         return f"Ray: {count} GPU on {len(ray.get('nodes') or [])} nodes"
     if not gpus:
         return "CPU"
-    if len(gpus) == 1:
-        return f"100% GPU (GPU {gpus[0]})"
     return "GPU " + ",".join(str(g) for g in gpus)
 
 
@@ -151,10 +149,15 @@ def ps_until(model: Mapping[str, Any], now: datetime | None = None) -> str:
     return relative_time(expires, now)
 
 
+def ps_busy(model: Mapping[str, Any]) -> str:
+    """Requests being answered / slots ("1/4"), and "+N" more waiting in the model's queue ("4/4+3")."""
+    queued = int(model.get("queued") or 0)
+    return f"{model.get('active', 0)}/{model.get('num_parallel', '?')}" + (f"+{queued}" if queued else "")
+
+
 def ps_row(model: Mapping[str, Any], now: datetime | None = None) -> list[str]:
-    """NAME, ID, SIZE, PROCESSOR, CONTEXT, BACKEND, ACTIVE/PARALLEL, QUEUED, LOADED, UNTIL for one /api/ps
-    entry (CONTEXT: tokens per request, as `ollama ps` shows it)."""
-    loaded = parse_time(model.get("loaded_at"))
+    """NAME, ID, SIZE, PROCESSOR, CONTEXT, BACKEND, BUSY, UNTIL for one /api/ps entry: Ollama's columns
+    (CONTEXT: tokens per request) plus the engine and the slots in use, in 100 columns for a usual name."""
     return [
         ps_name(model),
         short_id(model.get("digest")),
@@ -162,16 +165,13 @@ def ps_row(model: Mapping[str, Any], now: datetime | None = None) -> list[str]:
         ps_processor(model),
         str(model.get("context_length") or ""),
         str(model.get("backend") or ""),
-        f"{model.get('active', 0)}/{model.get('num_parallel', '?')}",
-        str(model.get("queued", 0)),
-        relative_time(loaded, now) if loaded else "",
+        ps_busy(model),
         ps_until(model, now),
     ]
 
 
 LIST_HEADERS = ("NAME", "ID", "SIZE", "MODIFIED")
-PS_HEADERS = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "BACKEND", "ACTIVE/PARALLEL", "QUEUED", "LOADED",
-              "UNTIL")
+PS_HEADERS = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "BACKEND", "BUSY", "UNTIL")
 
 
 # -- `--verbose` statistics --------------------------------------------------------------------------------

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mgr.registry.config import ConfigError, load_settings, parse_duration
+from mgr.registry.config import ConfigError, Settings, load_settings, parse_duration
 
-from .chat import Session, interactive, parse_option, run_once
+from .chat import Session, interactive, parse_option, parse_think, read_format, run_once
 from .client import APIError, Client, DaemonUnreachable
 from .create import GGUF_MAGIC, CreateError, create_from_modelfile, create_model
 from .format import LIST_HEADERS, PS_HEADERS, list_row, ps_row, table
+from .lifecycle import LifecycleError
 from .service import ServiceError
+from .terminal import is_tty
 
 EXIT_INTERRUPTED = 130
 SHOW_FIELDS = ("modelfile", "parameters", "template", "system", "license")  # `mgr show --<field>`: one field
@@ -48,20 +50,36 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def is_tty(stream: Any) -> bool:
-    """isatty() that tolerates replaced or closed streams (pytest's capture, a closed pipe)."""
-    try:
-        return os.isatty(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        return False
+# Variables only the daemon reads (hub endpoints, tokens, the source order): set in the CLI's environment they
+# change nothing, which a user who sets them before `mgr pull` should hear about (see daemon_only_note).
+def _daemon_only_variables() -> tuple[str, ...]:
+    from mgr.registry.hubs import HUBS
+
+    names = ["MGR_SOURCES"]
+    for hub in HUBS.values():
+        names += [*hub.endpoint_env, *hub.token_env]
+    return tuple(names)
+
+
+def daemon_only_note(err: Any = None) -> None:
+    """One line on stderr naming the daemon's variables set here: they reach the daemon only where it starts."""
+    variables = [name for name in _daemon_only_variables() if os.environ.get(name)]
+    if variables:
+        print(f"note: {', '.join(variables)} {'is' if len(variables) == 1 else 'are'} read by the daemon when it "
+              "starts, not by this command: the pull uses the daemon's own settings", file=err or sys.stderr)
 
 
 # -- handlers ----------------------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+SERVE_FLAGS = {"host": "--host", "models_dir": "--models", "keep_alive": "--keep-alive",
+               "num_parallel": "--num-parallel", "max_loaded_models": "--max-loaded-models",
+               "max_queue": "--max-queue", "num_ctx": "--context-length"}
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, str | None]:
     # Flags stay strings: load_settings parses and validates them exactly like the environment variables.
-    overrides = {
+    return {
         "host": args.host,
         "models_dir": args.models,
         "keep_alive": args.keep_alive,
@@ -70,17 +88,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "num_ctx": args.context_length,
     }
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import lifecycle
+
+    overrides = serve_overrides(args)
+    if args.detach:
+        settings = load_settings(overrides)
+        flags = [part for key, value in overrides.items() if value is not None for part in (SERVE_FLAGS[key], value)]
+        return lifecycle.start(settings, Client(settings.base_url), flags)
     # The heavy import (starlette, uvicorn), paid by this command only.
     from mgr.daemon.server import serve
 
-    return int(serve(overrides) or 0)
+    listening: list[Settings] = []
+
+    def record(settings: Settings) -> None:
+        listening.append(settings)
+        lifecycle.write_record(settings)  # `mgr stop-server` and `mgr status` find this process by it
+
+    try:
+        return int(serve(overrides, record) or 0)
+    finally:
+        for settings in listening:
+            lifecycle.remove_record(settings)
+
+
+def cmd_stop_server(args: argparse.Namespace, client: Client) -> int:
+    from . import lifecycle
+
+    return lifecycle.stop(args.settings, client)
+
+
+def cmd_status(args: argparse.Namespace, client: Client) -> int:
+    from . import lifecycle
+
+    return lifecycle.status(args.settings, client)
 
 
 def cmd_create(args: argparse.Namespace, client: Client) -> int:
     if args.source is not None and args.modelfile is not None:
         raise CreateError("give a Modelfile (-f) or a model file (--from), not both")
     if args.source is not None:
-        return create_model(client, args.name, args.source)
+        return create_model(client, args.name, args.source, link=args.link)
     path = Path(args.modelfile or "Modelfile").expanduser()
     if path.is_dir() or _starts_with(path, GGUF_MAGIC):  # `-f model.gguf`, as mgr took it before Modelfiles
         return create_model(client, args.name, path)
@@ -101,6 +151,7 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 def cmd_pull(args: argparse.Namespace, client: Client) -> int:
     from .pull import pull_model
 
+    daemon_only_note()
     return pull_model(client, args.reference, insecure=args.insecure, tty=is_tty(sys.stdout))
 
 
@@ -144,7 +195,7 @@ def cmd_rm(args: argparse.Namespace, client: Client) -> int:
         try:
             client.request_json("DELETE", "/api/delete", {"model": name})
         except APIError as e:
-            print(f"Error: {e.message}", file=sys.stderr)
+            print(f"Error: model '{name}' not found" if e.status == 404 else f"Error: {e.message}", file=sys.stderr)
             status = 1
             continue
         print(f"deleted '{name}'")
@@ -152,7 +203,13 @@ def cmd_rm(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_stop(args: argparse.Namespace, client: Client) -> int:
-    client.request_json("POST", "/api/generate", {"model": args.name, "prompt": "", "keep_alive": 0, "stream": False})
+    try:
+        client.request_json("POST", "/api/generate", {"model": args.name, "prompt": "", "keep_alive": 0,
+                                                      "stream": False}, wait=True)
+    except APIError as e:
+        if e.status == 404:
+            raise APIError(f"model '{args.name}' not found", 404) from None
+        raise
     return 0
 
 
@@ -172,10 +229,10 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def keep_alive_seconds(value: str | None) -> int | float | None:
-    """--keep-alive as seconds (5m -> 300, -1 -> -1): a number means the same to every Ollama-style server."""
+    """--keepalive as seconds (5m -> 300, -1 -> -1): a number means the same to every Ollama-style server."""
     if value is None:
         return None
-    seconds = parse_duration(value, "--keep-alive")
+    seconds = parse_duration(value, "--keepalive")
     return int(seconds) if seconds == int(seconds) else seconds
 
 
@@ -201,13 +258,21 @@ def cmd_service(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_run(args: argparse.Namespace, client: Client) -> int:
+    try:
+        response_format = read_format(args.format)
+    except ValueError as e:
+        raise CreateError(f"--format: {e}") from None
     session = Session(
         model=args.name,
         options=run_options(args),
         system=args.system,
         keep_alive=keep_alive_seconds(args.keep_alive),
-        format=args.format,
+        format=response_format,
         verbose=args.verbose,
+        think=args.think,
+        hide_thinking=args.hidethinking,
+        wordwrap=not args.nowordwrap,
+        insecure=args.insecure,
     )
     prompt = " ".join(args.prompt)
     stdin_piped = not is_tty(sys.stdin)
@@ -216,7 +281,7 @@ def cmd_run(args: argparse.Namespace, client: Client) -> int:
             piped = sys.stdin.read()
             prompt = f"{prompt}\n\n{piped}" if prompt and piped else (prompt or piped)
         return run_once(client, session, prompt)
-    return interactive(client, session)
+    return interactive(client, session, args.settings.state_dir / "history")
 
 
 # -- parser ------------------------------------------------------------------------------------------------
@@ -229,6 +294,25 @@ def _option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _think(text: str) -> bool | str:
+    try:
+        return parse_think(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _serve_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--host", help="address to listen on, e.g. 127.0.0.1:11434 (MGR_HOST)")
+    serve.add_argument("--models", metavar="DIR", help="folder of the model store (MGR_MODELS)")
+    serve.add_argument(
+        "--keep-alive", metavar="DURATION", help="how long an idle model stays loaded, e.g. 5m, -1 (MGR_KEEP_ALIVE)"
+    )
+    serve.add_argument("--num-parallel", metavar="N", help="requests a model serves at once (MGR_NUM_PARALLEL)")
+    serve.add_argument("--max-loaded-models", metavar="N", help="models kept loaded at once (MGR_MAX_LOADED_MODELS)")
+    serve.add_argument("--max-queue", metavar="N", help="requests waiting before new ones are refused (MGR_MAX_QUEUE)")
+    serve.add_argument("--context-length", metavar="N", help="default context length (MGR_CONTEXT_LENGTH)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mgr", description="A local model manager: serve, pull, create, list and run models."
@@ -239,17 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str, aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, description=summary, aliases=list(aliases))
 
-    serve = command("serve", "Start the daemon (in the foreground)")
-    serve.add_argument("--host", help="address to listen on, e.g. 127.0.0.1:11434 (MGR_HOST)")
-    serve.add_argument("--models", metavar="DIR", help="folder of the model store (MGR_MODELS)")
-    serve.add_argument(
-        "--keep-alive", metavar="DURATION", help="how long an idle model stays loaded, e.g. 5m, -1 (MGR_KEEP_ALIVE)"
-    )
-    serve.add_argument("--num-parallel", metavar="N", help="requests a model serves at once (MGR_NUM_PARALLEL)")
-    serve.add_argument("--max-loaded-models", metavar="N", help="models kept loaded at once (MGR_MAX_LOADED_MODELS)")
-    serve.add_argument("--max-queue", metavar="N", help="requests waiting before new ones are refused (MGR_MAX_QUEUE)")
-    serve.add_argument("--context-length", metavar="N", help="default context length (MGR_CONTEXT_LENGTH)")
+    serve = command("serve", "Start the daemon (in the foreground; --detach: in the background)")
+    _serve_flags(serve)
+    serve.add_argument("-d", "--detach", action="store_true",
+                       help="run in the background (log in the state dir's serve.log); stop it with mgr stop-server")
     serve.set_defaults(handler=cmd_serve, needs_client=False)
+
+    start = command("start", "Start the daemon in the background (mgr serve --detach)")
+    _serve_flags(start)
+    start.set_defaults(handler=cmd_serve, needs_client=False, detach=True)
+
+    stop_server = command("stop-server", "Stop the daemon this CLI talks to (MGR_HOST), by its recorded pid")
+    stop_server.set_defaults(handler=cmd_stop_server)
+
+    server_status = command("status", "Whether the daemon this CLI talks to is running: its address, pid, models")
+    server_status.set_defaults(handler=cmd_status)
 
     create = command("create", "Create a model from a Modelfile, a .gguf file or a safetensors folder")
     create.add_argument("name", help="name of the new model, e.g. smollm2:latest")
@@ -266,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a .gguf file, or a folder with config.json and *.safetensors",
     )
+    create.add_argument("--link", action="store_true",
+                        help="with --from: use the file where it is, without copying (a hard link, a reflink, or "
+                             "a record of the file: see `mgr import`)")
     create.set_defaults(handler=cmd_create)
 
     pull = command("pull", "Download a model from Hugging Face or ModelScope")
@@ -320,14 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="any model option; VALUE is JSON when it parses (repeatable)",
     )
     run.add_argument(
-        "--keep-alive", metavar="DURATION", help="how long the model stays loaded after this, e.g. 5m, 0, -1"
+        "--keepalive", "--keep-alive", dest="keep_alive", metavar="DURATION",
+        help="how long the model stays loaded after this, e.g. 5m, 0, -1",
     )
-    run.add_argument("--format", choices=["json"], help="answer in JSON")
+    run.add_argument("--format", metavar="json|FILE", help="answer in JSON, or as the JSON schema in FILE says")
     run.add_argument("--system", metavar="TEXT", help="system message")
+    run.add_argument("--think", type=_think, metavar="true|false|high|medium|low",
+                     help="--think: think before answering (models that can); --think=false: do not")
+    run.add_argument("--hidethinking", action="store_true", help="think, but do not show the thinking")
     run.add_argument("--verbose", action="store_true", help="print timing statistics after each answer")
-    run.add_argument(
-        "--nowordwrap", action="store_true", help="accepted for Ollama compatibility (no wrapping is done)"
-    )
+    run.add_argument("--nowordwrap", action="store_true", help="do not wrap the answer at the terminal's width")
+    run.add_argument("--insecure", action="store_true", help="accepted for Ollama compatibility (passed to a pull)")
     run.set_defaults(handler=cmd_run)
 
     ps = command("ps", "List the loaded models")
@@ -346,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a service of your own (systemctl --user), with your models; default: the machine's")
     service.add_argument("--dry-run", action="store_true", help="print each step and file; change nothing")
     service.set_defaults(handler=cmd_service)
+
+    # commands that live in their own modules (stdlib at import; their heavy imports happen in their handlers)
+    from . import bench, importer
+
+    importer.add_commands(command)
+    bench.add_commands(command)
     return parser
 
 
@@ -357,10 +457,46 @@ def _error(message: str) -> int:
     return 1
 
 
+def _run_words(words: list[str]) -> list[str]:
+    """`ollama run` takes a bare --think as --think=true (a value only after "="): so does `mgr run`."""
+    return ["--think=true" if word == "--think" else word for word in words]
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The subcommand's own parser reads its words, so that a usage error prints that command's usage; `run`
+    takes its flags anywhere (before, between or after the model and the prompt), as `ollama run` does."""
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if not argv or commands is None or argv[0] not in commands.choices:
+        return parser.parse_args(argv)
+    name = argv[0]
+    sub: argparse.ArgumentParser = commands.choices[name]
+    if "--" in argv and name != "run":
+        return parser.parse_args(argv)
+    if name == "run":
+        args = sub.parse_intermixed_args(_run_words(argv[1:]))
+    else:
+        args = sub.parse_args(argv[1:])
+    args.command = name
+    return args
+
+
+def client_settings() -> Settings:
+    """The CLI's settings. Ollama's OLLAMA_HOST is the fallback for the daemon's address when MGR_HOST is not
+    set (only here: `mgr serve` never binds to it), so a shell set up for `ollama` finds mgr too."""
+    settings = load_settings()
+    ollama_host = os.environ.get("OLLAMA_HOST", "").strip()
+    if ollama_host and not os.environ.get("MGR_HOST") and settings.host == Settings.host:
+        try:
+            settings = load_settings({"host": ollama_host})
+        except ConfigError as e:
+            raise ConfigError(f"OLLAMA_HOST (used since MGR_HOST is not set): {e}") from None
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse(parser, list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # --help, --version and usage errors: return the code instead of exiting
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if args.command is None:
@@ -369,16 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not getattr(args, "needs_client", True):
             return int(args.handler(args))
-        settings = load_settings()  # once per invocation
-        return int(args.handler(args, Client(settings.base_url)))
+        settings = args.settings = client_settings()  # once per invocation
+        return int(args.handler(args, Client(settings.base_url, settings.client_timeout)))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except DaemonUnreachable as e:
         return _error(
-            f"could not connect to mgr at {e.base_url}. Start it with `mgr serve` "
+            f"could not connect to mgr at {e.base_url}. Start it with `mgr serve --detach` "
             "(or `sudo systemctl start mgr` for the service)."
         )
-    except (APIError, CreateError, ConfigError, ServiceError) as e:
+    except (APIError, CreateError, ConfigError, ServiceError, LifecycleError) as e:
         return _error(str(e))
     except BrokenPipeError:
         # `mgr list | head`: the reader left. Point stdout at /dev/null so the interpreter's final flush is quiet.

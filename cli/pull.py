@@ -4,25 +4,50 @@ The daemon sends Ollama's /api/pull events: status-only lines (`{"status": "pull
 progress (`{"status": "pulling <12 hex>", "digest": "sha256:...", "total": N, "completed": M}`, about every
 60 ms per file, files interleaved when they download in parallel) and finally `{"status": "success"}`.
 
-On a terminal each file gets a rich progress bar (rich is imported here, lazily: every other command must
-start without paying for it). Elsewhere (a pipe, a log) only changes are printed: a status once, and per file
-one line when it starts and one when it is complete, so a 10 GB pull does not write thousands of lines.
+On a terminal each file gets a rich progress bar labelled with the file's name (rich is imported here, lazily:
+every other command must start without paying for it), and a spinner turns while the daemon plans the pull.
+Elsewhere (a pipe, a log) only changes are printed: a status once, and per file one line when it starts and one
+when it is complete, so a 10 GB pull does not write thousands of lines. A failure is one line that says what
+to do (an unreachable hub: which settings choose another); a pull cut off says how to resume it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
-from .client import APIError, Client
+from .client import APIError, Client, ConnectionLost
 from .format import human_size, short_id
+from .terminal import Spinner
 
 RATE_WINDOW = 5.0  # seconds of samples behind a speed: long enough to be steady, short enough to follow changes
 INTERRUPTED = "interrupted; run the same command again to resume"
+CUT_OFF = "the pull stopped before it finished ({}); what was fetched is kept: run the same command again to resume"
+_UNREACHABLE = re.compile(r"\((https?://[^)\s]+)\) is unreachable")
+
+
+def pull_error(message: str) -> str:
+    """The daemon's pull error as one line that says what to do. Hubs that cannot be reached (offline, a
+    firewall) name the settings that choose others; any other error keeps its first line."""
+    hosts = [re.sub(r"^https?://", "", url).rstrip("/") for url in _UNREACHABLE.findall(message)]
+    if hosts:
+        return (f"cannot reach {', '.join(dict.fromkeys(hosts))} from the daemon (offline, or a proxy needed?): "
+                "set MGR_HF_ENDPOINT to a mirror or MGR_SOURCES to the hubs it can reach where `mgr serve` runs, "
+                "or put a file there yourself: mgr create NAME --from FILE.gguf")
+    first = message.strip().splitlines()[0] if message.strip() else "the pull failed"
+    return first if len(first) <= 400 else first[:400] + "..."
+
+
+def file_label(event: Mapping[str, Any]) -> str:
+    """What a file's bar and lines are called: its name in the repo (the daemon sends it), else its digest's
+    first 12 digits, as Ollama shows layers."""
+    name = str(event.get("file") or "").rsplit("/", 1)[-1]
+    return name or short_id(str(event.get("digest") or ""))
 
 
 # -- pure parts: speed, ETA, the progress text, the plain renderer ------------------------------------------------
@@ -130,7 +155,6 @@ class PlainRenderer:
         self._last_status = ""
 
     def lines(self, event: Mapping[str, Any]) -> list[str]:
-        digest = str(event.get("digest") or "")
         state, new, finished = self.tally.add(event)
         if state is None:
             status = str(event.get("status") or "")
@@ -139,7 +163,7 @@ class PlainRenderer:
             self._last_status = status
             return [status]
         self._last_status = ""  # a status repeated after the files is news again
-        name, size = short_id(digest), human_size(state.total)
+        name, size = file_label(event), human_size(state.total)
         out = []
         # No "resuming" note: the daemon's first event of a fresh file already counts ~60 ms of bytes, so a
         # resumed file cannot be told from a fast new one.
@@ -153,8 +177,10 @@ class PlainRenderer:
 def summary(name: str, tally: PullTally, seconds: float) -> str:
     """`pulled smollm2 (1.2 GB, 3 files) in 34.1s (35.2 MB/s)`; the speed counts only the bytes this run fetched."""
     files = len(tally.files)
-    speed = tally.transferred / seconds / 1e6 if seconds > 0 else 0.0
     noun = "file" if files == 1 else "files"
+    if files and not tally.transferred:  # every byte was already here: no speed to speak of
+        return f"{name} is up to date ({human_size(tally.size)}, {files} {noun}, nothing to download)"
+    speed = tally.transferred / seconds / 1e6 if seconds > 0 else 0.0
     return f"pulled {name} ({human_size(tally.size)}, {files} {noun}) in {seconds:.1f}s ({speed:.1f} MB/s)"
 
 
@@ -205,7 +231,7 @@ def _bars(events: Iterator[dict[str, Any]], out: TextIO) -> PullTally:
                     for task, _ in tasks.values():  # restarted after a stop: the old bars are already printed
                         progress.update(task, visible=False)
                     progress.start()
-                task = progress.add_task(f"pulling {short_id(digest)}", total=state.total, info="")
+                task = progress.add_task(f"pulling {file_label(event)}", total=state.total, info="")
                 tasks[digest] = (task, RateMeter())
             task, meter = tasks[digest]
             meter.add(time.monotonic(), state.completed)
@@ -226,16 +252,41 @@ def pull_model(
     body: dict[str, Any] = {"model": reference, "stream": True}
     if insecure:
         body["insecure"] = True
-    stream = client.stream_ndjson("POST", "/api/pull", body)
+    # The daemon answers once it has planned the pull (the hub listed, the files chosen): seconds, offline
+    # longer. A terminal sees a spinner meanwhile, not a blank screen.
+    waiting = Spinner(out).start() if tty else None
+    if waiting is not None:
+        out.write(f"pulling manifest for {reference} ")
+        out.flush()
     try:
-        tally = _bars(stream, out) if tty else _plain(stream, out)
+        try:
+            stream = client.stream_ndjson("POST", "/api/pull", body)
+            first = next(stream, None)
+        finally:
+            if waiting is not None:
+                waiting.stop()
+                out.write("\r\x1b[K")
+                out.flush()
+        events = _chain(first, stream)
+        try:
+            tally = _bars(events, out) if tty else _plain(events, out)
+        finally:
+            stream.close()
     except KeyboardInterrupt:
         # Closing the connection stops the daemon's pull; the bytes it fetched stay in its store, resumable.
         print(INTERRUPTED, file=err, flush=True)
         return 130
-    finally:
-        stream.close()
+    except ConnectionLost as e:
+        raise APIError(CUT_OFF.format(e.message)) from None
+    except APIError as e:
+        raise APIError(pull_error(e.message), e.status) from None
     if not tally.succeeded:
-        raise APIError("the daemon ended the pull stream without reporting success")
+        raise APIError(CUT_OFF.format("the daemon ended the stream without its last line"))
     print(summary(reference, tally, time.monotonic() - started), file=out, flush=True)
     return 0
+
+
+def _chain(first: dict[str, Any] | None, rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    if first is not None:
+        yield first
+    yield from rest

@@ -54,7 +54,10 @@ def model_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def source_rows(source: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """hub, repo, revision, commit for a pulled model; "type upload" for one made by `mgr create`."""
+    """hub, repo, revision, commit for a pulled model; "type upload" for one made by `mgr create`; where an
+    imported one is (`mgr import`, `create --link`): its files were not copied."""
+    if source.get("type") == "import":
+        return [(key, _text(source.get(key))) for key in ("type", "from", "repo", "path") if source.get(key)]
     if source.get("type") and not source.get("hub"):
         return [("type", _text(source["type"]))]
     return [(key, _text(source.get(key))) for key in ("hub", "repo", "revision", "commit")]

@@ -27,6 +27,7 @@ from .api.openai import OpenAIApi
 from .api.openapi import no_route, openapi_route
 from .api.render import error_response
 from .api.responses import ResponsesApi
+from .api.ui import WebConsole
 from .errors import ShuttingDown
 from .gpus import GpuInventory, NvmlGpus
 from .guards import Guards
@@ -54,7 +55,8 @@ async def _render_no_route(request: Request, exc: Exception) -> Response:
 
 
 class DaemonApp:
-    """The ASGI app: the OpenAI relay endpoints first (plain ASGI, see api/openai.py), then the router."""
+    """The ASGI app: the relayed endpoints first (plain ASGI: OpenAI's in api/openai.py, Ollama's /api/chat and
+    /api/generate in api/ollama.py), then the router."""
 
     def __init__(self, router: Starlette, relay_routes: dict[str, ASGIApp], scheduler: Scheduler,
                  store: Store, pulls: Pulls | None = None,
@@ -122,14 +124,17 @@ def create_app(settings: Settings, runner_factory: RunnerFactory | None = None,
 
     generation = OllamaGeneration(scheduler, store)
     openai = OpenAIApi(scheduler, store)
+    # the streamed generation endpoints of both APIs, plain ASGI ahead of the router (api/openai.py says why)
+    relay_routes = {**openai.relay_routes(), **generation.relay_routes()}
     app = Starlette(
         routes=OllamaModels(scheduler, store, pulls, generation).routes() + generation.routes() + openai.routes()
         + ResponsesApi(scheduler, ResponseStore(settings.state_dir / "responses")).routes()
-        + AnthropicApi(scheduler).routes() + [openapi_route(openai.relay_routes()), metrics_route(scheduler, gpus)],
+        + AnthropicApi(scheduler).routes() + [openapi_route(relay_routes), metrics_route(scheduler, gpus)]
+        + WebConsole(scheduler).routes(),
         # MgrError through the exception middleware (answered, not re-raised); anything else is a logged 500;
         # the router's own 404 and 405 as JSON
         exception_handlers={MgrError: _render_error, HTTPException: _render_no_route, Exception: _render_error},
         lifespan=lifespan,
     )
-    return DaemonApp(app, openai.relay_routes(), scheduler, store, pulls,
+    return DaemonApp(app, relay_routes, scheduler, store, pulls,
                      guards=lambda inner: Guards(inner, settings))

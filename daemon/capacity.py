@@ -4,7 +4,7 @@ scheduler does both with what they return), as llama-swap's EvictionFor."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Literal
 
 from .gpus import Gpu
@@ -55,6 +55,12 @@ def free_gpus(gpus: Iterable[Gpu], instances: Iterable[Instance]) -> list[Gpu]:
         for index in instance.placement.gpus:
             reserved[index] = reserved.get(index, 0) + share
     return [Gpu(g.index, g.name, g.total, max(0, g.free - reserved.get(g.index, 0))) for g in gpus]
+
+
+def room_coming(instance: Instance, instances: Iterable[Instance], unloading: Sized) -> bool:
+    """Some other model of ours holds GPU memory, or is leaving. Without one, nothing we could evict would free
+    any: what is free is all there will be (another process holds the rest)."""
+    return bool(unloading) or any(other is not instance and other.placement.gpus for other in instances)
 
 
 def fits_again(sleeper: Instance, free: Iterable[Gpu]) -> bool:

@@ -11,8 +11,9 @@ In order, for each HTTP request:
    [::1] on any port; app://, file://, tauri://, vscode-webview://, vscode-file://) plus `origins` (MGR_ORIGINS;
    `*` is a wildcard, "*" alone allows any). Allowed origins get CORS headers; their preflight (OPTIONS with
    Access-Control-Request-Method) is answered here.
-3. Keys: with `api_keys` set, every request but GET / (and HEAD /) carries one, as `Authorization: Bearer <key>`
-   or Anthropic's `x-api-key: <key>`; 401 otherwise. A key is compared in constant time with every key.
+3. Keys: with `api_keys` set, every request but GET / and the web console's files (GET /ui/...) carries one,
+   as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>`; 401 otherwise. A key is compared in
+   constant time with every key.
 4. Body size: a Content-Length past the endpoint's cap is 413 before a byte of the body is read; a chunked body
    is counted as it is read and fails with 413 when it passes the cap. The caps: `max_body_size` (64 MiB) for
    generation, embeddings, create and the OpenAI/Anthropic endpoints (images travel as base64), blob uploads the
@@ -157,7 +158,7 @@ class Guards:
             if method == "OPTIONS" and b"access-control-request-method" in headers:
                 await _preflight(headers.get(b"access-control-request-headers"), send)
                 return
-        if self.keys and not (path == "/" and method in ("GET", "HEAD")) and not self._key_given(
+        if self.keys and not _open_without_key(method, path) and not self._key_given(
                 authorization := headers.get(b"authorization"), api_key := headers.get(b"x-api-key")):
             await self._refuse(scope, receive, send, Unauthorized(
                 "missing API key: send it as Authorization: Bearer <key> (or x-api-key: <key>)"
@@ -209,6 +210,12 @@ class Guards:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: MgrError) -> None:
         await error_response(scope["method"], scope["path"], error)(scope, receive, send)
+
+
+def _open_without_key(method: str, path: str) -> bool:
+    """GET / (is the daemon running) and the web console's static files (api/ui.py: nothing secret; the page
+    asks for the key, then sends it with every API call)."""
+    return method in ("GET", "HEAD") and (path == "/" or path == "/ui" or path.startswith("/ui/"))
 
 
 def _existing_parent(path: Path) -> Path:

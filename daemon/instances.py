@@ -59,6 +59,9 @@ class Instance:
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
+        # the model the last request named: an alias sharing this runner (same files) shows under its own name,
+        # as the user just asked for it
+        self.shown_name = spec.name
         self.state = State.PENDING
         self.runner: Runner | None = None
         self.placement: Placement = CPU
@@ -92,6 +95,11 @@ class Instance:
             return 0.0
         return self.load_finished - max(arrived, self.load_started)
 
+    async def cached_tokens(self) -> int | None:
+        """Prompt tokens its runner holds for later requests (llama.cpp's prompt cache), None where the runner does
+        not say (vLLM's prefix cache, a runner not ready)."""
+        return await self.runner.cached_tokens() if self.runner is not None and self.state is State.READY else None
+
     def status(self) -> InstanceStatus:
         expires = self.expires_at
         if self.state is State.SLEEPING:
@@ -101,7 +109,8 @@ class Instance:
         spec = self.spec
         on_gpu = sum(self.measured.values()) or (spec.estimate if self.placement.gpus else 0)
         return InstanceStatus(
-            name=spec.name, digest=spec.digest, state=self.state, backend=self.runner.backend if self.runner else "",
+            name=self.shown_name, digest=spec.digest, state=self.state,
+            backend=self.runner.backend if self.runner else "",
             size=max(spec.estimate, on_gpu), size_vram=on_gpu, gpus=self.placement.gpus,
             context_length=spec.num_ctx, num_parallel=spec.num_parallel, active=self.active,
             queued=len(self.queue), expires_at=expires, loaded_at=self.loaded_at, draining=self.draining,
@@ -129,16 +138,19 @@ class InstanceStatus:
     draining: bool
     placement: Placement = CPU
     ray_nodes: tuple[str, ...] = ()  # a Ray placement: the cluster's GPU machines when it was placed
+    cached_tokens: int | None = None  # the runner's prompt cache (Scheduler.status_with_caches), None: not asked
 
 
 class Lease:
     """The right to send requests to a runner until `release` (idempotent; call it exactly once in spirit).
     It hands the scheduler's callback back when released, so it never reaches into the scheduler."""
 
-    __slots__ = ("_on_release", "instance", "load_seconds", "released")
+    __slots__ = ("_on_release", "_spec", "instance", "load_seconds", "released")
 
-    def __init__(self, instance: Instance, load_seconds: float, on_release: Callable[[Instance], None]) -> None:
+    def __init__(self, instance: Instance, load_seconds: float, on_release: Callable[[Instance], None],
+                 spec: LoadSpec | None = None) -> None:
         self.instance = instance
+        self._spec = spec  # the requested model's: an alias sharing the instance's runner answers under its name
         self.load_seconds = load_seconds  # how long this request waited for its model to load or wake
         self._on_release = on_release
         self.released = False
@@ -150,7 +162,7 @@ class Lease:
 
     @property
     def spec(self) -> LoadSpec:
-        return self.instance.spec
+        return self._spec or self.instance.spec
 
     def release(self) -> None:
         if not self.released:

@@ -17,10 +17,11 @@ from mgr.registry.errors import MgrError
 
 from . import capacity, metrics
 from .errors import EngineUnavailable, LoadFailed
-from .gpus import GpuInventory
+from .gpus import Gpu, GpuInventory
 from .instances import Instance, State
 from .placement import NeedsGpu, Placement, RayCluster, TooBig, place
 from .ray_cluster import RayReading, RayUnavailable, read_cluster
+from .runners.base import LoadSpec
 from .runners.process import kill_group
 
 if TYPE_CHECKING:
@@ -111,9 +112,7 @@ class Lifecycle:
             return instance.placement if capacity.fits_again(instance, free) else None
         spec = instance.spec
         ray_gpus = self.settings.for_model(spec.name).ray_gpus
-        # without a model of ours on a GPU, nothing we could evict would free memory: what is free is all there is
-        room_coming = bool(self.scheduler.unloading) or any(
-            other is not instance and other.placement.gpus for other in self.scheduler.instances.values())
+        room_coming = capacity.room_coming(instance, self.scheduler.instances.values(), self.scheduler.unloading)
         try:
             try:
                 return place(spec.format, spec.estimate, free, spec.pinned, spec.layers, self._ray_cluster(), ray_gpus,
@@ -204,15 +203,10 @@ class Lifecycle:
                 raise RayUnavailable(f"the model needs {need} GPUs of the Ray cluster; {reading.describe()}")
             instance.ray_nodes = tuple(n.address for n in reading.gpu_nodes)
         except RayUnavailable as e:
-            spec = instance.spec
-            free = capacity.free_gpus(self.gpus.gpus(), self.scheduler.instances.values())
-            try:
-                local = place(spec.format, spec.estimate, free, spec.pinned, spec.layers)
-            except TooBig:
-                local = None
+            local = _fits_here(instance.spec, capacity.free_gpus(self.gpus.gpus(), self.scheduler.instances.values()))
             if local is None:
                 raise
-            log.warning("%s: %s; placed on this machine instead", spec.name, e.message)
+            log.warning("%s: %s; placed on this machine instead", instance.spec.name, e.message)
             instance.placement = local
 
     def retire(self, instance: Instance) -> None:
@@ -399,3 +393,11 @@ async def _memory_released(gpus: GpuInventory, instance: Instance) -> None:
     deadline = time.monotonic() + MEMORY_RELEASE_SECONDS
     while gpus.used_by(pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
+
+
+def _fits_here(spec: LoadSpec, free: list[Gpu]) -> Placement | None:
+    """Where a model goes on this machine now, if anywhere (a Ray placement's fallback)."""
+    try:
+        return place(spec.format, spec.estimate, free, spec.pinned, spec.layers)
+    except TooBig:
+        return None

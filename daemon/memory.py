@@ -14,6 +14,10 @@ from typing import Any
 MIB = 1 << 20
 GIB = 1 << 30
 GGUF_COMPUTE_BUFFER = 256 * MIB
+# What a llama.cpp runner holds on each GPU it uses whatever its layers: its CUDA context and cuBLAS workspace
+# (NVML: 1,504 MiB for SmolLM2 fully offloaded on an H200 against an estimate of ~1,070) and the compute buffer.
+# Partial offload counts it before layers: a share of the free memory by layers alone ran out on the H200.
+GGUF_GPU_FIXED = 512 * MIB + GGUF_COMPUTE_BUFFER
 VLLM_OVERHEAD = 2048 * MIB  # CUDA context, graphs and activations (1.2 GiB measured for a 135M model asleep)
 VLLM_KV_SEQUENCES = 32  # vLLM pages its KV cache: room for this many full contexts is plenty to batch well
 # vLLM refuses to start when its share leaves no room for KV blocks after weights, activations and CUDA

@@ -187,7 +187,7 @@ async def metered(chunks: AsyncIterator[dict[str, Any]], model: str = "") -> Asy
         generation.done(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 
-_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')  # one level nested: prompt_tokens_details
 
 
 def usage_in(body: bytes) -> tuple[int, int] | None:

@@ -20,6 +20,7 @@ import dataclasses
 import math
 
 from .gpus import Gpu
+from .memory import GGUF_COMPUTE_BUFFER, GGUF_GPU_FIXED
 
 GIB = 1 << 30
 MAX_FRACTION = 0.95  # vLLM's share of a GPU never takes the last 5% (CUDA context, other processes)
@@ -106,9 +107,7 @@ def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...]
                 return Placement(tuple(sorted(g.index for g in chosen)))
         if room_coming and sum(g.total for g in candidates) >= need:
             return None  # fits once idle models leave
-        if not layers:
-            return CPU
-        offload = math.floor(layers * sum(g.free for g in candidates) / need)
+        offload = _layers_that_fit(layers, need, candidates)
         return Placement(tuple(sorted(g.index for g in candidates)), gpu_layers=offload) if offload > 0 else CPU
     for n in (2, 4, 8):
         if n > len(candidates):
@@ -170,7 +169,7 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
             return Placement(indices)
         if room_coming and sum(g.total for g in chosen) >= need:
             return None  # fits once idle models leave
-        offload = math.floor((layers or 0) * sum(g.free for g in chosen) / need)
+        offload = _layers_that_fit(layers, need, chosen)
         return Placement(indices, gpu_layers=offload) if offload > 0 else CPU
     share, smallest = need / len(chosen), min(g.total for g in chosen)
     if all(g.free >= share for g in chosen):
@@ -182,6 +181,15 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
                      f"leave only {_gib(min(g.free for g in chosen))} free on one of them")
     raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the GPUs it is pinned to "
                  f"({len(chosen)} x {_gib(smallest)}) cannot hold it")
+
+
+def _layers_that_fit(layers: int | None, need: int, gpus: list[Gpu]) -> int:
+    """How many of a GGUF model's layers the GPUs' free memory holds: what each GPU holds whatever its layers
+    first, then layers at the model's weights and KV cache per layer."""
+    per_layers = sum(g.free - GGUF_GPU_FIXED for g in gpus if g.free > GGUF_GPU_FIXED)
+    if not layers or per_layers <= 0:
+        return 0
+    return min(layers - 1, math.floor(layers * per_layers / max(1, need - GGUF_COMPUTE_BUFFER)))
 
 
 def _single(model_format: str, need: int, gpu: Gpu) -> Placement:

@@ -10,12 +10,14 @@ Admission: a READY instance takes up to spec.num_parallel requests at once (the 
 await). Everyone else waits in that instance's FIFO queue, bounded by max_queue over all instances; past it,
 QueueFull (503). Concurrent first requests for a model join the one PENDING/LOADING instance: one load.
 A request whose LoadSpec differs (another num_ctx) waits at the head of the queue until the instance is idle,
-then the instance is reloaded with that spec.
+then the instance is reloaded with that spec. Models that share their files (specs.runner_key: aliases from
+`mgr cp`) share one instance, shown under the name last asked for; each lease still carries its own model's spec.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -33,7 +35,7 @@ from .instances import Instance, InstanceStatus, Lease, State, Waiter
 from .lifecycle import Lifecycle
 from .placement import Placement
 from .runners.base import LoadSpec, Runner
-from .specs import SpecBook
+from .specs import SpecBook, runner_key, same_load
 
 log = logging.getLogger("mgr.scheduler")
 
@@ -62,11 +64,20 @@ class Scheduler:
         if self.closed:
             raise ShuttingDown()
         spec = self.specs.spec_for(name, num_ctx)
-        instance = self.instances.get(spec.name.lower())
-        if instance is not None and instance.state is State.READY and instance.spec == spec \
+        instance = self.find(spec)
+        if instance is not None and instance.state is State.READY and same_load(instance.spec, spec) \
                 and instance.active < spec.num_parallel and not instance.queue and not instance.draining:
-            return self._grant(instance, self.specs.keep_alive_for(spec.name, keep_alive), None)
+            return self._grant(instance, self.specs.keep_alive_for(spec.name, keep_alive), None, spec)
         return None
+
+    def find(self, spec: LoadSpec) -> Instance | None:
+        """The instance of this model: under its own name, or under the name of a model with the same files
+        (specs.runner_key), whose runner it then shares."""
+        instance = self.instances.get(spec.name.lower())
+        if instance is not None:
+            return instance
+        key = runner_key(spec)
+        return next((i for i in self.instances.values() if runner_key(i.spec) == key), None)
 
     async def acquire(self, name: str, num_ctx: int | None = None, keep_alive: float | None = None) -> Lease:
         lease = self.try_acquire(name, num_ctx, keep_alive)
@@ -74,17 +85,16 @@ class Scheduler:
             return lease
         spec = self.specs.spec_for(name, num_ctx)
         keep = self.specs.keep_alive_for(spec.name, keep_alive)
-        key = spec.name.lower()
-        instance = self.instances.get(key)
+        instance = self.find(spec)
         if instance is not None and instance.state is State.FAILED:
             if time.monotonic() < instance.failed_until:
                 raise LoadFailed(instance.error)
-            del self.instances[key]
+            self.forget(instance)
             instance = None
         if sum(len(i.queue) for i in self.instances.values()) >= self.settings.max_queue:
             raise QueueFull()
         if instance is None:
-            instance = self.instances[key] = Instance(spec)
+            instance = self.instances[spec.name.lower()] = Instance(spec)
             instance.keep_alive = keep  # kept even if every waiter leaves before the load ends
         waiter = Waiter(asyncio.get_running_loop().create_future(), spec, keep)
         instance.queue.append(waiter)
@@ -114,7 +124,7 @@ class Scheduler:
         instance = self.instances.get(name.lower())
         if instance is None:
             try:
-                instance = self.instances.get(self.store.get(name).name.lower())
+                instance = self.find(self.specs.spec_for(name))
             except LookupError:
                 instance = None
         if instance is None or instance.state is State.FAILED:
@@ -126,16 +136,18 @@ class Scheduler:
         return True
 
     # admission ---------------------------------------------------------------------------------------
-    def _grant(self, instance: Instance, keep_alive: float, arrived: float | None) -> Lease:
-        """A lease on a READY instance; `arrived` (a queued request's) tells how long it waited for a load."""
+    def _grant(self, instance: Instance, keep_alive: float, arrived: float | None, spec: LoadSpec) -> Lease:
+        """A lease on a READY instance for a request on `spec`'s model (the instance's, or an alias's);
+        `arrived` (a queued request's) tells how long it waited for a load."""
         instance.active += 1
+        instance.shown_name = spec.name
         instance.keep_alive = keep_alive
         instance.reason = "request"  # until its keep_alive runs out or it is evicted
         instance.last_used = time.monotonic()
         self.cancel_expiry(instance)
         instance.expires_at = None
         load_seconds = instance.load_seconds_for(arrived) if arrived is not None else 0.0
-        return Lease(instance, load_seconds, self._release)
+        return Lease(instance, load_seconds, self._release, spec)
 
     def _release(self, instance: Instance) -> None:
         instance.active -= 1
@@ -163,14 +175,14 @@ class Scheduler:
             if head.future.done():  # its request was cancelled
                 instance.queue.popleft()
                 continue
-            if head.spec != instance.spec:
+            if not same_load(head.spec, instance.spec):
                 if instance.active == 0:
                     self.lifecycle.begin_unload(instance)  # reload with the spec the head asks for
                 return
             if instance.active >= instance.spec.num_parallel:
                 return
             instance.queue.popleft()
-            head.future.set_result(self._grant(instance, head.keep_alive, head.arrived))
+            head.future.set_result(self._grant(instance, head.keep_alive, head.arrived, head.spec))
 
     @staticmethod
     def reject(queue: Iterable[Waiter], error: Exception) -> None:
@@ -186,15 +198,14 @@ class Scheduler:
         if not queue or self.closed:
             self.reject(queue, ShuttingDown())
             return
-        key = instance.spec.name.lower()
-        successor = self.instances.get(key)
+        successor = self.find(instance.spec)
         if successor is None:
-            successor = self.instances[key] = Instance(queue[0].spec)
+            successor = self.instances[instance.spec.name.lower()] = Instance(queue[0].spec)
         successor.queue.extend(queue)
 
     def forget(self, instance: Instance) -> None:
-        key = instance.spec.name.lower()
-        if self.instances.get(key) is instance:
+        key = next((k for k, i in self.instances.items() if i is instance), None)  # an alias's: not its name
+        if key is not None:
             del self.instances[key]
 
     # keep-alive --------------------------------------------------------------------------------------
@@ -232,6 +243,12 @@ class Scheduler:
         """Instances with or on their way to a runner, and those still unloading (for tests and status)."""
         live = [i for i in self.instances.values() if i.state is not State.FAILED]
         return sorted(live + list(self.unloading), key=lambda i: i.spec.name)
+
+    async def status_with_caches(self) -> list[InstanceStatus]:
+        """status(), each with the tokens its runner's prompt cache holds (the runners asked at once)."""
+        live = self.live()
+        counts = await asyncio.gather(*(i.cached_tokens() for i in live))
+        return [dataclasses.replace(i.status(), cached_tokens=n) for i, n in zip(live, counts, strict=True)]
 
     def status(self) -> list[InstanceStatus]:
         """Frozen snapshots for /api/ps, /api/queue and `mgr ps`."""

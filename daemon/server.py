@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 
 import uvicorn
 
-from mgr.registry.config import ConfigError, load_settings
+from mgr.registry.config import ConfigError, Settings, load_settings
 
 from .app import DaemonApp, create_app
 from .guards import limited_http_protocol
@@ -56,12 +57,31 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
-def serve(overrides: Mapping[str, str | None] | None = None) -> int:
+def listen(settings: Settings) -> socket.socket:
+    """The listening socket, bound before anything starts, so a busy port fails in one line. Raises OSError."""
+    family = socket.AF_INET6 if ":" in settings.bind_host else socket.AF_INET
+    sock = socket.create_server((settings.bind_host, settings.bind_port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(overrides: Mapping[str, str | None] | None = None,
+          listening: Callable[[Settings], None] | None = None) -> int:
+    """Run the daemon until it is stopped; `listening` is called once the port is bound (the CLI records the pid)."""
     try:
         settings = load_settings(overrides)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+    try:
+        sock = listen(settings)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        print(f"Error: could not listen on {settings.host}: {reason} (another mgr? `mgr status` tells; "
+              "or choose another address with MGR_HOST)", file=sys.stderr)
+        return 1
+    if listening is not None:
+        listening(settings)
     configure_logging(settings.debug, settings.log_format)  # stderr, text or JSON lines (logs.py)
     app = create_app(settings)
     grace = max(0.0, settings.shutdown_timeout)
@@ -75,7 +95,7 @@ def serve(overrides: Mapping[str, str | None] | None = None) -> int:
     )
     server = DrainingServer(config, app, grace)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except SystemExit as e:  # uvicorn exits this way when it cannot bind
         print(f"Error: could not listen on {settings.host} (is another server using it? set MGR_HOST)",
               file=sys.stderr)

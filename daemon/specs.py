@@ -15,6 +15,21 @@ from .runners.base import LoadSpec
 from .runners.engines import DEFAULT_PARALLEL
 
 
+def runner_key(spec: LoadSpec) -> tuple[str, ...]:
+    """What a runner serves, whatever the model is called: its files and what changes the load (template,
+    adapter). Models equal here (aliases from `mgr cp`, or a derived model that only adds SYSTEM or PARAMETERs)
+    share one runner. vLLM serves one model name per process (--served-model-name, LoRA modules by name), so a
+    safetensors model's name stays part of it."""
+    name = spec.name.lower() if spec.format != "gguf" else ""
+    return (spec.format, str(spec.model_path), str(spec.projector or ""), spec.chat_template or "",
+            str(spec.adapter or ""), name)
+
+
+def same_load(a: LoadSpec, b: LoadSpec) -> bool:
+    """Whether a runner started for `a` serves `b` as it is: the same files and the same load settings."""
+    return runner_key(a) == runner_key(b) and (a.num_ctx, a.num_parallel) == (b.num_ctx, b.num_parallel)
+
+
 class SpecBook:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings

@@ -78,6 +78,9 @@ class Settings:
     num_ctx: int | None = None
     # Threads for the llama.cpp engine; None = physical cores.
     num_thread: int | None = None
+    # The llama.cpp engine's prompt cache: each slot keeps its KV cache after a request, and a prompt that starts
+    # as a slot's cached tokens do reads only the rest (vLLM's prefix caching is its own and always on).
+    cache_prompt: bool = True
     # The Python that has vLLM installed; None = the one running mgr.
     vllm_python: str | None = None
     # The warm tier: idle vLLM models sleep (weights to host RAM) instead of being stopped.
@@ -107,6 +110,8 @@ class Settings:
     max_connections: int = 1024
     header_timeout: float = 10.0
     idle_timeout: float = 5.0
+    # The CLI's: seconds a daemon has to answer a control call (list, ps, ...) or the ping before a long one.
+    client_timeout: float = 30.0
 
     @property
     def bind_host(self) -> str:
@@ -282,6 +287,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Callable[[Any, str], Any]]] = {
     "log_format": (("MGR_LOG_FORMAT",), _log_format),
     "num_ctx": (("MGR_CONTEXT_LENGTH",), _positive_int),
     "num_thread": (("MGR_NUM_THREAD",), _positive_int),
+    "cache_prompt": (("MGR_CACHE_PROMPT",), _boolean),
     "vllm_python": (("MGR_VLLM_PYTHON",), _string),
     "vllm_sleep": (("MGR_VLLM_SLEEP",), _boolean),
     "ray_address": (("MGR_RAY_ADDRESS",), _string),
@@ -296,6 +302,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Callable[[Any, str], Any]]] = {
     "max_connections": (("MGR_MAX_CONNECTIONS",), _positive_int),
     "header_timeout": (("MGR_HEADER_TIMEOUT",), _positive_seconds),
     "idle_timeout": (("MGR_IDLE_TIMEOUT",), _positive_seconds),
+    "client_timeout": (("MGR_CLIENT_TIMEOUT",), _positive_seconds),
     # The hubs, from their table: they become Settings.hubs.
     "sources": (("MGR_SOURCES",), _sources),
     **{f"{hub.setting}_endpoint": (hub.endpoint_env, _endpoint) for hub in HUBS.values()},
@@ -405,11 +412,11 @@ def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, 
     for key, raw in file_values.items():
         if key not in _FIELDS:
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}")
-        values[key] = _parse(key, raw)
-    for key, (variables, _) in _FIELDS.items():
+        values[key] = _FIELDS[key][1](raw, f"{path}: {key}")  # an error names the file and the key
+    for key, (variables, parser) in _FIELDS.items():
         variable = next((v for v in variables if env.get(v)), None)
         if variable is not None:
-            values[key] = _parse(key, env[variable])
+            values[key] = parser(env[variable], variable)  # an error names the variable, as the user set it
     for key, raw in (overrides or {}).items():
         if raw is not None:
             values[key] = _parse(key, raw)

@@ -22,6 +22,11 @@ plus a status line for each source skipped while planning, saying why ("...; try
 The planning events are kept in the plan (`PullPlan.planned`), so a stream that starts after planning still
 begins with them.
 
+A model in Ollama's registry (`ollama://llama3.2:3b`, `registry.ollama.ai/library/...`; a short name not in the
+catalog when MGR_SOURCES names `ollama`) is planned from its manifest (registry/ollama.py): its file layers are
+the files to fetch, through the same downloader; its text layers (system, params, messages, license) are read and
+verified while planning and become what the model carries, as a create's would.
+
 Three ways to call it:
     manifest = await pull(store, reference, progress=callback)      plan and fetch; callback sync or async
     plan = await plan_pull(store, reference)                         plan only: raises the 4xx errors
@@ -32,15 +37,18 @@ Three ways to call it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
+import json
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
-from .catalog import Candidate, Catalog, Format, default_catalog
-from .hubs import HUBS, Source, SourceConfig
-from .refs import HubReference, Reference, parse_reference
+from .catalog import Candidate, Catalog, Format, UnknownModel, default_catalog
+from .hubs import HUBS, USER_AGENT, Source, SourceConfig
+from .ollama import MANIFEST_MEDIA_TYPE, OllamaManifest, blob_url, customization, manifest_url, read_verified
+from .refs import HubReference, OllamaReference, Reference, ShortReference, ollama_reference, parse_reference
 from .selection import Selection, select_files
 from .sources import (
     AccessDenied,
@@ -50,10 +58,13 @@ from .sources import (
     RepoNotFound,
     SourceError,
     SourceUnreachable,
+    _by_status,
+    _transport_errors,
+    _unreachable,
     describe_attempts,
     list_repo_async,
 )
-from .store import Manifest, Store, check_file_path
+from .store import Customization, Manifest, Store, check_file_path
 from .transfer import Downloader, FileSpec, TransferOptions
 
 PROGRESS_INTERVAL = 0.06  # seconds between progress events of one file, as Ollama sends them
@@ -81,6 +92,7 @@ class FileEvent(TypedDict):
     digest: str  # "sha256:<hex>"
     total: int
     completed: int
+    file: NotRequired[str]  # the file's path in the repo (mgr's addition: `mgr pull` labels its bars with it)
 
 
 PullEvent = StatusEvent | SourceEvent | FileEvent
@@ -96,7 +108,8 @@ async def _emit(sink: EventSink | None, event: PullEvent) -> None:
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
-def _candidates(ref: Reference, catalog: Catalog | None, prefer: Format, config: SourceConfig) -> list[Candidate]:
+def _candidates(ref: HubReference | ShortReference, catalog: Catalog | None, prefer: Format,
+                config: SourceConfig) -> list[Candidate]:
     if isinstance(ref, HubReference):
         return [Candidate(ref.source, ref.repo, None, ref.tag)]
     return (catalog or default_catalog()).resolve(ref, prefer=prefer, sources=config.order)
@@ -150,9 +163,20 @@ async def plan_pull(
         await _emit(progress, event)
 
     await note({"status": "pulling manifest"})
-    ref = parse_reference(reference)
+    ref: Reference = parse_reference(reference)
+    candidates: list[Candidate] = []
+    if not isinstance(ref, OllamaReference):
+        try:
+            candidates = _candidates(ref, catalog, prefer, config)
+        except UnknownModel:
+            if not isinstance(ref, ShortReference) or "ollama" not in config.order:
+                raise
+            # not in the catalog, and the settings let short names go to Ollama's registry, as `ollama pull` would
+            ref = ollama_reference(ref.text, "library", ref.family, ref.tag)
+    if isinstance(ref, OllamaReference):
+        return await _plan_ollama(store, reference, ref, config, note, planned)
     revision = ref.revision if isinstance(ref, HubReference) else None
-    candidate, listing = await _list_first(_candidates(ref, catalog, prefer, config), config, revision, note)
+    candidate, listing = await _list_first(candidates, config, revision, note)
     selection = select_files(listing.files, candidate.tag, prefer=prefer, format=candidate.format,
                              repo=f"{HUBS[listing.source].host}/{listing.repo}")
     _check_selected(selection, listing)
@@ -160,6 +184,73 @@ async def plan_pull(
     await note({"status": f"pulling from {listing.source} ({listing.endpoint}): {listing.repo}@{at}",
                 "source": listing.source, "repo": listing.repo, "commit": listing.commit})
     return PullPlan(store, reference, ref.name, listing, selection, config, tuple(planned))
+
+
+def _read_ollama(config: SourceConfig, ref: OllamaReference) -> tuple[OllamaManifest, dict[str, bytes], str | None]:
+    """The manifest, its text layers' bytes by media type (each verified), and the quantization its config names.
+    Raises RepoNotFound, AccessDenied, SourceUnreachable, InvalidOllamaManifest, ChecksumMismatch."""
+    import httpx
+
+    endpoint = config.endpoint("ollama")
+    where = f"ollama ({endpoint}) {ref.repo}:{ref.tag}"
+    headers = {**config.download_headers("ollama"), "User-Agent": USER_AGENT}
+
+    def read(client: httpx.Client, url: str, limit: int, accept: str | None = None) -> bytes:
+        with client.stream("GET", url, headers={"Accept": accept} if accept else {}) as response:
+            if response.status_code != 200:
+                response.read()
+                raise _by_status("ollama", endpoint, f"{ref.repo}:{ref.tag}", response.status_code,
+                                 response.text[:300])
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    break
+            return bytes(data)
+
+    try:
+        with httpx.Client(headers=headers, follow_redirects=True, timeout=config.list_timeout) as client:
+            manifest = OllamaManifest.parse(read(client, manifest_url(endpoint, ref.repo, ref.tag), 1 << 20,
+                                                 MANIFEST_MEDIA_TYPE), where)
+            manifest.file_layers(where)  # one model layer, or refused before anything else is read
+
+            def read_layer(url: str, limit: int) -> bytes:
+                return read(client, url, limit)
+
+            texts = {layer.media_type: read_verified(read_layer, blob_url(endpoint, ref.repo, layer.digest), layer,
+                                                     where) for layer in manifest.text_layers()}
+            quant = None
+            if manifest.config is not None and manifest.config.size <= 1 << 20:
+                config_blob = read_verified(read_layer, blob_url(endpoint, ref.repo, manifest.config.digest),
+                                            manifest.config, where)
+                with contextlib.suppress(ValueError, AttributeError):
+                    quant = json.loads(config_blob).get("file_type") or None
+    except _transport_errors() as e:
+        raise _unreachable("ollama", endpoint, e) from None
+    return manifest, texts, quant if isinstance(quant, str) else None
+
+
+async def _plan_ollama(store: Store, reference: str, ref: OllamaReference, config: SourceConfig,
+                       note: Callable[[PullEvent], Awaitable[None]], planned: list[PullEvent]) -> PullPlan:
+    endpoint = config.endpoint("ollama")
+    manifest, texts, quant = await asyncio.to_thread(_read_ollama, config, ref)
+    layers = manifest.file_layers(f"ollama ({endpoint}) {ref.repo}:{ref.tag}")
+    custom, notes = customization(texts)
+    for layer in manifest.text_layers():  # read and verified already: shown as Ollama shows every layer
+        await note({"status": f"pulling {layer.hex[:12]}", "digest": layer.digest, "total": layer.size,
+                    "completed": layer.size})
+    for text in notes:
+        await note({"status": f"{ref.name}: {text}"})
+    files = tuple(RemoteFile(name, layer.size, layer.hex, None, blob_url(endpoint, ref.repo, layer.digest))
+                  for name, layer in layers.items())
+    commit = manifest.digest.removeprefix("sha256:")
+    listing = RepoListing("ollama", endpoint, ref.repo, ref.tag, commit, files)
+    selection = Selection("gguf", files, quant)
+    _check_selected(selection, listing)
+    await note({"status": f"pulling from ollama ({endpoint}): {ref.repo}:{ref.tag}@{commit[:12]}",
+                "source": "ollama", "repo": ref.repo, "commit": commit})
+    return PullPlan(store, reference, ref.name, listing, selection, config, tuple(planned), custom,
+                    frozenset(name for name in layers if name == "adapter.gguf"))
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -203,7 +294,7 @@ class _FileProgress:
         if self.digest is None:
             return None
         return {"status": f"pulling {self.digest[7:19]}", "digest": self.digest, "total": self.file.size,
-                "completed": self.completed}
+                "completed": self.completed, "file": self.file.path}
 
 
 def _store_path(selection: Selection, file: RemoteFile) -> str:
@@ -265,6 +356,8 @@ class PullPlan:
     selection: Selection
     sources: SourceConfig
     planned: tuple[PullEvent, ...]  # the events of planning, in order: "pulling manifest" ... "pulling from ..."
+    custom: Customization | None = None  # what the model carries beyond its files (an Ollama model's layers)
+    adapter_files: frozenset[str] = frozenset()  # fetched files that are the model's adapter, not its files
 
     async def fetch(self, downloader: Downloader | None = None, *, progress: EventSink | None = None,
                     transfer: TransferOptions | None = None) -> Manifest:
@@ -296,8 +389,12 @@ class PullPlan:
             "format": selection.format,
             "quantization": selection.quant,
         }
+        model_files = {path: digest for path, digest in files.items() if path not in self.adapter_files}
+        custom = self.custom
+        if custom is not None and self.adapter_files:
+            custom = dataclasses.replace(custom, adapters={p: files[p] for p in self.adapter_files})
         try:
-            manifest = await asyncio.to_thread(store.create, self.name, files, source)
+            manifest = await asyncio.to_thread(store.create, self.name, model_files, source, custom)
         except Exception:
             # The files are not a model the store accepts: drop the blobs this pull added that no model uses.
             await asyncio.to_thread(store.discard_unreferenced, [d for d in files.values() if d not in had])

@@ -27,7 +27,8 @@ DEFAULT_QUANTS = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q5_K_M", "Q8_0")
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$", re.IGNORECASE)
 _SAFETENSORS_EXTRAS = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json"
-    r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)|(pre)?processor_config\.json)$"
+    r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)"
+    r"|(pre|video_pre)?processor_config\.json)$"
 )
 _INDEX = re.compile(r"^(.+)\.safetensors\.index\.json$")
 

@@ -24,3 +24,9 @@ else
   echo "llama.cpp: building for the CPU (no CUDA compiler found)"
 fi
 .venv/bin/python -m pip install -q -e ".[$extras]"
+# `mgr` from any folder: a link in ~/.local/bin (on PATH in most login shells); an existing other file is kept.
+mkdir -p "$HOME/.local/bin"
+if [ ! -e "$HOME/.local/bin/mgr" ] || [ -L "$HOME/.local/bin/mgr" ]; then
+  ln -sfn "$PWD/.venv/bin/mgr" "$HOME/.local/bin/mgr"
+fi
+case ":$PATH:" in *":$HOME/.local/bin:"*) ;; *) echo "add ~/.local/bin to PATH to run mgr from anywhere: export PATH=\"\$HOME/.local/bin:\$PATH\"";; esac

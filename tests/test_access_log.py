@@ -114,4 +114,4 @@ def test_a_bad_log_format_is_refused(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "mgr.cli", "serve"], env=daemon.env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1
-    assert "log_format: expected text or json, got 'xml'" in result.stderr
+    assert "MGR_LOG_FORMAT: expected text or json, got 'xml'" in result.stderr

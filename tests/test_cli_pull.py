@@ -109,7 +109,7 @@ def test_summary_counts_only_the_bytes_this_run_fetched() -> None:
     assert summary("org/repo", tally, 10.0) == "pulled org/repo (2.0 GB, 2 files) in 10.0s (150.0 MB/s)"
     one = PullTally()
     one.add(file_event(A, 1_000, 1_000))
-    assert summary("m", one, 0.0) == "pulled m (1 KB, 1 file) in 0.0s (0.0 MB/s)"
+    assert summary("m", one, 0.0) == "m is up to date (1 KB, 1 file, nothing to download)"
 
 
 # -- against a stand-in daemon --------------------------------------------------------------------------------
@@ -134,6 +134,12 @@ class FakeDaemon:
                 for line in lines:
                     self.wfile.write(json.dumps(line).encode() + b"\n")
                     self.wfile.flush()
+
+            def do_GET(self) -> None:  # the CLI's ping before a long call
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"version": "0.12.0"}')
 
             def log_message(self, *_: Any) -> None:
                 pass
@@ -177,7 +183,13 @@ def test_pull_insecure_is_passed_on(daemon: FakeDaemon) -> None:
     [
         (404, [{"error": 'repo "org/nope" not found on hf'}], 'Error: repo "org/nope" not found on hf'),
         (200, [{"status": "pulling manifest"}, {"error": "disk full"}], "Error: disk full"),
-        (200, [{"status": "pulling manifest"}], "Error: the daemon ended the pull stream without reporting success"),
+        (200, [{"status": "pulling manifest"}], "Error: the pull stopped before it finished (the daemon ended the "
+         "stream without its last line); what was fetched is kept: run the same command again to resume"),
+        (500, [{"error": "no source could serve it: hf (https://huggingface.co) is unreachable: ConnectError: "
+                         "[Errno -2] Name or service not known\nmore\nlines"}],
+         "Error: cannot reach huggingface.co from the daemon (offline, or a proxy needed?): set MGR_HF_ENDPOINT "
+         "to a mirror or MGR_SOURCES to the hubs it can reach where `mgr serve` runs, or put a file there "
+         "yourself: mgr create NAME --from FILE.gguf"),
     ],
 )
 def test_pull_failures_exit_1(
@@ -222,7 +234,7 @@ def test_pull_without_a_daemon_says_how_to_start_it(
     monkeypatch.setenv("MGR_HOST", f"127.0.0.1:{port}")
     monkeypatch.setenv("MGR_CONFIG", str(tmp_path / "absent.toml"))
     assert main(["pull", "m"]) == 1
-    assert "Start it with `mgr serve`" in capsys.readouterr().err
+    assert "Start it with `mgr serve --detach`" in capsys.readouterr().err
 
 
 SHOW = {

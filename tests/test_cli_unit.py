@@ -13,6 +13,7 @@ import pytest
 from mgr.cli.chat import parse_option
 from mgr.cli.create import CreateError, model_files, sha256_file
 from mgr.cli.format import (
+    PS_HEADERS,
     go_duration,
     human_size,
     list_row,
@@ -104,7 +105,7 @@ def ps_entry(**fields: object) -> dict[str, object]:
 
 def test_ps_processor_column() -> None:
     assert ps_processor(ps_entry(gpus=[])) == "CPU"
-    assert ps_processor(ps_entry(gpus=[0])) == "100% GPU (GPU 0)"
+    assert ps_processor(ps_entry(gpus=[0])) == "GPU 0"
     assert ps_processor(ps_entry(gpus=[0, 1])) == "GPU 0,1"
 
 
@@ -123,9 +124,14 @@ def test_ps_name_shows_a_state_other_than_ready() -> None:
 def test_ps_row_has_every_column() -> None:
     row = ps_row(ps_entry(backend="vllm", gpus=[1]), NOW)
     assert row == [
-        "smollm2:latest", "0123456789ab", "98 MB", "100% GPU (GPU 1)", "4096", "vllm", "1/4", "2",
-        "2 minutes ago", "4 minutes from now",
+        "smollm2:latest", "0123456789ab", "98 MB", "GPU 1", "4096", "vllm", "1/4+2", "4 minutes from now",
     ]  # fmt: skip
+
+
+def test_ps_fits_100_columns_with_a_context_column() -> None:
+    lines = table(PS_HEADERS, [ps_row(ps_entry(gpus=[], queued=0), NOW)]).splitlines()
+    assert "CONTEXT" in lines[0].split() and "4096" in lines[1].split()
+    assert max(len(line) for line in lines) <= 100
 
 
 def test_table_pads_columns_three_spaces_apart() -> None:
@@ -287,6 +293,8 @@ def test_create_selects_only_the_files_a_runner_needs(tmp_path: Path) -> None:
         "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+        # a vision model's processors: vLLM failed to load a Qwen2-VL without them
+        "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
     ]  # fmt: skip
     for name in [*wanted, "pytorch_model.bin", "README.md", ".gitattributes"]:
         (tmp_path / name).write_text("x")
@@ -317,7 +325,7 @@ def test_list_without_a_daemon_says_how_to_start_it(
     captured = capsys.readouterr()
     assert captured.err.strip() == (
         f"Error: could not connect to mgr at http://127.0.0.1:{port}. "
-        "Start it with `mgr serve` (or `sudo systemctl start mgr` for the service)."
+        "Start it with `mgr serve --detach` (or `sudo systemctl start mgr` for the service)."
     )
     assert "Traceback" not in captured.err
     assert captured.out == ""
@@ -341,3 +349,81 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("serve", "create", "pull", "show", "list", "cp", "rm", "run", "ps", "stop"):
         assert f"    {command}" in out
+
+
+# -- the terminal: wrap, reading a message, settings errors ---------------------------------------------------
+
+
+def test_word_wrap_breaks_between_words_only() -> None:
+    import io
+
+    from mgr.cli.terminal import WordWrapper
+
+    out = io.StringIO()
+    wrapper = WordWrapper(out, 12)
+    for piece in ["The qu", "ick brown fox jum", "ps over the lazy dog.\nA ", "supercalifragilistic word"]:
+        wrapper.write(piece)
+    wrapper.finish()
+    lines = out.getvalue().split("\n")
+    assert lines == ["The quick", "brown fox", "jumps over", "the lazy", "dog.", "A", "supercalifragilistic", "word"]
+    unwrapped = io.StringIO()
+    plain = WordWrapper(unwrapped, 0)
+    plain.write("no wrap at all here")
+    plain.finish()
+    assert unwrapped.getvalue() == "no wrap at all here" and plain.column == len("no wrap at all here")
+
+
+def test_read_message_keeps_a_paste_and_a_block_together() -> None:
+    from mgr.cli.terminal import PASTE_END, PASTE_START, read_message
+
+    def reader(lines: list[str]):  # type: ignore[no-untyped-def]
+        feed = iter(lines)
+        return lambda prompt: next(feed, None)
+
+    # readline's bracketed paste: one line with newlines in it
+    assert read_message(read=reader(["first\nsecond"])) == ("first\nsecond", True)
+    # without readline: the paste's markers around lines
+    assert read_message(read=reader([PASTE_START + "a", "b", "c" + PASTE_END])) == ("a\nb\nc", True)
+    assert read_message(read=reader(['"""x', "y", 'z"""'])) == ("x\ny\nz", True)
+    assert read_message(read=reader(["/bye"])) == ("/bye", False)
+    assert read_message(read=reader([])) is None
+
+
+def test_set_parameter_refuses_unknown_names_and_types_values() -> None:
+    from mgr.cli.chat import parameter, parse_think
+
+    assert parameter("temperature", ["0.2"]) == 0.2 and parameter("num_ctx", ["4096"]) == 4096
+    assert parameter("stop", ['"<|end|>"', "END"]) == ["<|end|>", "END"]
+    with pytest.raises(ValueError, match="unknown parameter 'nonsense'"):
+        parameter("nonsense", ["1"])
+    with pytest.raises(ValueError, match="invalid int"):
+        parameter("num_ctx", ["big"])
+    assert parse_think("true") is True and parse_think("false") is False and parse_think("HIGH") == "high"
+    with pytest.raises(ValueError):
+        parse_think("very")
+
+
+def test_a_bad_setting_is_named_by_its_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MGR_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setenv("MGR_KEEP_ALIVE", "soon")
+    assert main(["list"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "Error: MGR_KEEP_ALIVE: expected a duration such as 5m, 1h or 300, got 'soon'")
+    monkeypatch.delenv("MGR_KEEP_ALIVE")
+    monkeypatch.delenv("MGR_HOST", raising=False)
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:notaport")
+    assert main(["list"]) == 1
+    assert capsys.readouterr().err.startswith("Error: OLLAMA_HOST (used since MGR_HOST is not set)")
+
+
+def test_run_flags_parse_anywhere() -> None:
+    from mgr.cli.main import build_parser, parse
+
+    args = parse(build_parser(), ["run", "--verbose", "m", "hello", "--think", "there", "--keepalive", "1m",
+                                  "--nowordwrap", "--format", "json"])
+    assert args.name == "m" and args.prompt == ["hello", "there"] and args.verbose and args.think is True
+    assert args.keep_alive == "1m" and args.nowordwrap and args.format == "json" and args.command == "run"
+    level = parse(build_parser(), ["run", "m", "--think=high", "--hidethinking"])
+    assert level.think == "high" and level.hidethinking and level.prompt == []

@@ -123,6 +123,12 @@ def test_json_schema_output_parses_and_validates(runner: str) -> None:
                   response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
     value = json.loads(answer["choices"][0]["message"]["content"])
     assert isinstance(value["city"], str) and isinstance(value["population"], int)
+    # JSON strings hold no raw control characters: llama-cpp-python's converter allowed them, and this question
+    # ran on past the string's end ('{ "city" : "Paris }\n\nPronounced...'), which did not parse
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    answer = chat(runner, QUESTION, temperature=0, max_tokens=60,
+                  response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": city}})
+    assert isinstance(json.loads(answer["choices"][0]["message"]["content"])["city"], str)
     anything = chat(runner, "List three colors.", temperature=0, max_tokens=80,
                     response_format={"type": "json_object"})
     assert isinstance(json.loads(anything["choices"][0]["message"]["content"]), (dict, list))

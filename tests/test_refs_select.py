@@ -207,7 +207,7 @@ def test_source_config_from_settings(tmp_path: Path) -> None:
                          ).hubs.token("modelscope") == "a"
     overridden = load_settings({"hf_endpoint": "http://flag", "sources": "modelscope"}, env=env).hubs
     assert overridden.endpoint("hf") == "http://flag" and overridden.order == ("modelscope",)
-    with pytest.raises(ConfigError, match="hf_mirror_endpoint: expected a URL"):
+    with pytest.raises(ConfigError, match="MGR_HF_MIRROR_ENDPOINT: expected a URL"):
         load_settings(env={"MGR_CONFIG": "/none", "MGR_HF_MIRROR_ENDPOINT": "mirror.example"})
     defaults = load_settings(env={"MGR_CONFIG": "/none"}).hubs
     assert defaults.order == ALL and defaults.tokens == {}
@@ -283,11 +283,12 @@ def test_safetensors_files() -> None:
                  "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "model.safetensors",
                  "pytorch_model.bin", "model.pt", "onnx/model.onnx", "original/consolidated.00.pth",
                  "original/params.json", "sub/model.safetensors", "README.md", ".gitattributes", "flax_model.msgpack",
-                 "model.gguf")
+                 "model.gguf", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
     chosen = paths(select_safetensors(repo))
     assert chosen == sorted(["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                              "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt",
-                             "chat_template.jinja", "model.safetensors"])
+                             "chat_template.jinja", "model.safetensors", "processor_config.json",
+                             "preprocessor_config.json", "video_preprocessor_config.json"])
 
 
 def test_sharded_safetensors_take_the_index_and_its_shards_only() -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -31,7 +32,7 @@ from standin.factory import StandinFactory, StandinOptions
 from standin.gpus import StaticGpus
 
 from mgr.daemon import capacity, lifecycle
-from mgr.daemon.errors import LoadFailed, QueueFull
+from mgr.daemon.errors import LoadFailed, QueueFull, RunnerFailed
 from mgr.daemon.instances import Instance, Lease, State
 from mgr.daemon.scheduler import Scheduler
 from mgr.registry.config import Settings
@@ -516,6 +517,36 @@ def test_a_crash_moves_queued_requests_to_a_new_runner(store: Store, tmp_path: P
             assert lease.instance.active == 1 and lease.instance.state is State.READY
             lease.release()
             assert lease.instance.active == 0
+
+    run(scenario)
+
+
+def test_a_runner_that_refuses_connections_is_restarted(store: Store, tmp_path: Path) -> None:
+    """Its process lives but its port refuses (a dying vLLM): the request fails, the runner is killed as hung and
+    the next request gets a fresh one, instead of more refusals until the process ends by itself."""
+    async def scenario() -> None:
+        async with running(store, tmp_path, keep_alive=-1) as h:
+            lease = await h.scheduler.acquire("alpha")
+            runner = lease.instance.runner
+            assert runner is not None
+            (old_pid,) = h.factory.pids("alpha")
+            await h.client.post(f"http://127.0.0.1:{runner.port}/standin/close-listener", json={})
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", runner.port), timeout=1).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            await wait_until(refused, timeout=3.0)
+            with pytest.raises(RunnerFailed, match="did not answer"):
+                await lease.client.chat({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})
+            lease.release()
+            await wait_until(lambda: not group_alive(old_pid), timeout=5.0)
+            fresh = await h.scheduler.acquire("alpha")
+            assert h.factory.pids("alpha")[1:] and h.factory.pids("alpha")[-1] != old_pid
+            fresh.release()
 
     run(scenario)
 

@@ -1,6 +1,6 @@
-"""The scheduler against real llama.cpp runners: two models (the SmolLM2 GGUF as `smollm2`, and a copy, `smol-b`:
-another model name, so another runner) behind MGR_MAX_LOADED_MODELS=1, and 8 concurrent clients that alternate
-between them. Every request must be answered correctly, and at no moment may two runners exist.
+"""The scheduler against real llama.cpp runners: two models (the SmolLM2 GGUF as `smollm2`, and `smol-b`: the same
+file with its chat template given at create, so another runner) behind MGR_MAX_LOADED_MODELS=1, and 8 concurrent
+clients that alternate between them. Every request must be answered correctly, and at no moment may two runners exist.
 
 How "never two runners" is checked, without flakiness and without looking away from a real violation:
 
@@ -46,8 +46,12 @@ def one_slot_daemon(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -
     try:
         created = daemon.cli("create", "smollm2", "--from", str(gguf_path))
         assert created.returncode == 0, created.stderr
-        copied = daemon.cli("cp", "smollm2", "smol-b")
-        assert copied.returncode == 0, copied.stderr
+        # the same file with its own (equal) chat template: another load, so another runner (a plain `mgr cp`
+        # alias would share smollm2's runner)
+        template = httpx.post(daemon.base_url + "/api/show", json={"model": "smollm2"}).json()["template"]
+        copied = httpx.post(daemon.base_url + "/api/create", timeout=60,
+                            json={"model": "smol-b", "from": "smollm2", "template": template, "stream": False})
+        assert copied.status_code == 200, copied.text
         yield daemon
     finally:
         daemon.stop()

@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from mgr.registry.config import MAX_DURATION_SECONDS
 from mgr.registry.errors import MgrError
+from mgr.registry.importers import KINDS, ImportPathError, default_location, run_import
 from mgr.registry.modelfile import MESSAGE_ROLES, check_parameters, check_template, render_modelfile, render_parameters
 from mgr.registry.pull import PullEvent
 from mgr.registry.store import Customization, Manifest, Store, UnreadableFile, check_digest
@@ -73,10 +76,15 @@ class OllamaModels:
             Route("/api/load", self.load, methods=["POST"]),
             Route("/api/unload", self.unload, methods=["POST"]),
             Route("/api/queue", self.queue, methods=["GET"]),
+            Route("/api/import", self.import_models, methods=["POST"]),
+            Route("/api/verify", self.verify, methods=["POST"]),
+            Route("/api/disk", self.disk, methods=["GET"]),
         ]
 
     # simple reads ------------------------------------------------------------------------------------
-    async def root(self, _: Request) -> Response:
+    async def root(self, request: Request) -> Response:
+        if "text/html" in request.headers.get("accept", ""):  # a browser: the web console (api/ui.py)
+            return RedirectResponse("/ui", status_code=302)
         return PlainTextResponse("mgr is running")
 
     async def version(self, _: Request) -> Response:
@@ -91,7 +99,7 @@ class OllamaModels:
         ]})
 
     async def ps(self, _: Request) -> Response:
-        return JSONResponse({"models": [self._ps_entry(s) for s in self.scheduler.status()]})
+        return JSONResponse({"models": [self._ps_entry(s) for s in await self.scheduler.status_with_caches()]})
 
     def _ps_entry(self, status: InstanceStatus) -> dict[str, Any]:
         try:
@@ -102,6 +110,8 @@ class OllamaModels:
         if status.placement.ray:  # vLLM over the Ray cluster: its shape and the machines it had
             entry["ray"] = {"nodes": list(status.ray_nodes), "pipeline_parallel": status.placement.pipeline_parallel,
                             "tensor_parallel": status.placement.tensor_size}
+        if status.cached_tokens is not None:  # mgr's: prompt tokens the llama.cpp runner keeps for later requests
+            entry["cached_tokens"] = status.cached_tokens
         return entry
 
     @staticmethod
@@ -215,6 +225,43 @@ class OllamaModels:
             return JSONResponse({"status": "success"})
         return CleanupStreamingResponse(_pull_lines(events), NDJSON, [events.aclose])
 
+    async def import_models(self, request: Request) -> Response:
+        """mgr's: models already on this machine (Ollama's store, the HF and ModelScope caches, a file) into the
+        store without copying (registry/importers.py); for clients on this machine only, as the paths are its."""
+        if (request.client.host if request.client else "") not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+            raise ImportPathError("importing files is only for clients on the daemon's machine", status=403)
+        body = await read_json(request)
+        kind = required_str(body, "from")
+        if kind not in KINDS:
+            raise BadRequest(f"from must be one of {', '.join(KINDS)}")
+        path = optional_str(body, "path") or ("" if kind == "file" else str(default_location(kind)))
+        if not os.path.isabs(path):
+            raise BadRequest("path must be an absolute path on the daemon's machine")
+        lines = run_import(self.store, KINDS[KINDS.index(kind)], Path(path), name=optional_str(body, "model") or None,
+                           dry_run=optional_bool(body, "dry_run", False),
+                           external=optional_bool(body, "external", False))
+        first = await asyncio.to_thread(next, lines)  # finding what is there: a bad path is its 4xx before the 200
+        if not optional_bool(body, "stream", True):
+            done = [first, *await asyncio.to_thread(list, lines)]
+            return JSONResponse({**done[-1], "lines": done[:-1]})
+
+        async def produce() -> AsyncIterator[dict[str, Any]]:
+            line: dict[str, Any] | None = first
+            while line is not None:
+                yield line
+                line = await asyncio.to_thread(next, lines, None)
+
+        return CleanupStreamingResponse(_pull_lines(produce()), NDJSON, [])
+
+    async def verify(self, request: Request) -> Response:
+        """Hash again the model's external files that changed since they were verified (mgr's)."""
+        hashed = await asyncio.to_thread(self.store.verify, _model_name(await read_json(request)))
+        return JSONResponse({"status": "success", "verified": hashed})
+
+    async def disk(self, _: Request) -> Response:
+        """What each model takes on disk: the store's own bytes, linked, external, shared; what rm would free."""
+        return JSONResponse({"models": await asyncio.to_thread(self.store.disk_usage)})
+
     async def create(self, request: Request) -> Response:
         """Ollama's create: a model from uploaded blobs (`files`) or over a model in the store (`from`: its
         blobs named again, never copied), with what the request adds (system, template, parameters,
@@ -307,7 +354,7 @@ def _history(value: Any) -> tuple[dict[str, str], ...]:
     return tuple(history)
 
 
-async def _pull_lines(events: AsyncIterator[PullEvent]) -> AsyncIterator[bytes]:
+async def _pull_lines(events: AsyncIterator[PullEvent] | AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     """Progress as NDJSON; a failure after the 200 was sent becomes a final {"error": ...} line."""
     try:
         async for event in events:

@@ -29,6 +29,7 @@ class Options(TypedDict, total=False):
     frequency_penalty: float
     seed: int
     stop: str | list[str]
+    ignore_eos: bool  # mgr (vLLM's field): generate num_predict tokens whatever the model says
     num_gpu: int
     num_thread: int
     num_batch: int
@@ -263,6 +264,7 @@ class PsModel(TypedDict, total=False):
     active: Required[int]
     queued: Required[int]
     ray: RayShape
+    cached_tokens: int  # llama.cpp: prompt tokens its slots keep for later requests (the prompt cache)
 
 
 class PsAnswer(TypedDict):

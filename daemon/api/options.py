@@ -61,6 +61,10 @@ def map_options(options: Any) -> MappedOptions:
         elif key in _SAMPLING:
             field = _SAMPLING[key][0]
             sampling[field] = fields.sampling_number(f"option {key!r}", value, field)
+        elif key == "ignore_eos":  # vLLM's and llama-server's: every answer as long as num_predict (mgr bench)
+            if not isinstance(value, bool):
+                raise BadRequest("option 'ignore_eos' must be true or false")
+            sampling["ignore_eos"] = value
         elif key == "stop":
             if isinstance(value, str):
                 value = [value]

@@ -71,6 +71,7 @@ class SamplingFields(TypedDict, total=False):
     seed: int
     max_tokens: int
     stop: list[str]
+    ignore_eos: bool
 
 
 class ResponseFormat(TypedDict, total=False):
@@ -118,10 +119,15 @@ class EmbeddingBody(TypedDict, total=False):
     truncate: bool  # mgr: cut inputs longer than the context instead of failing
 
 
+class PromptTokensDetails(TypedDict):
+    cached_tokens: int  # prompt tokens read from a cache (llama.cpp's slot, vLLM's prefix cache), not computed
+
+
 class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: NotRequired[PromptTokensDetails]
 
 
 class Timings(TypedDict):

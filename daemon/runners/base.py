@@ -85,6 +85,10 @@ class Runner(Protocol):
     async def wake(self, level: int) -> None:
         """Undo sleep(level)."""
 
+    async def cached_tokens(self) -> int | None:
+        """Prompt tokens the runner holds for later requests (llama.cpp's prompt cache); None where it does not
+        say (vLLM keeps its prefix cache to itself)."""
+
     @property
     def exited(self) -> asyncio.Future[int]:
         """Resolves with the exit code when the process ends, whoever ended it."""
@@ -145,6 +149,9 @@ class ProcessRunner:
 
     async def wake(self, level: int) -> None:
         raise NotImplementedError(f"{self.backend} runners cannot sleep")
+
+    async def cached_tokens(self) -> int | None:
+        return None
 
     @property
     def exited(self) -> asyncio.Future[int]:

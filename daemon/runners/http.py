@@ -11,7 +11,8 @@ A runner that stops answering is detected here: while a request waits for the ru
 client is slow to take what came), at most `first_byte_timeout` seconds may pass before the answer begins (the
 runner's queue, the prompt, or a whole non-streamed answer) and `idle_timeout` between two reads of a body. Past
 that, the exchange ends with RunnerTimedOut (504) and the runner's `on_hung` callback is told (the scheduler
-restarts it). One watchdog task per pool checks the open exchanges about four times per timeout; a read costs a
+restarts it); so is a refused connection (the runner's server is gone while its process lingers). One watchdog task
+per pool checks the open exchanges about four times per timeout; a read costs a
 clock read more. The same ending, with ShuttingDown, closes every open exchange when a draining daemon's
 deadline passes. Ended exchanges finish in the protocol's own way: a streamed (SSE) answer with a last error
 event, which the OpenAI relay passes on and `events` raises; anything else raises the error.
@@ -172,7 +173,7 @@ class RunnerPool:
         head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Accept: */*\r\n{auth_line}Content-Length: {len(payload)}\r\n\r\n").encode()
         for attempt in (1, 2):
-            reader, writer, reused = await self._connect(host, port)
+            reader, writer, reused = await self._connect(host, port, on_hung)
             exchange = self._watch(port, writer, on_hung)
             try:
                 writer.write(head + payload)
@@ -232,7 +233,8 @@ class RunnerPool:
                 exchange.end(error)
                 self._open.discard(exchange)
 
-    async def _connect(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+    async def _connect(self, host: str, port: int, on_hung: Callable[[], None] | None = None
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         idle = self._idle[(host, port)]
         while idle:
             reader, writer = idle.pop()
@@ -242,6 +244,10 @@ class RunnerPool:
         try:
             reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
         except OSError as e:
+            # a runner whose port refuses connections while its process lives is dying (vLLM after its engine or a
+            # Ray worker died took ~4 s to exit): taken as hung, so it is killed and the next request loads afresh
+            if isinstance(e, ConnectionRefusedError) and on_hung is not None:
+                on_hung()
             raise RunnerGone(f"the model runner did not answer: {e}") from None
         return reader, writer, False
 

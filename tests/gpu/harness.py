@@ -39,18 +39,22 @@ class Skipped(Exception):
 
 
 @contextlib.contextmanager
-def section(title: str, wanted: bool = True) -> Iterator[None]:
-    """A group of checks: an exception inside fails the group and the script goes on with the next. A group
-    not `wanted` (a rerun of the groups that failed) is skipped."""
+def section(title: str, wanted: bool = True) -> Iterator[bool]:
+    """A group of checks: an exception inside fails the group and the script goes on with the next. Yields
+    whether the group is wanted: a group not wanted (a rerun of some groups) is skipped by its body's
+    `if not wanted: raise Skipped` (a context manager cannot skip its body itself)."""
     say(f"== {title}" + ("" if wanted else " (skipped)"))
     try:
-        if not wanted:
-            raise Skipped
-        yield
+        yield wanted
     except Skipped:
         pass
     except Exception as e:  # reported as a failed check, and the script goes on
         check(False, f"{title}: {type(e).__name__}: {e}")
+
+
+def skip_unless(wanted: bool) -> None:
+    if not wanted:
+        raise Skipped
 
 
 def used_mib(index: int) -> int:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pynvml
-from harness import FAILED, Daemon, check, flag, gpu_holders, say, section, used_mib, wait
+from harness import FAILED, Daemon, check, flag, gpu_holders, say, section, skip_unless, used_mib, wait
 
 from mgr.daemon.ray_cluster import read_cluster
 
@@ -50,7 +50,8 @@ def main(folder: str) -> None:
     check(worker.returncode == 0, f"ray start --address (GPU 1) {worker.stderr[-400:]}")
     daemon = Daemon(ROOT, CONFIG, MGR_RAY_ADDRESS=ADDRESS)
     try:
-        with section("the cluster as mgr reads it"):
+        with section("the cluster as mgr reads it") as wanted:
+            skip_unless(wanted)
             reading = asyncio.run(read_cluster(ADDRESS))
             say(f"     {reading.describe()}; GPU memory per node {[n.gpu_memory >> 30 for n in reading.nodes]} GiB")
             check(len(reading.gpu_nodes) == 2 and all(n.gpus == 1 for n in reading.gpu_nodes),
@@ -59,7 +60,8 @@ def main(folder: str) -> None:
         made = daemon.mgr("create", "smol-ray", "--from", folder)
         check(made.returncode == 0, f"mgr create smol-ray {made.stderr[-300:]}")
 
-        with section("a model over both GPUs through Ray"):
+        with section("a model over both GPUs through Ray") as wanted:
+            skip_unless(wanted)
             started = time.monotonic()
             answer = daemon.chat("smol-ray")
             say(f"     cold start through Ray: {time.monotonic() - started:.1f}s")
@@ -80,7 +82,8 @@ def main(folder: str) -> None:
             say(f"     GPU holders: {holders}; used MiB {[used_mib(i) for i in range(2)]}")
             check(all(used_mib(i) - baseline[i] > 300 for i in range(2)), "memory held on both GPUs")
 
-        with section("a killed Ray worker is a crash; the next request reloads"):
+        with section("a killed Ray worker is a crash; the next request reloads") as wanted:
+            skip_unless(wanted)
             victims = gpu_holders().get(1, [])
             check(bool(victims), f"a Ray worker holds GPU 1: {victims}")
             for pid in victims:
@@ -93,7 +96,8 @@ def main(folder: str) -> None:
             answer = daemon.chat("smol-ray")
             check("Paris" in answer, f"reloaded in {time.monotonic() - started:.1f}s and answered: {answer!r}")
 
-        with section("unloading returns both GPUs' memory"):
+        with section("unloading returns both GPUs' memory") as wanted:
+            skip_unless(wanted)
             check(daemon.mgr("stop", "smol-ray").returncode == 0, "mgr stop smol-ray")
             back = wait(lambda: all(used_mib(i) - baseline[i] < 300 for i in range(2)), 120)
             check(back is not None, f"both GPUs back to baseline in {back}s ({[used_mib(i) for i in range(2)]} MiB)")

@@ -25,7 +25,20 @@ from pathlib import Path
 
 import httpx
 import pynvml
-from harness import FAILED, Daemon, check, flag, gpu_holders, process_mib, say, section, throughput, used_mib, wait
+from harness import (
+    FAILED,
+    Daemon,
+    check,
+    flag,
+    gpu_holders,
+    process_mib,
+    say,
+    section,
+    skip_unless,
+    throughput,
+    used_mib,
+    wait,
+)
 
 ROOT = Path(os.environ.get("MGR_GPU_ROOT", "/tmp/mgr-two"))
 CONFIG = """
@@ -88,7 +101,8 @@ def main(folder: str, gguf: str) -> None:
     daemon = Daemon(ROOT, CONFIG)
     daemon.start()
     try:
-        with section("create"):
+        with section("create") as wanted:
+            skip_unless(wanted)
             even = ROOT / "even-heads"
             build_even_heads_model(folder, even)
             for name, source in (("smol-tp", str(even)), ("smol-one", folder), ("smol-gguf", gguf)):
@@ -98,7 +112,8 @@ def main(folder: str, gguf: str) -> None:
                 check(daemon.mgr("cp", "smol-one", name).returncode == 0, f"mgr cp smol-one {name}")
 
         direct_argv: list[str] = []
-        with section("tensor parallel 2 over both GPUs", "tp" in SECTIONS):
+        with section("tensor parallel 2 over both GPUs", "tp" in SECTIONS) as wanted:
+            skip_unless(wanted)
             started = time.monotonic()
             tokens = generated(daemon, "smol-tp", "ollama")
             say(f"     cold start of smol-tp (tp 2) through mgr: {time.monotonic() - started:.1f}s")
@@ -120,7 +135,8 @@ def main(folder: str, gguf: str) -> None:
             check(held.get(0, 0) > 500 and held.get(1, 0) > 500, "memory held on both GPUs")
             direct_argv = argv
 
-        with section("sleep and wake with tensor parallel", "sleep" in SECTIONS):
+        with section("sleep and wake with tensor parallel", "sleep" in SECTIONS) as wanted:
+            skip_unless(wanted)
             server = daemon.servers()[0]
             httpx.post(daemon.url + "/api/generate", timeout=120, json={
                 "model": "smol-tp", "prompt": "hi", "stream": False, "keep_alive": "2s", "options": {"num_predict": 4}})
@@ -137,7 +153,8 @@ def main(folder: str, gguf: str) -> None:
             check(server.pid in [p.pid for p in daemon.servers()], "the same process (no cold start)")
 
         with section("throughput: tensor parallel through mgr against the same vLLM command run directly",
-                     "throughput" in SECTIONS):
+                     "throughput" in SECTIONS) as wanted:
+            skip_unless(wanted)
             via_mgr = throughput(daemon.url, "smol-tp", 64)
             say(f"     through mgr: {via_mgr:,.0f} tokens/s (64 streams x 128 tokens, median of 3)")
             check(daemon.mgr("stop", "smol-tp").returncode == 0, "mgr stop smol-tp")
@@ -171,12 +188,14 @@ def main(folder: str, gguf: str) -> None:
             ratio = via_mgr / reference
             check(ratio >= 0.97, f"through mgr {via_mgr:,.0f} / direct {reference:,.0f} = {ratio:.3f} (>= 0.97)")
 
-        with section("unloading returns both GPUs' memory", "unload" in SECTIONS):
+        with section("unloading returns both GPUs' memory", "unload" in SECTIONS) as wanted:
+            skip_unless(wanted)
             back = wait(lambda: all(used_mib(i) - baseline[i] < 300 for i in range(2)), 90)
             check(back is not None, f"both GPUs back to baseline ({[used_mib(i) for i in range(2)]} MiB, "
                                     f"baseline {baseline})")
 
-        with section("two single-GPU models, one per GPU", "single" in SECTIONS):
+        with section("two single-GPU models, one per GPU", "single" in SECTIONS) as wanted:
+            skip_unless(wanted)
             check("Paris" in daemon.chat("smol-a"), "smol-a answers")
             check("Paris" in daemon.chat("smol-b"), "smol-b answers")
             placed = {m["name"]: m["gpus"] for m in daemon.ps()}
@@ -186,7 +205,8 @@ def main(folder: str, gguf: str) -> None:
                 daemon.mgr("stop", name)
             wait(lambda: not daemon.servers(), 90)
 
-        with section("a GGUF model split over both GPUs", "gguf" in SECTIONS):
+        with section("a GGUF model split over both GPUs", "gguf" in SECTIONS) as wanted:
+            skip_unless(wanted)
             if not has_cuda_llama():
                 check(False, "llama-cpp-python with CUDA on the path (build it: ../shared/gpu/build-llama-cpp-cuda.sh)")
             else:
@@ -198,7 +218,8 @@ def main(folder: str, gguf: str) -> None:
                 say(f"     the llama.cpp runner holds {held} MiB by GPU")
                 check(held.get(0, 0) > 0 and held.get(1, 0) > 0, "memory on both GPUs (layers split)")
 
-        with section("kill -9 of the daemon with a vLLM and a GGUF model loaded", "kill" in SECTIONS):
+        with section("kill -9 of the daemon with a vLLM and a GGUF model loaded", "kill" in SECTIONS) as wanted:
+            skip_unless(wanted)
             check("Paris" in daemon.chat("smol-a"), "smol-a loaded beside smol-gguf")
             pids = {p.pid for p in daemon.descendants()}
             say(f"     GPU holders before: {gpu_holders()}")

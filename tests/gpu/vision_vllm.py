@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import httpx
-from harness import FAILED, Daemon, check, say, section
+from harness import FAILED, Daemon, check, say, section, skip_unless
 
 ROOT = Path(os.environ.get("MGR_GPU_ROOT", "/tmp/mgr-vision"))
 TEMPLATE = (
@@ -134,7 +134,8 @@ def png(side: int) -> str:
 
 def main(text_folder: str, arch: str) -> None:
     out = ROOT / "tiny-llava"
-    with section(f"build the tiny {arch}"):
+    with section(f"build the tiny {arch}") as wanted:
+        skip_unless(wanted)
         (build_qwen2vl if arch == "qwen2vl" else build)(text_folder, out)
         check((out / "config.json").exists(), f"written to {out}: {sorted(p.name for p in out.iterdir())}")
     daemon = Daemon(ROOT, '[models."tiny-llava:latest"]\nvllm_args = ["--enforce-eager", "--max-model-len", "2048"]\n'
@@ -142,7 +143,8 @@ def main(text_folder: str, arch: str) -> None:
     daemon.start()
     image = png(IMAGE_SIDE[arch])
     try:
-        with section("images through mgr to vLLM"):
+        with section("images through mgr to vLLM") as wanted:
+            skip_unless(wanted)
             made = daemon.mgr("create", "tiny-llava", "--from", str(out))
             check(made.returncode == 0, f"mgr create tiny-llava {made.stderr[-300:]}")
             shown = httpx.post(daemon.url + "/api/show", json={"model": "tiny-llava"}).json()
@@ -168,7 +170,8 @@ def main(text_folder: str, arch: str) -> None:
             if openai.status_code == 200:
                 say(f"     usage with the image: {openai.json()['usage']}")
                 check(openai.json()["usage"]["prompt_tokens"] >= 16 + 5, "the image counted in the prompt")
-        with section("a text-only model refuses images with Ollama's 400"):
+        with section("a text-only model refuses images with Ollama's 400") as wanted:
+            skip_unless(wanted)
             made = daemon.mgr("create", "smol-text", "--from", text_folder)
             refused = httpx.post(daemon.url + "/api/chat", timeout=60, json={
                 "model": "smol-text", "stream": False,

@@ -68,6 +68,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    listener_closed = False
     sleep_level = 0  # vLLM's sleep mode: 0 awake, 1 weights in host RAM, 2 weights dropped
 
     def _error(self, status: int, message: str) -> None:
@@ -85,6 +86,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if Handler.listener_closed:  # kept-alive connections end unanswered, as a dying server's do
+            self.close_connection = True
+            return
+        if self.path == "/standin/close-listener":  # a dying server: its port refuses, its process lingers
+            self._json(200, {})
+            Handler.listener_closed = True
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
+            return
         if self.path.startswith("/sleep"):  # as vLLM's dev endpoints: POST /sleep?level=N, POST /wake_up
             Handler.sleep_level = int(self.path.partition("level=")[2] or 1)
             self._json(200, {})
@@ -163,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         print("stand-in load failure", file=sys.stderr, flush=True)
         sys.exit(FAIL_EXIT_CODE)
     server.serve_forever()
+    if Handler.listener_closed:
+        server.server_close()
+        while True:  # the process lingers without a listener until it is killed
+            time.sleep(3600)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,19 @@ def grammar_from_request(body: dict[str, Any]) -> str | None:
         gbnf: str = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter raises plain exceptions for unsupported schemas
         raise BadRequest(f"unsupported JSON schema: {e}") from None
-    return gbnf
+    return json_strings_only(gbnf)
+
+
+# llama-cpp-python's schema converter lets a string hold raw control characters (its `char` rule is [^"\\]), which
+# JSON forbids: a model answering a schema ran on past a value's end ("Paris }\n\nPronounced...") and the answer
+# did not parse. llama.cpp's own converter excludes them, as JSON_GBNF does.
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+def json_strings_only(gbnf: str) -> str:
+    """A converted schema's grammar with JSON's strings: no raw control characters."""
+    return gbnf.replace(_LOOSE_CHAR, _JSON_CHAR)
 
 
 def check_grammar(grammar: str) -> None:

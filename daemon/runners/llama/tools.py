@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from llama_cpp import llama_grammar
 
-from .sampling import BadRequest
+from .sampling import BadRequest, json_strings_only
 
 # llama.cpp's JSON-schema-to-GBNF converter (untyped): its rules for each tool's parameters, with ours around them
 _SchemaConverter: Any = llama_grammar.SchemaConverter
@@ -106,4 +106,4 @@ def forced_grammar(plan: ToolPlan, close_think: bool = False) -> str:
         root = f'{literal("</think>")} "\\n"* {root}'
     converter._add_rule("root", root)
     grammar: str = converter.format_grammar()
-    return grammar
+    return json_strings_only(grammar)
