@@ -23,6 +23,7 @@ from ..protocol import strict_json, surrogates
 from ..scheduler import Scheduler
 from .model_defaults import Operation, apply_model_defaults
 from .operations import Target, unsupported
+from .render import error_response
 
 T = TypeVar("T")
 
@@ -130,3 +131,14 @@ class CleanupStreamingResponse(StreamingResponse):
                 result = cleanup()
                 if result is not None:
                     await result
+
+
+async def fail_before_sending(exc: BaseException, lease: Lease | None, path: str, scope: Scope, receive: Receive,
+                              send: Send) -> None:
+    """A plain-ASGI endpoint (the relayed ones) failed before it sent anything: its lease goes back, a
+    cancellation goes on, any other error is answered in the called API's shape."""
+    if lease is not None:
+        lease.release()
+    if not isinstance(exc, Exception):
+        raise exc
+    await error_response(scope["method"], path, exc)(scope, receive, send)

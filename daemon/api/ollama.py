@@ -30,7 +30,15 @@ from ..protocol.limits import MAX_DIMENSIONS, MAX_TOP_LOGPROBS
 from ..runners.http import RUNNER_STOPPED, RunnerGone, RunnerResponse, events
 from ..scheduler import Scheduler
 from . import fields
-from .asgi import client_disconnected, lease_for, parse_json, read_body, read_json, unless_disconnected
+from .asgi import (
+    client_disconnected,
+    fail_before_sending,
+    lease_for,
+    parse_json,
+    read_body,
+    read_json,
+    unless_disconnected,
+)
 from .operations import (
     ChatRequest,
     CompletionRequest,
@@ -49,7 +57,7 @@ from .operations import (
     truncation_report,
 )
 from .options import map_format, map_options, parse_keep_alive
-from .render import error_response, status_and_message
+from .render import status_and_message
 
 NDJSON = "application/x-ndjson"
 NDJSON_TYPE = (b"content-type", NDJSON.encode())
@@ -264,11 +272,7 @@ class OllamaGeneration:
                         lease.release()
                         response = JSONResponse(answer, headers=headers)
             except BaseException as exc:  # nothing has been sent yet
-                if lease is not None:
-                    lease.release()
-                if not isinstance(exc, Exception):
-                    raise  # cancelled
-                await error_response(scope["method"], path, exc)(scope, receive, send)
+                await fail_before_sending(exc, lease, path, scope, receive, send)
                 return
             if lease is None or not op.stream:
                 await response(scope, receive, send)

@@ -31,7 +31,7 @@ from ..protocol.errors import openai_error_body
 from ..runners.http import RUNNER_STOPPED, RunnerGone, RunnerResponse, whole
 from ..scheduler import Scheduler
 from . import fields
-from .asgi import client_disconnected, lease_for, parse_json, read_body, unless_disconnected
+from .asgi import client_disconnected, fail_before_sending, lease_for, parse_json, read_body, unless_disconnected
 from .operations import (
     ChatRequest,
     CompletionRequest,
@@ -44,7 +44,6 @@ from .operations import (
     truncation_report,
 )
 from .options import context_option
-from .render import error_response
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 JSON_TYPE = (b"content-type", b"application/json")
@@ -164,11 +163,7 @@ class OpenAIApi:
                     return
                 upstream = await _open(op, lease)
             except BaseException as exc:  # nothing has been sent yet
-                if lease is not None:
-                    lease.release()
-                if not isinstance(exc, Exception):
-                    raise  # cancelled
-                await error_response(scope["method"], path, exc)(scope, receive, send)
+                await fail_before_sending(exc, lease, path, scope, receive, send)
                 return
             try:
                 await _relay_stream(upstream, receive, send, rename,
