@@ -8,7 +8,7 @@ bash scripts/install.sh gguf,test
 # Chromium (the web console's tests, tests/test_ui.py) and systemd-analyze (the unit's checks, tests/test_service.py).
 # Without them those tests fail and say how to install them.
 missing=""
-command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing="chromium"
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing=" chromium"
 command -v systemd-analyze >/dev/null || missing="$missing systemd"
 if [ -n "$missing" ] && command -v apt-get >/dev/null; then
   as_root=""

@@ -241,7 +241,7 @@ def test_thinking_blocks_from_a_model_that_reasons(client: anthropic.Anthropic, 
     assert [(b.type, b.thinking) for b in hidden.content] == [("thinking", "")]  # type: ignore[union-attr]
     assert hidden.usage.output_tokens == final.usage.output_tokens == 10
     # enabled, with Anthropic's smallest budget: leave after the first thinking delta (the runner stops)
-    with client.messages.stream(model=thinker, max_tokens=1100, messages=HELLO,
+    with client.messages.stream(model=thinker, max_tokens=1100, messages=HELLO, extra_body=GREEDY,
                                 thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
         first = next(e for e in stream if e.type == "content_block_delta")
     assert first.delta.type == "thinking_delta"
