@@ -34,11 +34,11 @@ from harness import (
     Daemon,
     check,
     gpu_holders,
+    paired_throughput,
     process_mib,
     say,
     section,
     skip_unless,
-    throughput,
     used_mib,
     wait,
 )
@@ -100,10 +100,9 @@ def compare_with_llama_server(daemon: Daemon, gguf: str, server: str) -> None:
 
         check(wait(ready, 120) is not None, "llama-server is up")
         for clients in (1, 4, 8, 16):
-            ours = throughput(daemon.url, "smol-gguf", clients)
-            theirs = throughput(url, "smol-gguf", clients)
-            check(ours >= 0.95 * theirs, f"{clients} clients: mgr {ours:,.0f} tokens/s, llama-server "
-                  f"{theirs:,.0f} tokens/s ({ours / theirs:.2f})")
+            ours, theirs, ratio = paired_throughput(daemon.url, url, "smol-gguf", clients)
+            check(ratio >= 0.95, f"{clients} clients: mgr {ours:,.0f} tokens/s, llama-server {theirs:,.0f} "
+                  f"tokens/s (median of paired rounds {ratio:.2f})")
     finally:
         process.terminate()
         process.wait(timeout=30)

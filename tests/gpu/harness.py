@@ -199,6 +199,38 @@ async def _round(url: str, model: str, streams: int, max_tokens: int) -> tuple[i
         return sum(counts), time.monotonic() - started
 
 
+def paired_throughput(ours: str, theirs: str, model: str | tuple[str, str], streams: int, rounds: int = 5,
+                      max_tokens: int = 128, keys: tuple[str, str] = ("", "")) -> tuple[float, float, float]:
+    """Output tokens/s at `streams` concurrent streamed completions against two servers, rounds alternating
+    (ours, theirs, ours, ...) so that drift of the machine falls on both: (our median, their median, the median
+    of the per-round ratios). Each round is a closed loop of 4 x streams requests from mgr's own load generator
+    (several processes, a minimal HTTP reader), so the client is not what is measured; one warm-up round each.
+    `model`: one name for both, or each server's own; `keys`: a bearer key for each ("" for none)."""
+    from mgr.cli import loadgen
+
+    models = (model, model) if isinstance(model, str) else model
+    prompts = loadgen.random_prompts(4 * streams, 24)
+    sides = []
+    for url, name, key in zip((ours, theirs), models, keys):
+        endpoint = loadgen.Endpoint(url, "openai", "completion",
+                                    (("Authorization", f"Bearer {key}"),) if key else ())
+        sides.append((endpoint, [loadgen.request_body("openai", "completion", name, prompt, max_tokens, True,
+                                                      {"temperature": 0}) for prompt in prompts]))
+    for endpoint, bodies in sides:
+        loadgen.run_cell(endpoint, bodies[:streams], streams)
+    rates: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for rate, (endpoint, bodies) in zip(rates, sides):
+            cell = loadgen.run_cell(endpoint, bodies, streams)
+            if cell.errors:
+                raise RuntimeError(f"{endpoint.url}: {cell.errors} requests failed: {cell.first_errors}")
+            if cell.saturated:
+                say(f"  note: the load generator was saturated measuring {endpoint.url}")
+            rate.append(cell.output_throughput)
+    ratios = sorted(a / b for a, b in zip(*rates))
+    return sorted(rates[0])[rounds // 2], sorted(rates[1])[rounds // 2], ratios[rounds // 2]
+
+
 def throughput(url: str, model: str, streams: int, rounds: int = 3, max_tokens: int = 128) -> float:
     """Tokens/s of `rounds` rounds of `streams` simultaneous streamed completions (the median round), after one
     warm-up round."""

@@ -68,7 +68,16 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-    return asyncio.run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    try:
+        import uvloop  # uvicorn[standard] brings it; the daemon's own server picks it the same way
+    except ImportError:
+        return asyncio.run(serve(args))
+    # Besides its faster sockets: uvloop's call_soon_threadsafe wakes the loop without letting go of the GIL,
+    # so the engine thread goes straight on to its next decode. asyncio's releases the GIL for its wake-up
+    # write, and the woken loop took it: 70 us of every engine step waiting for the loop (measured here).
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ which it does not decode again (prompt_cache.py); a finished or cancelled one ke
 The KV cache is not unified: every sequence has its own n_ctx / n_parallel cells, so an answer never depends on
 what else shares the batch.
 
-The asyncio side talks to the thread through a SimpleQueue (requests in) and loop.call_soon_threadsafe
-(events out); a request's `cancelled` flag is read at every step.
+The asyncio side talks to the thread through a SimpleQueue (requests in) and an Outbox (events out): the events
+of one step reach the event loop in one call_soon_threadsafe, not one per token of every sequence (each is a
+write to the loop's wake-up pipe and a wake-up; at 16 sequences that was 16 of each per step). A request's
+`cancelled` flag is read at every step.
 
 A request that asks for logprobs, or for control tokens rendered as text (a tool-call parser's markers), is
 sampled by `_sample_rich`; every other one by `_sample`, which does nothing more per token than it needs.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import dataclasses
 import logging
 import math
@@ -104,17 +107,48 @@ class Event:
     logprobs: list[LogprobEntry] | None = None  # "text", when asked: the tokens that made it (and earlier held ones)
 
 
+class Outbox:
+    """Events the engine thread emitted since its last `flush`, handed to their event loops together."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event], Event]] = []
+
+    def put(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event], event: Event) -> None:
+        self._held.append((loop, events, event))
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
+        for loop, events, event in held:
+            by_loop.setdefault(loop, []).append((events, event))
+        for loop, deliveries in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop already closed (its server stopped) takes nothing
+                loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for events, event in deliveries:
+        events.put_nowait(event)
+
+
 class Submission:
-    """What the asyncio side hands the engine thread: events come back on `events`, through the loop."""
+    """What the asyncio side hands the engine thread: events come back on `events`, through the loop (by the
+    engine's Outbox once submitted)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False  # set by the asyncio side; read by the engine at every step
         self.fault: faults.Fault | None = None  # the test hook (faults.py): where this request makes the engine fail
+        self.outbox: Outbox | None = None  # set by Engine.submit
 
     def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.outbox is not None:
+            self.outbox.put(self.loop, self.events, event)
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
         """The client has gone (asyncio side): the engine drops the request at its next step, and whoever awaits
@@ -212,6 +246,7 @@ class Engine:
         self.fim: tuple[str, str, str] | None = None  # the FIM prefix, suffix and middle tokens' texts
         self.controls: dict[str, int] = {}  # output markers that are control tokens in this vocabulary
         self._inbox: queue.SimpleQueue[Request | EmbedRequest] = queue.SimpleQueue()
+        self._outbox = Outbox()  # flushed before the engine waits or decodes: every event leaves within a step
         self._waiting: deque[Request] = deque()  # admitted, waiting for a free sequence slot
         self._embedder: Embedder | None = None
         self.vision: Vision | None = None  # a vision model's projector
@@ -228,6 +263,7 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request | EmbedRequest) -> None:
+        request.outbox = self._outbox
         self._inbox.put(request)
 
     @property
@@ -437,8 +473,12 @@ class Engine:
 
     def _loop(self) -> NoReturn:
         batch = self.batch
+        outbox = self._outbox
         while True:
-            self._admit(block=not self._slots and not self._waiting)
+            idle = not self._slots and not self._waiting
+            if idle:
+                outbox.flush()  # before waiting for work
+            self._admit(block=idle)
             for slot in [s for s in self._slots if s.request.cancelled]:
                 self._release(slot)
             if not self._slots:
@@ -446,6 +486,10 @@ class Engine:
             # Prompt chunks share what n_batch leaves after one token per generating sequence; the oldest
             # request gets it first.
             batch.n_tokens = _fill(batch, self._slots, self.n_batch)
+            # The last step's events leave just before the decode, which releases the GIL: the event loop wakes
+            # to them while the decode runs. Woken earlier, it took the GIL from this thread's Python between
+            # two steps (measured here: 69 us a step at 1 sequence, the step's whole gap being 263 us).
+            outbox.flush()
             rc = llama.llama_decode(self.ctx, batch)
             if rc != 0:
                 for slot in list(self._slots):
