@@ -8,6 +8,9 @@
 #                                /tmp/ray-site if its bundle came; the CUDA llama-cpp-python into /tmp/lcp-site when built
 #   device.sh start NAME ARGS    run tests/gpu/NAME.py detached (setsid, from /tmp: a call's tree is replaced by the
 #                                next), output to /tmp/NAME.log
+#   device.sh queue "NAME ARGS" ...  run several of them one after another, detached (one `start` for a whole
+#                                batch: fewer calls, no idle gap between checks); each to /tmp/NAME.log, the
+#                                queue's progress to /tmp/queue.log (`poll queue`)
 #   device.sh poll NAME [S]      wait up to S seconds (default 540) for NAME to finish, then print its log
 set -uo pipefail
 step=$1; shift
@@ -60,6 +63,20 @@ start)
   setsid bash -c "cd /tmp && python3 /tmp/mgr-src/tests/gpu/$name.py $* > /tmp/$name.log 2>&1; echo EXIT \$? >> /tmp/$name.log" \
     < /dev/null > /dev/null 2>&1 &
   echo "started $name" ;;
+queue)
+  install_llama_cpp
+  cd /tmp/mgr-src && source tests/gpu/env.sh
+  export PYTHONPATH=/tmp/lcp-site:/tmp/ray-site:$PYTHONPATH TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+    NCCL_NVLS_ENABLE=0
+  : > /tmp/queue.log
+  for job in "$@"; do printf '%s\n' "$job" >> /tmp/queue.jobs; done
+  setsid bash -c 'cd /tmp; while read -r name args; do
+      echo "$(date +%T) $name $args" >> /tmp/queue.log
+      python3 "/tmp/mgr-src/tests/gpu/$name.py" $args > "/tmp/$name.log" 2>&1; rc=$?
+      echo "EXIT $rc" >> "/tmp/$name.log"; echo "$(date +%T) $name exit $rc" >> /tmp/queue.log
+      grep -E "FAIL|PASS" "/tmp/$name.log" | tail -40 >> /tmp/queue.log
+    done < /tmp/queue.jobs; rm -f /tmp/queue.jobs; echo "EXIT 0" >> /tmp/queue.log' < /dev/null > /dev/null 2>&1 &
+  echo "queued $#" ;;
 poll)
   name=$1; limit=${2:-540}; waited=0
   until grep -q "^EXIT " "/tmp/$name.log" 2>/dev/null || [ "$waited" -ge "$limit" ]; do sleep 5; waited=$((waited + 5)); done
