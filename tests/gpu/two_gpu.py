@@ -158,7 +158,7 @@ def main(folder: str, gguf: str) -> None:
             # separate starts of that command differed by 40% here: 12.8k against 18.4k tokens/s)
             httpx.post(daemon.url + "/api/generate", timeout=120, json={  # awake, and kept so while measured
                 "model": "smol-tp", "prompt": "hi", "stream": False, "keep_alive": -1, "options": {"num_predict": 4}})
-            [runner] = [s for s in daemon.servers() if "vllm" in " ".join(s.cmdline())]
+            [runner] = daemon.servers()
             argv = runner.cmdline()
             direct = f"http://127.0.0.1:{flag(argv, '--port')}"
             served = flag(argv, "--served-model-name") or "smol-tp:latest"
