@@ -584,7 +584,7 @@ async def _relay_lines(upstream: RunnerResponse, rendering: _Rendering, send: Se
                     continue
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
-                    finished = True
+                    finished = upstream.ended = True
                     break
                 plain = rendering.plain(payload)
                 if plain is not None:
