@@ -4,10 +4,10 @@ per GPU and per process from NVML, and closed-loop completion load for throughpu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -180,25 +180,6 @@ def flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
 
-async def _stream_tokens(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> int:
-    body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    count = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"text"' in line:
-                count += 1
-    return count
-
-
-async def _round(url: str, model: str, streams: int, max_tokens: int) -> tuple[int, float]:
-    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        started = time.monotonic()
-        counts = await asyncio.gather(*(_stream_tokens(client, url, model, max_tokens) for _ in range(streams)))
-        return sum(counts), time.monotonic() - started
-
-
 def paired_throughput(ours: str, theirs: str, model: str | tuple[str, str], streams: int, rounds: int = 5,
                       max_tokens: int = 128, keys: tuple[str, str] = ("", "")) -> tuple[float, float, float]:
     """Output tokens/s at `streams` concurrent streamed completions against two servers, rounds alternating
@@ -227,16 +208,7 @@ def paired_throughput(ours: str, theirs: str, model: str | tuple[str, str], stre
             if cell.saturated:
                 say(f"  note: the load generator was saturated measuring {endpoint.url}")
             rate.append(cell.output_throughput)
-    ratios = sorted(a / b for a, b in zip(*rates))
-    return sorted(rates[0])[rounds // 2], sorted(rates[1])[rounds // 2], ratios[rounds // 2]
+    ratios = [a / b for a, b in zip(*rates)]
+    return statistics.median(rates[0]), statistics.median(rates[1]), statistics.median(ratios)
 
 
-def throughput(url: str, model: str, streams: int, rounds: int = 3, max_tokens: int = 128) -> float:
-    """Tokens/s of `rounds` rounds of `streams` simultaneous streamed completions (the median round), after one
-    warm-up round."""
-    asyncio.run(_round(url, model, streams, 16))
-    rates = []
-    for _ in range(rounds):
-        tokens, seconds = asyncio.run(_round(url, model, streams, max_tokens))
-        rates.append(tokens / seconds)
-    return sorted(rates)[len(rates) // 2]
