@@ -100,6 +100,29 @@ def test_max_tokens_and_ignore_eos(runner: str) -> None:
     assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
 
 
+def test_the_engines_own_argmax_answers_as_llama_cpps_greedy_sampler(runner: str) -> None:
+    """Plain greedy requests take the argmax in the engine (Engine._pick); a zero logit_bias changes no logit
+    but sends the same request through llama.cpp's sampler chain: every token must be the same, with
+    ignore_eos's ban on end tokens too, one request at a time and batched."""
+    neutral = {"logit_bias": {"0": 0}}
+    assert not SamplingParams.from_request({"temperature": 0, **neutral}).plain_greedy
+    assert SamplingParams.from_request({"temperature": 0, "ignore_eos": True}).plain_greedy
+    for extra in ({}, {"ignore_eos": True, "max_tokens": 64}):
+        own = [chat(runner, p, temperature=0, **extra)["choices"][0]["message"]["content"] for p in PROMPTS[:4]]
+        chained = [chat(runner, p, temperature=0, **neutral, **extra)["choices"][0]["message"]["content"]
+                   for p in PROMPTS[:4]]
+        assert len(set(own)) == 4 and own == chained, (extra, own, chained)
+
+    async def together(body: dict) -> list[str]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            responses = await asyncio.gather(*(client.post(runner + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": p}], "max_tokens": 48, "temperature": 0, **body,
+            }) for p in PROMPTS))
+        return [r.json()["choices"][0]["message"]["content"] for r in responses]
+
+    assert asyncio.run(together({})) == asyncio.run(together(neutral))
+
+
 def test_logit_bias_bans_a_token(runner: str, gguf_path: Path) -> None:
     import gguf
 

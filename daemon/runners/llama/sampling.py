@@ -115,6 +115,13 @@ class SamplingParams:
             params.repeat_last_n = n_ctx or 64
         return params
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy, and nothing else shapes the logits but ignore_eos's ban on end tokens: the engine can take the
+        argmax itself (the chain, built all the same, answers where the argmax is a banned end token)."""
+        return (self.temperature <= 0 and not self.grammar and not self.logit_bias
+                and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
+
     def build_chain(self, vocab: Any, n_vocab: int, eog_tokens: list[int]) -> Any:
         """A llama.cpp sampler chain; the caller frees it with llama_sampler_free."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
