@@ -214,7 +214,6 @@ class _Slot:
         self.pending: list[LogprobEntry] = []  # logprobs of tokens whose text is still held back
         self.sample = sample  # the engine's _sample, or _sample_rich for logprobs and rendered control tokens
         self.greedy = request.params.plain_greedy  # the argmax read by the engine, not the chain (Engine._pick)
-        self.ban_eog = request.params.ignore_eos
 
     @property
     def prefilling(self) -> bool:
@@ -231,8 +230,7 @@ class Engine:
     n_vocab: int
     n_batch: int
     add_bos: bool
-    eog_tokens: list[int]
-    _eog: frozenset[int]
+    eog_tokens: frozenset[int]  # the end-of-generation tokens
     _logit_row: type[ctypes.Array[ctypes.c_float]]  # one output's logits, over llama.cpp's memory
     tokenize: Callable[[str, bool], list[int]]  # these three are the Vocabulary's; tokenize works on any thread
     _piece: Callable[[int], bytes]
@@ -299,8 +297,7 @@ class Engine:
         self.vocab, self.n_vocab, self.tokenize, self._piece = words.vocab, words.n_vocab, words.tokenize, words.piece
         self._piece_special, self.bos_text, self.eos_text = words.piece_special, words.bos_text, words.eos_text
         self.add_bos, self.fim, self.controls = words.add_bos, words.fim, words.controls
-        self.eog_tokens = words.eog_tokens
-        self._eog = frozenset(self.eog_tokens)
+        self.eog_tokens = frozenset(words.eog_tokens)
         self._logit_row = ctypes.c_float * self.n_vocab
         self.ctx = _new_context(self.model, cfg)
         self.memory = llama.llama_get_memory(self.ctx)
@@ -520,7 +517,7 @@ class Engine:
             row = np.frombuffer(memoryview(self._logit_row.from_address(ctypes.addressof(logits.contents))),
                                 dtype=np.float32)
             token = int(row.argmax())
-            if not (slot.ban_eog and token in self._eog):
+            if token not in self.eog_tokens or not slot.request.params.ignore_eos:
                 return token
         return int(llama.llama_sampler_sample(slot.chain, self.ctx, slot.logit_index))
 
@@ -529,7 +526,7 @@ class Engine:
         if slot.t_first is None:
             self._first_token(slot)
         slot.generated.append(token)
-        if token in self._eog:
+        if token in self.eog_tokens:
             self._finish(slot, "stop", flush=True)
             return
         slot.n_generated += 1
@@ -549,7 +546,7 @@ class Engine:
         if slot.t_first is None:
             self._first_token(slot)
         slot.generated.append(token)
-        if token in self._eog:
+        if token in self.eog_tokens:
             self._finish(slot, "stop", flush=True)
             return
         slot.n_generated += 1

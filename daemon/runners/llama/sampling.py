@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from typing import Any
 
 import llama_cpp as llama
@@ -122,7 +123,7 @@ class SamplingParams:
         return (self.temperature <= 0 and not self.grammar and not self.logit_bias
                 and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
 
-    def build_chain(self, vocab: Any, n_vocab: int, eog_tokens: list[int]) -> Any:
+    def build_chain(self, vocab: Any, n_vocab: int, eog_tokens: Collection[int]) -> Any:
         """A llama.cpp sampler chain; the caller frees it with llama_sampler_free."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
 
