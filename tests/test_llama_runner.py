@@ -44,17 +44,21 @@ PROMPTS = [f"Write two sentences about {thing}." for thing in
            ("cats", "the sea", "a robot", "winter", "bread", "mountains", "a library", "trains")]
 
 
-def test_batched_greedy_answers_equal_answers_alone(runner: str) -> None:
-    alone = [chat(runner, p, temperature=0)["choices"][0]["message"]["content"] for p in PROMPTS]
-
+def batched_greedy_answers(url: str, **params: object) -> list[str]:
+    """The answers to PROMPTS, all sent at once (so the runner decodes them in one batch), greedy."""
     async def together() -> list[str]:
         async with httpx.AsyncClient(timeout=300) as client:
-            responses = await asyncio.gather(*(client.post(runner + "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": p}], "max_tokens": 48, "temperature": 0,
+            responses = await asyncio.gather(*(client.post(url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": p}], "max_tokens": 48, "temperature": 0, **params,
             }) for p in PROMPTS))
         return [r.json()["choices"][0]["message"]["content"] for r in responses]
 
-    batched = asyncio.run(together())
+    return asyncio.run(together())
+
+
+def test_batched_greedy_answers_equal_answers_alone(runner: str) -> None:
+    alone = [chat(runner, p, temperature=0)["choices"][0]["message"]["content"] for p in PROMPTS]
+    batched = batched_greedy_answers(runner)
     assert len(set(alone)) == len(PROMPTS)  # eight different answers...
     assert batched == alone  # ...each byte-identical to the same prompt decoded alone
 
@@ -112,15 +116,7 @@ def test_the_engines_own_argmax_answers_as_llama_cpps_greedy_sampler(runner: str
         chained = [chat(runner, p, temperature=0, **neutral, **extra)["choices"][0]["message"]["content"]
                    for p in PROMPTS[:4]]
         assert len(set(own)) == 4 and own == chained, (extra, own, chained)
-
-    async def together(body: dict) -> list[str]:
-        async with httpx.AsyncClient(timeout=300) as client:
-            responses = await asyncio.gather(*(client.post(runner + "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": p}], "max_tokens": 48, "temperature": 0, **body,
-            }) for p in PROMPTS))
-        return [r.json()["choices"][0]["message"]["content"] for r in responses]
-
-    assert asyncio.run(together({})) == asyncio.run(together(neutral))
+    assert batched_greedy_answers(runner) == batched_greedy_answers(runner, **neutral)
 
 
 def test_logit_bias_bans_a_token(runner: str, gguf_path: Path) -> None:
