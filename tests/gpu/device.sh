@@ -8,9 +8,11 @@
 #                                /tmp/ray-site if its bundle came; the CUDA llama-cpp-python into /tmp/lcp-site when built
 #   device.sh start NAME ARGS    run tests/gpu/NAME.py detached (setsid, from /tmp: a call's tree is replaced by the
 #                                next), output to /tmp/NAME.log
-#   device.sh queue "NAME ARGS" ...  run several of them one after another, detached (one `start` for a whole
-#                                batch: fewer calls, no idle gap between checks); each to /tmp/NAME.log, the
-#                                queue's progress to /tmp/queue.log (`poll queue`)
+#   device.sh queue "[VAR=VALUE ...] NAME ARGS" ...  run several of them one after another, detached (one `start`
+#                                for a whole batch: fewer calls, no idle gap between checks), each with its own
+#                                environment variables; each to /tmp/NAME.log, the queue's progress to
+#                                /tmp/queue.log (`poll queue`)
+#   device.sh install [S]        wait up to S seconds for the CUDA llama.cpp build, then put it in /tmp/lcp-site
 #   device.sh poll NAME [S]      wait up to S seconds (default 540) for NAME to finish, then print its log
 set -uo pipefail
 step=$1; shift
@@ -70,13 +72,21 @@ queue)
     NCCL_NVLS_ENABLE=0
   : > /tmp/queue.log
   for job in "$@"; do printf '%s\n' "$job" >> /tmp/queue.jobs; done
-  setsid bash -c 'cd /tmp; while read -r name args; do
-      echo "$(date +%T) $name $args" >> /tmp/queue.log
-      python3 "/tmp/mgr-src/tests/gpu/$name.py" $args > "/tmp/$name.log" 2>&1; rc=$?
+  setsid bash -c 'cd /tmp; while read -r job; do
+      set -- $job; envs=(); while [[ $1 == *=* ]]; do envs+=("$1"); shift; done; name=$1; shift
+      echo "$(date +%T) $job" >> /tmp/queue.log
+      # a check queued before the CUDA llama.cpp build ended gets it when it ends (up to 10 min)
+      bash /tmp/mgr-src/tests/gpu/device.sh install 600 >> /tmp/queue.log 2>&1
+      env "${envs[@]}" python3 "/tmp/mgr-src/tests/gpu/$name.py" "$@" > "/tmp/$name.log" 2>&1; rc=$?
       echo "EXIT $rc" >> "/tmp/$name.log"; echo "$(date +%T) $name exit $rc" >> /tmp/queue.log
       grep -E "FAIL|PASS" "/tmp/$name.log" | tail -40 >> /tmp/queue.log
     done < /tmp/queue.jobs; rm -f /tmp/queue.jobs; echo "EXIT 0" >> /tmp/queue.log' < /dev/null > /dev/null 2>&1 &
   echo "queued $#" ;;
+install)
+  # wait up to $1 s for a detached CUDA build that is still running, then install it
+  waited=0
+  while pgrep -f "cmake --build /tmp/lcp-build" > /dev/null && [ "$waited" -lt "${1:-0}" ]; do sleep 5; waited=$((waited + 5)); done
+  install_llama_cpp; [ "$waited" -gt 0 ] && echo "waited ${waited}s for the llama.cpp build: $(tail -1 /tmp/lcp-build.log)" ;;
 poll)
   name=$1; limit=${2:-540}; waited=0
   until grep -q "^EXIT " "/tmp/$name.log" 2>/dev/null || [ "$waited" -ge "$limit" ]; do sleep 5; waited=$((waited + 5)); done
