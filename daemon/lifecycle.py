@@ -319,9 +319,12 @@ class Lifecycle:
         if not instance.placement.gpus or pid is None:
             return
         instance.measured = self.gpus.used_by(pid)
-        # llama.cpp takes what it needs, so its measured use is the better estimate next time. vLLM takes the
-        # share it is granted plus its CUDA context: learning that would grow its share at every reload.
-        if instance.measured and instance.spec.format == "gguf":
+        # llama.cpp takes what it needs, so its measured use is the better estimate next time, when it holds the
+        # whole model on one GPU (what the estimate means); part of its layers, or a split, would teach too little or
+        # too much. vLLM takes the share it is granted plus its CUDA context: learning that would grow its share at
+        # every reload.
+        if (instance.measured and instance.spec.format == "gguf" and instance.placement.gpu_layers < 0
+                and len(instance.measured) == 1):
             self.scheduler.specs.learn(instance.spec, sum(instance.measured.values()))
 
     def _fail(self, instance: Instance, message: str, error: MgrError | None) -> None:

@@ -1,7 +1,8 @@
 """How much memory a model will take once loaded, before it is loaded.
 
 GGUF (llama.cpp): the file (weights) + the KV cache for num_ctx tokens in each of num_parallel sequences
-(f16 keys and values for every layer) + a compute buffer. Safetensors (vLLM): weights + the same KV cache +
+(f16 keys and values for every layer) + a compute buffer, + on a GPU the runner's CUDA context and cuBLAS
+workspace there (one per GPU it uses). Safetensors (vLLM): weights + the same KV cache +
 vLLM's own overhead (CUDA graphs, activations); vLLM then fills the share it is granted with KV blocks.
 These are estimates: the scheduler replaces them with what NVML reports a runner really uses.
 """
@@ -14,10 +15,13 @@ from typing import Any
 MIB = 1 << 20
 GIB = 1 << 30
 GGUF_COMPUTE_BUFFER = 256 * MIB
-# What a llama.cpp runner holds on each GPU it uses whatever its layers: its CUDA context and cuBLAS workspace
-# (NVML: 1,504 MiB for SmolLM2 fully offloaded on an H200 against an estimate of ~1,070) and the compute buffer.
-# Partial offload counts it before layers: a share of the free memory by layers alone ran out on the H200.
-GGUF_GPU_FIXED = 512 * MIB + GGUF_COMPUTE_BUFFER
+# A llama.cpp runner's CUDA context and cuBLAS workspace, on each GPU it uses whatever its layers (NVML: 1,504 MiB
+# for SmolLM2 fully offloaded on an H200, where weights, KV cache and compute buffer come to ~1,070). Left out, a
+# fresh daemon placed SmolLM2 whole in 1,173 MiB free and its KV cache failed to allocate (H200, 2026-12-01).
+GGUF_GPU_CONTEXT = 512 * MIB
+# What a runner holds on each GPU whatever its layers; partial offload counts it before layers (a share of the free
+# memory by layers alone ran out on the H200).
+GGUF_GPU_FIXED = GGUF_GPU_CONTEXT + GGUF_COMPUTE_BUFFER
 VLLM_OVERHEAD = 2048 * MIB  # CUDA context, graphs and activations (1.2 GiB measured for a 135M model asleep)
 VLLM_KV_SEQUENCES = 32  # vLLM pages its KV cache: room for this many full contexts is plenty to batch well
 # vLLM refuses to start when its share leaves no room for KV blocks after weights, activations and CUDA
@@ -39,10 +43,12 @@ def kv_bytes_per_token(model_info: Mapping[str, Any]) -> int:
     return 2 * int(layers) * int(kv_heads) * int(head_dim) * 2
 
 
-def estimate(model_format: str, weights: int, model_info: Mapping[str, Any], num_ctx: int, num_parallel: int) -> int:
+def estimate(model_format: str, weights: int, model_info: Mapping[str, Any], num_ctx: int, num_parallel: int,
+             on_gpu: bool = True) -> int:
+    """Bytes the model takes loaded; a GGUF model on one GPU when `on_gpu` (else in RAM: no CUDA context)."""
     per_sequence = kv_bytes_per_token(model_info) * num_ctx
     if model_format == "gguf":
-        return weights + per_sequence * num_parallel + GGUF_COMPUTE_BUFFER
+        return weights + per_sequence * num_parallel + GGUF_COMPUTE_BUFFER + (GGUF_GPU_CONTEXT if on_gpu else 0)
     # vLLM fills the share it is granted with KV blocks and pages them among sequences
     sequences = min(num_parallel, VLLM_KV_SEQUENCES)
     return max(VLLM_MIN_SHARE, weights + per_sequence * sequences + VLLM_OVERHEAD)

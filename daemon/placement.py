@@ -20,7 +20,7 @@ import dataclasses
 import math
 
 from .gpus import Gpu
-from .memory import GGUF_COMPUTE_BUFFER, GGUF_GPU_FIXED
+from .memory import GGUF_GPU_CONTEXT, GGUF_GPU_FIXED
 
 GIB = 1 << 30
 MAX_FRACTION = 0.95  # vLLM's share of a GPU never takes the last 5% (CUDA context, other processes)
@@ -99,13 +99,12 @@ def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...]
     if by_free[0].free >= need:
         return _single(model_format, need, by_free[0])
     if model_format == "gguf":
-        chosen, total = [], 0
+        chosen: list[Gpu] = []
         for gpu in by_free:
             chosen.append(gpu)
-            total += gpu.free
-            if total >= need:
+            if _split_holds(chosen, need):
                 return Placement(tuple(sorted(g.index for g in chosen)))
-        if room_coming and sum(g.total for g in candidates) >= need:
+        if room_coming and _split_holds(candidates, need, total=True):
             return None  # fits once idle models leave
         offload = _layers_that_fit(layers, need, candidates)
         return Placement(tuple(sorted(g.index for g in candidates)), gpu_layers=offload) if offload > 0 else CPU
@@ -165,9 +164,9 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
         raise TooBig(f"the model is pinned to GPUs {list(pinned)}, which this machine does not have")
     indices = tuple(sorted(g.index for g in chosen))
     if model_format == "gguf":
-        if sum(g.free for g in chosen) >= need:
+        if _split_holds(chosen, need):
             return Placement(indices)
-        if room_coming and sum(g.total for g in chosen) >= need:
+        if room_coming and _split_holds(chosen, need, total=True):
             return None  # fits once idle models leave
         offload = _layers_that_fit(layers, need, chosen)
         return Placement(indices, gpu_layers=offload) if offload > 0 else CPU
@@ -183,13 +182,20 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
                  f"({len(chosen)} x {_gib(smallest)}) cannot hold it")
 
 
+def _split_holds(gpus: list[Gpu], need: int, total: bool = False) -> bool:
+    """Whether a GGUF model that needs `need` on one GPU fits split over `gpus` (free memory, or `total`): each
+    GPU past the first holds a CUDA context of its own."""
+    room = sum(g.total if total else g.free for g in gpus)
+    return room - GGUF_GPU_CONTEXT * (len(gpus) - 1) >= need
+
+
 def _layers_that_fit(layers: int | None, need: int, gpus: list[Gpu]) -> int:
     """How many of a GGUF model's layers the GPUs' free memory holds: what each GPU holds whatever its layers
-    first, then layers at the model's weights and KV cache per layer."""
+    first, then layers at the model's weights and KV cache per layer (`need` less that fixed part)."""
     per_layers = sum(g.free - GGUF_GPU_FIXED for g in gpus if g.free > GGUF_GPU_FIXED)
     if not layers or per_layers <= 0:
         return 0
-    return min(layers - 1, math.floor(layers * per_layers / max(1, need - GGUF_COMPUTE_BUFFER)))
+    return min(layers - 1, math.floor(layers * per_layers / max(1, need - GGUF_GPU_FIXED)))
 
 
 def _single(model_format: str, need: int, gpu: Gpu) -> Placement:

@@ -64,7 +64,7 @@ class SpecBook:
             ctx = min(ctx, manifest.context_length)
         arch = manifest.model_info.get("general.architecture")
         need = self._learned.get((manifest.digest, ctx, parallel)) or estimate(
-            manifest.format, manifest.size, manifest.model_info, ctx, parallel)
+            manifest.format, manifest.size, manifest.model_info, ctx, parallel, on_gpu=self.gpu_memory() > 0)
         model_path = self.store.model_path(manifest)
         capabilities = manifest.capabilities
         parsers = None

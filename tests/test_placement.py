@@ -15,7 +15,7 @@ from test_scheduler_policy import run, running, store, wait_until  # noqa: F401 
 
 from mgr.daemon.errors import LoadFailed
 from mgr.daemon.gpus import Gpu
-from mgr.daemon.memory import GGUF_COMPUTE_BUFFER, VLLM_MIN_SHARE
+from mgr.daemon.memory import GGUF_GPU_CONTEXT, GGUF_GPU_FIXED, VLLM_MIN_SHARE, estimate
 from mgr.daemon.placement import CPU, Placement, RayCluster, TooBig, place
 from mgr.daemon.scheduler import State
 from mgr.registry.config import ModelOverrides
@@ -86,10 +86,26 @@ def test_a_model_too_big_for_this_machine_goes_over_the_ray_cluster() -> None:
 
 def test_gguf_splits_layers_then_offloads_part_then_waits() -> None:
     assert place("gguf", 100 * GIB, gpus(70, 20, 50)) == Placement((0, 2))
-    # each GPU keeps 0.75 GiB for the runner's context and compute buffer: 148.5 GiB for 299.75 GiB of layers
+    # each GPU keeps 0.75 GiB for the runner's context and compute buffer: 148.5 GiB for 299.25 GiB of layers
     partial = place("gguf", 300 * GIB, gpus(80, 70), layers=40)
     assert partial == Placement((0, 1), gpu_layers=19) and partial.processor == "CPU/GPU 0,1"
     assert place("gguf", 300 * GIB, gpus(1, 1), layers=40) == CPU
+
+
+def test_a_gguf_model_on_a_gpu_counts_the_runners_cuda_context() -> None:
+    """On the H200 a fresh daemon placed SmolLM2 whole in 1,173 MiB free (weights + KV + compute ~1,070 MiB) and
+    its KV cache failed to allocate: the runner's CUDA context (~430 MiB measured) was in no estimate."""
+    info = {"general.architecture": "llama", "llama.block_count": 30, "llama.attention.head_count": 9,
+            "llama.attention.head_count_kv": 3, "llama.embedding_length": 576}
+    in_ram = estimate("gguf", 98 * MIB, info, 2048, 16, on_gpu=False)
+    on_gpu = estimate("gguf", 98 * MIB, info, 2048, 16)
+    assert on_gpu - in_ram == GGUF_GPU_CONTEXT and on_gpu > 1_173 * MIB
+    h200 = [Gpu(0, "H200", 140 * GIB, 1_173 * MIB)]
+    partial = place("gguf", on_gpu, h200, layers=30, room_coming=False)
+    assert partial is not None and 0 < partial.gpu_layers < 30
+    # split over two GPUs, each holds a context of its own
+    assert place("gguf", 10 * GIB, gpus(5.3, 5.3)) == Placement((0, 1))
+    assert place("gguf", 10 * GIB, gpus(5.2, 5.2), layers=40, room_coming=False) == Placement((0, 1), gpu_layers=38)
 
 
 def test_none_when_it_would_fit_after_other_models_leave() -> None:
@@ -100,7 +116,7 @@ def test_none_when_it_would_fit_after_other_models_leave() -> None:
 def test_memory_another_process_holds_is_not_waited_for() -> None:
     """None of our models holds GPU memory (room_coming false): nothing will leave, so GGUF offloads what fits
     now and vLLM fails with the numbers, where waiting would wait for ever."""
-    assert place("gguf", 50 * GIB, gpus(10, 10), layers=40, room_coming=False) == Placement((0, 1), gpu_layers=14)
+    assert place("gguf", 50 * GIB, gpus(10, 10), layers=40, room_coming=False) == Placement((0, 1), gpu_layers=15)
     assert place("gguf", 50 * GIB, gpus(10), pinned=(0,), layers=40, room_coming=False) == \
         Placement((0,), gpu_layers=7)
     with pytest.raises(TooBig, match="10.0 GiB is free .GPU 0.; other processes hold the rest"):
@@ -110,18 +126,19 @@ def test_memory_another_process_holds_is_not_waited_for() -> None:
 
 
 # the scheduler on imaginary GPUs ----------------------------------------------------------------------
-TINY_GGUF_NEED = GGUF_COMPUTE_BUFFER  # the test GGUFs have no KV heads, so their estimate is the buffer + bytes
+# the test GGUFs have no KV heads: on a GPU their estimate is the compute buffer + the CUDA context + their bytes
+TINY_GGUF_NEED = GGUF_GPU_FIXED
 
 
 def test_models_go_to_the_gpu_with_most_free_memory(store: Store, tmp_path: Path) -> None:
-    cards = StaticGpus([400 * MIB, 300 * MIB])
+    cards = StaticGpus([1300 * MIB, 1000 * MIB])
 
     async def scenario() -> None:
         async with running(store, tmp_path, gpus=cards) as h:
             (await h.scheduler.acquire("alpha")).release()
             (await h.scheduler.acquire("beta")).release()
             assert h.instance("alpha").placement.gpus == (0,)
-            assert h.instance("beta").placement.gpus == (1,)  # GPU 0 has ~144 MiB left, GPU 1 has 300
+            assert h.instance("beta").placement.gpus == (1,)  # GPU 0 has ~530 MiB left, GPU 1 has 1000
             used = {i: sum(a.get(i, 0) for a in cards.allocations.values()) for i in (0, 1)}
             assert used[0] >= TINY_GGUF_NEED and used[1] >= TINY_GGUF_NEED
 
@@ -129,7 +146,7 @@ def test_models_go_to_the_gpu_with_most_free_memory(store: Store, tmp_path: Path
 
 
 def test_pinned_model_goes_where_the_config_says(store: Store, tmp_path: Path) -> None:
-    cards = StaticGpus([800 * MIB, 400 * MIB])
+    cards = StaticGpus([1600 * MIB, 1000 * MIB])
 
     async def scenario() -> None:
         async with running(store, tmp_path, gpus=cards,
@@ -141,7 +158,7 @@ def test_pinned_model_goes_where_the_config_says(store: Store, tmp_path: Path) -
 
 
 def test_idle_model_evicted_for_memory_busy_one_never(store: Store, tmp_path: Path) -> None:
-    cards = StaticGpus([300 * MIB])  # room for one tiny model at a time
+    cards = StaticGpus([1000 * MIB])  # room for one tiny model at a time
 
     async def scenario() -> None:
         async with running(store, tmp_path, gpus=cards, max_loaded_models=5) as h:
@@ -168,6 +185,35 @@ def test_what_a_runner_really_uses_replaces_the_estimate(store: Store, tmp_path:
             (await h.scheduler.acquire("alpha")).release()
             assert h.instance("alpha").measured == {0: 100 * MIB}
             assert h.scheduler.spec_for("alpha").estimate == 100 * MIB  # learned
+
+    run(scenario)
+
+
+def test_a_runner_holding_part_of_the_layers_teaches_nothing(store: Store, tmp_path: Path) -> None:
+    """What a runner with part of its layers on the GPU uses is not what the whole model needs: learned, it would
+    place the model whole next time, into memory too small for it."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "layered.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(40)
+    writer.add_tensor("token_embd.weight", np.zeros(10 * MIB // 4, dtype=np.float32))  # 10 MiB of weights
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    store.create("layered", files={"layered.gguf": import_file(store, path)}, source={"test": "placement"})
+    cards = StaticGpus([1000 * MIB])
+    cards.allocate(1, 0, 1000 * MIB - GGUF_GPU_FIXED - 5 * MIB)  # another process: room for half the layers
+
+    async def scenario() -> None:
+        async with running(store, tmp_path, gpus=cards, actual_bytes={"layered": 300 * MIB}) as h:
+            before = h.scheduler.spec_for("layered").estimate
+            (await h.scheduler.acquire("layered")).release()
+            assert h.instance("layered").placement == Placement((0,), gpu_layers=19)
+            assert h.instance("layered").measured == {0: 300 * MIB}
+            assert h.scheduler.spec_for("layered").estimate == before  # not learned
 
     run(scenario)
 
@@ -200,8 +246,8 @@ def test_vllm_model_tensor_parallel_and_too_big(store: Store, tmp_path: Path) ->
 def test_a_gpu_filled_by_another_process_does_not_hold_a_load_for_ever(store: Store, tmp_path: Path) -> None:
     """A shared workstation: someone else's process holds most of the GPU. No model of ours could make room, so
     the GGUF model loads where it can now (here, its one layer does not fit: on the CPU) instead of waiting."""
-    cards = StaticGpus([300 * MIB])
-    cards.allocate(1, 0, 250 * MIB)  # not a runner of ours
+    cards = StaticGpus([1000 * MIB])
+    cards.allocate(1, 0, 950 * MIB)  # not a runner of ours
 
     async def scenario() -> None:
         async with running(store, tmp_path, gpus=cards) as h:

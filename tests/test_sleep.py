@@ -27,7 +27,7 @@ async def put_to_sleep(h, model: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_keep_alive_expiry_sleeps_and_a_request_wakes_the_same_process(store: Store, tmp_path: Path) -> None:
-    cards = StaticGpus([1000 * MIB])
+    cards = StaticGpus([2000 * MIB])
 
     async def scenario() -> None:
         async with running(store, tmp_path, SLEEPER, gpus=cards) as h:
@@ -46,7 +46,7 @@ def test_keep_alive_expiry_sleeps_and_a_request_wakes_the_same_process(store: St
 
 
 def test_eviction_sleeps_before_it_kills(store: Store, tmp_path: Path) -> None:
-    cards = StaticGpus([300 * MIB])  # one model awake at a time
+    cards = StaticGpus([1000 * MIB])  # one model awake at a time
 
     async def scenario() -> None:
         async with running(store, tmp_path, SLEEPER, gpus=cards, max_loaded_models=5) as h:
@@ -65,7 +65,7 @@ def test_eviction_sleeps_before_it_kills(store: Store, tmp_path: Path) -> None:
             beta = asyncio.ensure_future(h.scheduler.acquire("beta"))
             await wait_until(lambda: "alpha" not in h.loaded())  # the sleeper gave up its process
             await wait_until(lambda: not group_alive(alpha_pid))
-            assert not beta.done()  # 300 MiB: still no room next to busy gamma
+            assert not beta.done()  # 1000 MiB: still no room next to busy gamma
             busy.release()
             (await beta).release()
 
@@ -82,7 +82,7 @@ def test_models_on_the_cpu_never_sleep(store: Store, tmp_path: Path) -> None:
 
 
 def test_unload_of_a_sleeping_model_ends_its_process(store: Store, tmp_path: Path) -> None:
-    cards = StaticGpus([1000 * MIB])
+    cards = StaticGpus([2000 * MIB])
 
     async def scenario() -> None:
         async with running(store, tmp_path, SLEEPER, gpus=cards) as h:
@@ -94,7 +94,7 @@ def test_unload_of_a_sleeping_model_ends_its_process(store: Store, tmp_path: Pat
 
 
 def test_a_sleeping_runner_that_crashes_is_forgotten(store: Store, tmp_path: Path) -> None:
-    cards = StaticGpus([1000 * MIB])
+    cards = StaticGpus([2000 * MIB])
 
     async def scenario() -> None:
         async with running(store, tmp_path, SLEEPER, gpus=cards) as h:
