@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fakehub import import_file
 from standin.gpus import StaticGpus
-from test_scheduler_policy import run, running, store, wait_until  # noqa: F401  (store: the fixture)
+from test_scheduler_policy import run, running, store, wait_until, write_tiny_gguf  # noqa: F401  (store: the fixture)
 
 from mgr.daemon.errors import LoadFailed
 from mgr.daemon.gpus import Gpu
@@ -192,17 +192,8 @@ def test_what_a_runner_really_uses_replaces_the_estimate(store: Store, tmp_path:
 def test_a_runner_holding_part_of_the_layers_teaches_nothing(store: Store, tmp_path: Path) -> None:
     """What a runner with part of its layers on the GPU uses is not what the whole model needs: learned, it would
     place the model whole next time, into memory too small for it."""
-    import gguf
-    import numpy as np
-
     path = tmp_path / "layered.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(40)
-    writer.add_tensor("token_embd.weight", np.zeros(10 * MIB // 4, dtype=np.float32))  # 10 MiB of weights
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tiny_gguf(path, "layered", layers=40, rows=10 * MIB // 32)  # 10 MiB of weights
     store.create("layered", files={"layered.gguf": import_file(store, path)}, source={"test": "placement"})
     cards = StaticGpus([1000 * MIB])
     cards.allocate(1, 0, 1000 * MIB - GGUF_GPU_FIXED - 5 * MIB)  # another process: room for half the layers

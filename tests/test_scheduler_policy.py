@@ -47,15 +47,16 @@ CONTEXT_LENGTH = 8192  # what the fake GGUFs declare; above every num_ctx used h
 
 
 # fixtures and helpers ----------------------------------------------------------------------------------
-def write_tiny_gguf(path: Path, name: str) -> None:
-    """A minimal but valid GGUF (a few KV fields, one tiny tensor); `name` makes each file's digest differ."""
+def write_tiny_gguf(path: Path, name: str, layers: int = 1, rows: int = 4) -> None:
+    """A minimal but valid GGUF (a few KV fields, one tensor of `rows` x 8 floats); `name` makes each file's digest
+    differ; `layers`: its block count."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
     writer.add_context_length(CONTEXT_LENGTH)
-    writer.add_block_count(1)
+    writer.add_block_count(layers)
     writer.add_embedding_length(8)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.ones((rows, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

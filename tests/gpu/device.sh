@@ -66,7 +66,6 @@ start)
     < /dev/null > /dev/null 2>&1 &
   echo "started $name" ;;
 queue)
-  install_llama_cpp
   cd /tmp/mgr-src && source tests/gpu/env.sh
   export PYTHONPATH=/tmp/lcp-site:/tmp/ray-site:$PYTHONPATH TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
     NCCL_NVLS_ENABLE=0
