@@ -146,6 +146,28 @@ def _get_json(url: str, path: str) -> Any:
         connection.close()
 
 
+def server_cpu_seconds(url: str, headers: tuple[tuple[str, str], ...]) -> float | None:
+    """The server process's own CPU time so far, from its /metrics (prometheus_client's
+    process_cpu_seconds_total: mgr's daemon, vLLM's API server); None where it has none."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=10)
+    try:
+        connection.request("GET", "/metrics", headers=dict(headers))
+        response = connection.getresponse()
+        text = response.read().decode("utf-8", "replace") if response.status == 200 else ""
+    except OSError:
+        return None
+    finally:
+        connection.close()
+    for line in text.splitlines():
+        if line.startswith("process_cpu_seconds_total "):
+            try:
+                return float(line.split()[1])
+            except ValueError:
+                return None
+    return None
+
+
 def served_models(url: str) -> list[str]:
     """The models a server lists (OpenAI's /v1/models, else Ollama's /api/tags)."""
     answer = _get_json(url, "/v1/models")
@@ -171,7 +193,7 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 HEADERS = ["SERVER", "MODEL", "API", "CONC", "REQS", "ERR", "REQ/S", "OUT TOK/S", "TOTAL TOK/S",
-           "TTFT MEAN", "P50", "P90", "P99", "ITL MEAN", "P50", "P90", "P99"]
+           "TTFT MEAN", "P50", "P90", "P99", "ITL MEAN", "P50", "P90", "P99", "SRV CPU"]
 
 
 def table_row(row: dict[str, Any]) -> list[str]:
@@ -180,7 +202,8 @@ def table_row(row: dict[str, Any]) -> list[str]:
             str(row["errors"]), _fmt(row["request_throughput"], 2), _fmt(row["output_throughput"]),
             _fmt(row["total_token_throughput"]),
             *(_fmt(ttft[k]) for k in ("mean", "p50", "p90", "p99")), *(_fmt(itl[k]) for k in ("mean", "p50", "p90",
-                                                                                                "p99"))]
+                                                                                                "p99")),
+            "-" if row["server_cpu"] is None else f"{row['server_cpu']:.0%}"]
 
 
 def _check_plot(path: str) -> None:
@@ -306,16 +329,24 @@ def _bench(args: argparse.Namespace, client: Client) -> int:
                     bodies = [loadgen.request_body(api, args.endpoint, name, prompt, n, not args.eos, sampling)
                               for prompt, n in zip(prompts, lengths, strict=True)]
                     label = f"{server.name} {name} {api} c={concurrency}"
-                    cell = loadgen.run_cell(endpoint_of(server, api), bodies, concurrency, args.request_rate,
+                    endpoint = endpoint_of(server, api)
+                    cpu_before = server_cpu_seconds(server.url, endpoint.headers)
+                    cell = loadgen.run_cell(endpoint, bodies, concurrency, args.request_rate,
                                             args.processes, args.seed, progress.update(label, count))
+                    cpu_after = server_cpu_seconds(server.url, endpoint.headers)
                     progress.done(label, cell)
+                    # the server process's CPU time over the cell, a share of one core (runners and engine
+                    # processes apart): near 100 %, that one process is what limits the cell
+                    server_cpu = None if cpu_before is None or cpu_after is None else \
+                        (cpu_after - cpu_before) / cell.duration
                     rows.append({"server": server.name, "url": server.url, "model": name, "api": api,
-                                 "endpoint": args.endpoint, **cell.as_dict()})
+                                 "endpoint": args.endpoint, **cell.as_dict(), "server_cpu": server_cpu})
 
     from .format import table
 
     print(table(HEADERS, [table_row(row) for row in rows]))
-    print("TTFT and ITL in ms; tokens/s over each cell's whole duration")
+    print("TTFT and ITL in ms; tokens/s over each cell's whole duration; SRV CPU: the server process's own CPU "
+          "time over the cell, of one core (from its /metrics; its engine processes apart)")
     if any(row["saturated"] for row in rows):
         print("Note: the load generator saturated in some cells (see above); their numbers are the client's")
     if args.json_file:

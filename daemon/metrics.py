@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -45,6 +45,9 @@ Transition = Literal["load", "wake", "sleep", "unload"]
 Event = TypeVar("Event", bound=Mapping[str, object])
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_cpu_seconds_total and the rest of the daemon process's own (as vLLM's server exposes its): `mgr bench`
+# reads it around each cell, so a run says how busy the daemon itself was
+ProcessCollector(registry=REGISTRY)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0)

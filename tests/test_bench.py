@@ -1,12 +1,13 @@
 """`mgr bench` against the real llama.cpp runner through a real daemon: a small sweep through both APIs (the
-table's fields, the JSON, the plots), `--target` against a second `mgr serve`, and the errors a user can make.
-Also the Ollama API's byte-level fast path (api/ollama.py), which must render exactly what the parsed path
-renders. Not a timed test: the numbers are checked for being consistent, not fast (tests/bench/bench_cli.py
-compares them with tests/bench/bench_gguf.py)."""
+table's fields, the JSON, the plots, the server's own CPU time), `--target` against a second `mgr serve`, and the
+errors a user can make. Also the Ollama API's byte-level fast path (api/ollama.py), which must render exactly what
+the parsed path renders. Not a timed test: the numbers are checked for being consistent, not fast
+(tests/bench/bench_cli.py compares them with tests/bench/bench_gguf.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -14,8 +15,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 from conftest import Daemon
+
+from mgr.cli.bench import server_cpu_seconds
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +84,8 @@ def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemo
         assert ttft["mean"] < cell["duration"] * 1000
         assert cell["model"] == ("smollm2" if cell["server"] == "mgr" else "other:latest")  # the target's only model
         assert not cell["saturated"] or cell["client_cpu"] >= 0.85 or cell["client_lag_ms"] > 5
+        # both servers are mgr daemons: their own CPU time over the cell, read from their /metrics
+        assert cell["server_cpu"] is not None and 0 <= cell["server_cpu"] <= (os.cpu_count() or 1), cell
 
     tree = ET.fromstring(svg.read_text())
     lines = tree.findall(".//{http://www.w3.org/2000/svg}polyline")
@@ -90,6 +96,21 @@ def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemo
     assert again.returncode == 0, again.stderr
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<table>" in html and "<script" not in html
+
+
+def test_the_servers_cpu_time_is_the_daemon_process_own(two_slots: Daemon) -> None:
+    assert two_slots.process is not None
+    daemon = psutil.Process(two_slots.process.pid)
+
+    def cpu() -> float:
+        times = daemon.cpu_times()
+        return times.user + times.system
+
+    before = cpu()
+    read = server_cpu_seconds(two_slots.base_url, ())
+    after = cpu()
+    assert read is not None and before - 0.02 <= read <= after + 0.02, (before, read, after)
+    assert server_cpu_seconds("http://127.0.0.1:9", ()) is None  # nothing there
 
 
 def test_a_dataset_and_a_request_rate(two_slots: Daemon, tmp_path: Path) -> None:

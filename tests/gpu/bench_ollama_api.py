@@ -9,8 +9,10 @@ process), so both sides see the same engine, cell by cell (mgr bench alternates 
         [--repeat 3] [--endpoints chat,completion]
 
 Prints, per endpoint and concurrency, tokens/s and TTFT p50 of mgr's Ollama API, mgr's OpenAI relay and
-direct vLLM, and the ratios: PASS when both mgr paths keep >= 0.97 of direct vLLM's throughput and add
-<= 5 ms to its TTFT p50. Exits 1 if any check failed.
+direct vLLM, and the ratios; under each row, how busy the server process itself was (mgr's daemon, vLLM's API
+server: its CPU time over the cell, of one core, from its /metrics; near 100 % that process is the limit).
+PASS when both mgr paths keep >= 0.97 of direct vLLM's throughput and add <= 5 ms to its TTFT p50.
+Exits 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> int:
         for endpoint in args.endpoints.split(","):
             # (server, api, concurrency) -> [(tok/s, TTFT p50 ms)] over the repeats
             cells: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+            # the same -> the server process's own CPU over the cell, of one core (mgr's daemon; vLLM's API server)
+            cpu: dict[tuple[str, str, int], list[float]] = {}
             for repeat in range(args.repeat):
                 report = Path(tempfile.mkdtemp()) / "bench.json"
                 run = daemon.mgr("bench", "smol", "--api", "ollama,openai", "--endpoint", endpoint,
@@ -78,6 +82,8 @@ def main() -> int:
                             f"c={cell['concurrency']} (CPU {cell['client_cpu']:.0%})")
                     cells.setdefault((cell["server"], cell["api"], cell["concurrency"]), []).append(
                         (cell["output_throughput"], cell["ttft_ms"]["p50"]))
+                    cpu.setdefault((cell["server"], cell["api"], cell["concurrency"]), []).append(
+                        cell["server_cpu"] if cell["server_cpu"] is not None else float("nan"))
             path = "/api/chat" if endpoint == "chat" else "/api/generate"
             say(f"\n| {endpoint} | streams | mgr {path} tok/s | mgr OpenAI tok/s | direct vLLM tok/s | "
                 f"Ollama / direct | OpenAI / direct | Ollama TTFT +ms | OpenAI TTFT +ms |")
@@ -98,6 +104,9 @@ def main() -> int:
                     f"{statistics.median(c[0] for c in openai):,.0f} | {statistics.median(c[0] for c in base):,.0f} | "
                     f"{ratios['ollama']:.3f} | {ratios['openai']:.3f} | {added['ollama']:+.1f} | "
                     f"{added['openai']:+.1f} |")
+                say(f"|   | server CPU | {statistics.median(cpu[('mgr', 'ollama', clients)]):.0%} | "
+                    f"{statistics.median(cpu[('mgr', 'openai', clients)]):.0%} | "
+                    f"{statistics.median(cpu[('direct', 'openai', clients)]):.0%} | | | | |")
                 for name in ("ollama", "openai"):
                     check(ratios[name] >= 0.97 and added[name] <= 5.0,
                           f"{endpoint} {name} at {clients} streams: {ratios[name]:.3f} of direct vLLM (>= 0.97), "
