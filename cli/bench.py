@@ -132,35 +132,34 @@ def parse_target(spec: str) -> Server:
     return Server(name or parts.netloc, url.rstrip("/"), model or None, False)
 
 
-def _get_json(url: str, path: str) -> Any:
+def _get(url: str, path: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes | None:
+    """A GET's body when it answers 200; None otherwise or when nothing answers."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=10)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=dict(headers))
         response = connection.getresponse()
         data = response.read()
-        return json.loads(data) if response.status == 200 else None
-    except (OSError, ValueError):
+        return data if response.status == 200 else None
+    except OSError:
         return None
     finally:
         connection.close()
+
+
+def _get_json(url: str, path: str) -> Any:
+    data = _get(url, path)
+    try:
+        return None if data is None else json.loads(data)
+    except ValueError:
+        return None
 
 
 def server_cpu_seconds(url: str, headers: tuple[tuple[str, str], ...]) -> float | None:
     """The server process's own CPU time so far, from its /metrics (prometheus_client's
     process_cpu_seconds_total: mgr's daemon, vLLM's API server); None where it has none."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=10)
-    try:
-        connection.request("GET", "/metrics", headers=dict(headers))
-        response = connection.getresponse()
-        text = response.read().decode("utf-8", "replace") if response.status == 200 else ""
-    except OSError:
-        return None
-    finally:
-        connection.close()
-    for line in text.splitlines():
-        if line.startswith("process_cpu_seconds_total "):
+    for line in (_get(url, "/metrics", headers) or b"").splitlines():
+        if line.startswith(b"process_cpu_seconds_total "):
             try:
                 return float(line.split()[1])
             except ValueError:
