@@ -545,6 +545,10 @@ def test_a_runner_that_refuses_connections_is_restarted(store: Store, tmp_path: 
                 await lease.client.chat({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})
             lease.release()
             await wait_until(lambda: not group_alive(old_pid), timeout=5.0)
+            # The process is gone a moment before the daemon reaps it (the runner's exit future, then _on_exit):
+            # until then the old instance is still READY and would be handed out again.
+            instance = lease.instance
+            await wait_until(lambda: instance.state is not State.READY, timeout=5.0)
             fresh = await h.scheduler.acquire("alpha")
             assert h.factory.pids("alpha")[1:] and h.factory.pids("alpha")[-1] != old_pid
             fresh.release()
