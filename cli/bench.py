@@ -95,8 +95,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     bench.add_argument("--api", type=_apis, default=["ollama"], metavar="API",
                        help="ollama, openai, or ollama,openai for both (default: ollama)")
     bench.add_argument("--endpoint", choices=("chat", "completion"), default="chat",
-                       help="chat (/api/chat, /v1/chat/completions) or completion (/api/generate, "
-                            "/v1/completions); default chat")
+                       help="chat (/api/chat, /v1/chat/completions) or completion (/api/generate raw, "
+                            "/v1/completions: the prompt as it is, no chat template); default chat")
     bench.add_argument("--target", action="append", default=[], metavar="[NAME=]URL[#MODEL]",
                        help="another server to measure cell by cell with mgr (Ollama, vLLM, llama-server); "
                             "#MODEL: its name for the model there (default: the same name, or the only one it "

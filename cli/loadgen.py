@@ -116,7 +116,11 @@ def request_body(api: str, endpoint: str, model: str, prompt: str, max_tokens: i
         if endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
+            # raw: the prompt as it is, as /v1/completions and `vllm bench serve` send it. Without raw,
+            # /api/generate wraps the prompt in the chat template (the work /api/chat measures), so a
+            # completion through Ollama's API would do more than the same completion through OpenAI's.
             body["prompt"] = prompt
+            body["raw"] = True
     else:
         body = {"model": model, "stream": True, "max_tokens": max_tokens,
                 "stream_options": {"include_usage": True}}

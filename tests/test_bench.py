@@ -113,6 +113,20 @@ def test_the_servers_cpu_time_is_the_daemon_process_own(two_slots: Daemon) -> No
     assert server_cpu_seconds("http://127.0.0.1:9", ()) is None  # nothing there
 
 
+def test_a_completion_is_the_same_raw_prompt_through_both_apis(two_slots: Daemon, tmp_path: Path) -> None:
+    """--endpoint completion sends /api/generate raw, as /v1/completions takes its prompt: both reach the engine
+    as the same tokens (without raw, Ollama's API would wrap the prompt in the chat template, more work)."""
+    report = tmp_path / "completion.json"
+    run = two_slots.cli("bench", "smollm2", "-c", "1", "-n", "2", "--input-len", "16", "--output-len", "4",
+                        "--api", "ollama,openai", "--endpoint", "completion", "--json", str(report), timeout=300)
+    assert run.returncode == 0, run.stderr
+    cells = {cell["api"]: cell for cell in json.loads(report.read_text())["cells"]}
+    assert cells["ollama"]["errors"] == cells["openai"]["errors"] == 0, cells
+    assert cells["ollama"]["total_input_tokens"] == cells["openai"]["total_input_tokens"], cells
+    assert 2 * 16 <= cells["openai"]["total_input_tokens"] < 2 * 24  # about --input-len each, no template
+    assert cells["ollama"]["total_output_tokens"] == cells["openai"]["total_output_tokens"] == 2 * 4
+
+
 def test_a_dataset_and_a_request_rate(two_slots: Daemon, tmp_path: Path) -> None:
     dataset = tmp_path / "sharegpt.json"
     dataset.write_text(json.dumps([

@@ -3,7 +3,11 @@ against the same vLLM runner addressed directly, at 1, 16, 64 and 256 concurrent
 `mgr bench` itself. The direct target is mgr's own vLLM runner process (its port and secret read from the
 process), so both sides see the same engine, cell by cell (mgr bench alternates mgr and the target), and
 `--repeat` runs the whole sweep again so every ratio is a median of paired runs. Every path samples alike
-(Ollama's default options, which the Ollama API applies, are sent through the OpenAI API as well).
+(Ollama's default options, which the Ollama API applies, are sent through the OpenAI API as well), and each
+endpoint does the same work through every path: chat is /api/chat and /v1/chat/completions, completion is
+/api/generate with raw and /v1/completions (without raw, /api/generate is the chat path with a templated prompt,
+which the chat rows measure; compared with a raw /v1/completions it did more work: 0.84 of direct at 64 streams
+on the H200, 2026-12-01).
 
     python3 tests/gpu/bench_ollama_api.py /tmp/smollm2-st [--clients 1,16,64,256] [--tokens 128]
         [--repeat 3] [--endpoints chat,completion]
@@ -39,7 +43,7 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--endpoints", default="chat,completion", help="chat (/api/chat) and/or completion "
-                                                                       "(/api/generate)")
+                                                                       "(/api/generate raw)")
     args = parser.parse_args()
     daemon = Daemon(ROOT, "", port=11500, MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
     daemon.start()
@@ -84,7 +88,7 @@ def main() -> int:
                         (cell["output_throughput"], cell["ttft_ms"]["p50"]))
                     cpu.setdefault((cell["server"], cell["api"], cell["concurrency"]), []).append(
                         cell["server_cpu"] if cell["server_cpu"] is not None else float("nan"))
-            path = "/api/chat" if endpoint == "chat" else "/api/generate"
+            path = "/api/chat" if endpoint == "chat" else "/api/generate raw"
             say(f"\n| {endpoint} | streams | mgr {path} tok/s | mgr OpenAI tok/s | direct vLLM tok/s | "
                 f"Ollama / direct | OpenAI / direct | Ollama TTFT +ms | OpenAI TTFT +ms |")
             say("|---|---|---|---|---|---|---|---|---|")
