@@ -177,6 +177,21 @@ STAMP = re.compile(rb'"created_at": "[^"]*"')
 PLAIN_EVENTS = [  # vLLM's layouts (compact) and mgr's runner's (json.dumps)
     ({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
       "choices": [{"index": 0, "delta": {"content": 'say "hi" \\ \u00e9\u4e2d \n'}, "finish_reason": None}]}, True),
+    # vLLM 0.25's own, as its server writes them (every field it set, None too): a chat token, with and without
+    # return_token_ids, and a completion token (chat: rendered for /api/chat, else for /api/generate)
+    ({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "smol:latest",
+      "choices": [{"index": 0, "delta": {"content": " the"}, "logprobs": None, "finish_reason": None,
+                   "token_ids": None}]}, True),
+    ({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "smol:latest",
+      "choices": [{"index": 0, "delta": {"content": " the"}, "logprobs": None, "finish_reason": None,
+                   "token_ids": [279]}]}, False),  # /api/generate: a chat answer that keeps its ids
+    ({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "smol:latest",
+      "choices": [{"index": 0, "text": " the", "logprobs": None, "finish_reason": None, "stop_reason": None,
+                   "prompt_token_ids": None, "token_ids": None}]}, False),
+    ({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "smol:latest",
+      "choices": [{"index": 0, "text": " the", "logprobs": None, "finish_reason": None, "stop_reason": None,
+                   "prompt_token_ids": None, "token_ids": [279]}]}, False),
+    # layouts of earlier vLLMs
     ({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
       "choices": [{"index": 0, "delta": {"content": " word"}, "logprobs": None, "finish_reason": None,
                    "stop_reason": None, "token_ids": [17, 4]}]}, False),
@@ -208,6 +223,8 @@ def test_the_fast_path_renders_what_the_parsed_path_renders(event: dict[str, Any
     {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}], "usage": {"prompt_tokens": 1}},
     {"choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": {"content": []}, "finish_reason": None}]},
     {"choices": [{"index": 1, "delta": {"content": "x"}, "finish_reason": None}]},
+    # the prompt's ids come on the first chunk of a completion that asked for them: parsed, to be kept
+    {"choices": [{"index": 0, "text": "x", "finish_reason": None, "prompt_token_ids": [1, 2], "token_ids": [3]}]},
     {"error": {"message": "choices", "code": 500}},
 ])
 def test_anything_else_is_parsed(event: dict[str, Any]) -> None:

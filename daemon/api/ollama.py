@@ -393,12 +393,15 @@ Part = tuple[str, str | None, list[dict[str, Any]]]  # (text, thinking, logprobs
 
 # The event nearly every token is: one choice that adds text and nothing else (vLLM's and mgr's runner's
 # layout, compact or json.dumps's; the generated token ids when they were asked for). Its text is already a
-# JSON string literal, copied into the Ollama line as it is: such an event is never parsed.
+# JSON string literal, copied into the Ollama line as it is: such an event is never parsed. vLLM 0.25 writes
+# every field its server set, None too (pydantic's exclude_unset): a chat token ends `"finish_reason":null,
+# "token_ids":null`, a completion token `"stop_reason":null,"prompt_token_ids":null,"token_ids":null`.
 _PLAIN = re.compile(
     rb'"choices"\s*:\s*\[\s*\{\s*"index"\s*:\s*0\s*,\s*(?:"delta"\s*:\s*\{\s*"content"\s*:\s*(?P<content>"(?:[^"\\]|\\.)*")'
     rb'\s*\}|"text"\s*:\s*(?P<text>"(?:[^"\\]|\\.)*"))(?:\s*,\s*"logprobs"\s*:\s*null)?\s*,\s*"finish_reason"\s*:\s*null'
     rb'(?:\s*,\s*"stop_reason"\s*:\s*null)?(?:\s*,\s*"prompt_logprobs"\s*:\s*null)?'
-    rb'(?:\s*,\s*"token_ids"\s*:\s*\[(?P<ids>[0-9,\s]*)\])?\s*\}\s*\]'
+    rb'(?:\s*,\s*"prompt_token_ids"\s*:\s*null)?'
+    rb'(?:\s*,\s*"token_ids"\s*:\s*(?:null|\[(?P<ids>[0-9,\s]*)\]))?\s*\}\s*\]'
     rb'(?:\s*,\s*"usage"\s*:\s*null)?\s*\}\s*\Z')
 
 

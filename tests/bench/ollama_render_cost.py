@@ -21,7 +21,7 @@ from typing import Any
 
 EVENT = (b'data: {"id":"chatcmpl-7","object":"chat.completion.chunk","created":1764555555,"model":"smol:latest",'
          b'"choices":[{"index":0,"delta":{"content":" word"},"logprobs":null,"finish_reason":null,'
-         b'"stop_reason":null}]}\n\n')
+         b'"token_ids":null}]}\n\n')  # vLLM 0.25's layout: every field its server set, None too
 ROLE = (b'data: {"id":"chatcmpl-7","object":"chat.completion.chunk","created":1764555555,"model":"smol:latest",'
         b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n')
 USAGE = (b'data: {"id":"chatcmpl-7","object":"chat.completion.chunk","created":1764555555,"model":"smol:latest",'

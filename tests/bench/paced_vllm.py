@@ -14,12 +14,13 @@ import asyncio
 import json
 import time
 
+# vLLM 0.25 writes every field its server set, None too (its protocol models, exclude_unset)
 EVENT = ('data: {{"id":"cmpl-{rid}","object":"text_completion","created":{created},"model":"{model}",'
          '"choices":[{{"index":0,"text":" word","logprobs":null,"finish_reason":{finish},"stop_reason":null,'
-         '"prompt_logprobs":null}}],"usage":null}}\n\n')
+         '"prompt_token_ids":null,"token_ids":null}}]}}\n\n')
 CHAT_EVENT = ('data: {{"id":"chatcmpl-{rid}","object":"chat.completion.chunk","created":{created},"model":"{model}",'
               '"choices":[{{"index":0,"delta":{{"content":" word"}},"logprobs":null,"finish_reason":{finish},'
-              '"stop_reason":null}}]}}\n\n')
+              '"token_ids":null}}]}}\n\n')
 CHAT_ROLE = ('data: {{"id":"chatcmpl-{rid}","object":"chat.completion.chunk","created":{created},"model":"{model}",'
              '"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,'
              '"finish_reason":null}}]}}\n\n')

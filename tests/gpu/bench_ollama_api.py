@@ -28,11 +28,38 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import FAILED, Daemon, check, flag, say
 
 ROOT = Path(os.environ.get("MGR_GPU_ROOT", "/tmp/mgr-gpu-bench"))
+
+
+def fast_path_takes_vllms_token_events(direct: str, served: str, secret: str) -> None:
+    """Every token event real vLLM streams (chat and completion, with and without return_token_ids) is one
+    the Ollama API renders from its bytes (api/ollama.py `_Rendering.plain`), not parsed: a layout the fast
+    path misses costs each token a JSON parse (vLLM 0.25's "token_ids":null once did, unseen here)."""
+    from mgr.daemon.api.ollama import _Rendering
+
+    lease = SimpleNamespace(spec=SimpleNamespace(name=served), load_seconds=0.0)
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to twenty."}]}),
+                       ("/v1/completions", {"prompt": "One, two, three,"})):
+        for ids in (False, True):
+            request = {"model": served, "stream": True, "max_tokens": 16, "ignore_eos": True,
+                       "stream_options": {"include_usage": True}, **body, **({"return_token_ids": True} if ids else {})}
+            with httpx.stream("POST", direct + path, json=request, timeout=60,
+                              headers={"Authorization": f"Bearer {secret}"}) as response:
+                payloads = [line[5:].strip().encode() for line in response.iter_lines() if line.startswith("data:")]
+            events = [p for p in payloads if p != b"[DONE]" and json.loads(p).get("choices")]
+            # the first (the role, or the prompt's ids) and the last (the finish reason) are parsed by design
+            middle = events[1:-1]
+            missed = [p for p in middle if _Rendering(lease, path.endswith("chat/completions") and not ids,  # type: ignore[arg-type]
+                                                      0).plain(p) is None]
+            check(bool(middle) and not missed, f"{path}{' return_token_ids' if ids else ''}: {len(middle)} token "
+                                               f"events, all on the fast path {missed[:1]!r}")
 
 
 def main() -> int:
@@ -59,6 +86,7 @@ def main() -> int:
         served = flag(argv, "--served-model-name") or "smol:latest"
         secret = runner.environ().get("VLLM_API_KEY", "")
         say(f"     direct vLLM: {direct} as {served!r} (mgr's own runner process {runner.pid})")
+        fast_path_takes_vllms_token_events(direct, served, secret)
         for endpoint in args.endpoints.split(","):
             # (server, api, concurrency) -> [(tok/s, TTFT p50 ms)] over the repeats
             cells: dict[tuple[str, str, int], list[tuple[float, float]]] = {}

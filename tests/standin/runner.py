@@ -137,14 +137,17 @@ class Handler(BaseHTTPRequestHandler):
             return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                     "model": self.options.model_name, "choices": choices, **(extra or {})}
 
+        # vLLM 0.25's layout: every field its server set, None too (no tokenizer here: no token ids)
         events: list[bytes] = []
         if self.options.reasoning:
-            events += [sse.encode(chunk([{"index": 0, "delta": {"reasoning": piece}, "finish_reason": None}]))
+            events += [sse.encode(chunk([{"index": 0, "delta": {"reasoning": piece}, "logprobs": None,
+                                          "finish_reason": None, "token_ids": None}]))
                        for piece in split_reply(self.options.reasoning)]
         for i, piece in enumerate(pieces):
             delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-            last = i == len(pieces) - 1
-            events.append(sse.encode(chunk([{"index": 0, "delta": delta, "finish_reason": "stop" if last else None}])))
+            end = {"finish_reason": "stop", "stop_reason": None} if i == len(pieces) - 1 else {"finish_reason": None}
+            events.append(sse.encode(chunk([{"index": 0, "delta": delta, "logprobs": None, **end,
+                                             "token_ids": None}])))
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append(sse.encode(chunk([], {"usage": usage})))
         events.append(sse.DONE)
