@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import psutil
 import pytest
 import uvicorn
@@ -332,6 +333,19 @@ def test_the_daemon_starts_vllm_with_its_placement_and_proxies_streams(daemon_ur
     assert "Paris" in sse and sse.rstrip().endswith("data: [DONE]")
     ps = httpx.get(daemon_url + "/api/ps").json()["models"]
     assert ps[0]["backend"] == "vllm" and ps[0]["gpus"] == [0] and ps[0]["state"] == "ready"
+
+
+def test_the_ollama_client_streams_vllm_025_token_events(daemon_url: str) -> None:
+    """The real ollama client through /api/chat and /api/generate on the vLLM stand-in, which writes vLLM 0.25's
+    chunk layout (token_ids: null and the like): the byte-level fast path renders those tokens, and the
+    client reads them as Ollama's own."""
+    client = ollama.Client(host=daemon_url)
+    parts = list(client.chat(model="smol", messages=[{"role": "user", "content": "Capital of France?"}], stream=True))
+    assert "".join(p.message.content or "" for p in parts) == "The capital of France is Paris."
+    assert len(parts) > 2 and parts[-1].done and parts[-1].done_reason == "stop" and parts[-1].eval_count
+    generated = list(client.generate(model="smol", prompt="Capital of France?", stream=True))
+    assert "".join(g.response for g in generated) == "The capital of France is Paris."
+    assert generated[-1].done and not any(g.done for g in generated[:-1])
 
 
 def test_sleep_and_wake_through_the_daemon(daemon_url: str) -> None:
