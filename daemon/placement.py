@@ -104,10 +104,7 @@ def place(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ...]
             chosen.append(gpu)
             if _split_holds(chosen, need):
                 return Placement(tuple(sorted(g.index for g in chosen)))
-        if room_coming and _split_holds(candidates, need, total=True):
-            return None  # fits once idle models leave
-        offload = _layers_that_fit(layers, need, candidates)
-        return Placement(tuple(sorted(g.index for g in candidates)), gpu_layers=offload) if offload > 0 else CPU
+        return _gguf_short_of_room(need, candidates, layers, room_coming)
     for n in (2, 4, 8):
         if n > len(candidates):
             break
@@ -166,10 +163,7 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
     if model_format == "gguf":
         if _split_holds(chosen, need):
             return Placement(indices)
-        if room_coming and _split_holds(chosen, need, total=True):
-            return None  # fits once idle models leave
-        offload = _layers_that_fit(layers, need, chosen)
-        return Placement(indices, gpu_layers=offload) if offload > 0 else CPU
+        return _gguf_short_of_room(need, chosen, layers, room_coming)
     share, smallest = need / len(chosen), min(g.total for g in chosen)
     if all(g.free >= share for g in chosen):
         return Placement(indices, memory_fraction=min(share / smallest, MAX_FRACTION))
@@ -180,6 +174,15 @@ def _pinned(model_format: str, need: int, gpus: list[Gpu], pinned: tuple[int, ..
                      f"leave only {_gib(min(g.free for g in chosen))} free on one of them")
     raise TooBig(f"the model needs about {_gib(need)} of GPU memory; the GPUs it is pinned to "
                  f"({len(chosen)} x {_gib(smallest)}) cannot hold it")
+
+
+def _gguf_short_of_room(need: int, gpus: list[Gpu], layers: int | None, room_coming: bool) -> Placement | None:
+    """A GGUF model the free memory of `gpus` cannot hold whole: None (wait) when it would fit once idle models
+    leave, else as many of its layers as fit now on them, the rest on the CPU."""
+    if room_coming and _split_holds(gpus, need, total=True):
+        return None  # fits once idle models leave
+    offload = _layers_that_fit(layers, need, gpus)
+    return Placement(tuple(sorted(g.index for g in gpus)), gpu_layers=offload) if offload > 0 else CPU
 
 
 def _split_holds(gpus: list[Gpu], need: int, total: bool = False) -> bool:

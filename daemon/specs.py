@@ -57,14 +57,15 @@ class SpecBook:
         overrides = self.settings.for_model(manifest.name)
         parallel = overrides.num_parallel or self.settings.num_parallel or DEFAULT_PARALLEL[manifest.format]
         # the request's, the model's config table's, its Modelfile's (PARAMETER num_ctx), the daemon's
+        gpu_memory = self.gpu_memory()
         ctx = num_ctx or overrides.num_ctx or int(manifest.parameters.get("num_ctx") or 0) or self.settings.num_ctx \
             or default_context(
-            self.gpu_memory(), manifest.context_length, manifest.format, manifest.size, manifest.model_info, parallel)
+            gpu_memory, manifest.context_length, manifest.format, manifest.size, manifest.model_info, parallel)
         if manifest.context_length:
             ctx = min(ctx, manifest.context_length)
         arch = manifest.model_info.get("general.architecture")
         need = self._learned.get((manifest.digest, ctx, parallel)) or estimate(
-            manifest.format, manifest.size, manifest.model_info, ctx, parallel, on_gpu=self.gpu_memory() > 0)
+            manifest.format, manifest.size, manifest.model_info, ctx, parallel, on_gpu=gpu_memory > 0)
         model_path = self.store.model_path(manifest)
         capabilities = manifest.capabilities
         parsers = None

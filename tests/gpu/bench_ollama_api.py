@@ -56,8 +56,9 @@ def fast_path_takes_vllms_token_events(direct: str, served: str, secret: str) ->
             events = [p for p in payloads if p != b"[DONE]" and json.loads(p).get("choices")]
             # the first (the role, or the prompt's ids) and the last (the finish reason) are parsed by design
             middle = events[1:-1]
-            missed = [p for p in middle if _Rendering(lease, path.endswith("chat/completions") and not ids,  # type: ignore[arg-type]
-                                                      0).plain(p) is None]
+            # as rendered for /api/chat (a chat without ids), else for /api/generate (it keeps ids for `context`)
+            rendering = _Rendering(lease, path == "/v1/chat/completions" and not ids, 0)  # type: ignore[arg-type]
+            missed = [p for p in middle if rendering.plain(p) is None]
             check(bool(middle) and not missed, f"{path}{' return_token_ids' if ids else ''}: {len(middle)} token "
                                                f"events, all on the fast path {missed[:1]!r}")
 
