@@ -10,7 +10,7 @@ which the chat rows measure; compared with a raw /v1/completions it did more wor
 on the H200, 2026-12-01).
 
     python3 tests/gpu/bench_ollama_api.py /tmp/smollm2-st [--clients 1,16,64,256] [--tokens 128]
-        [--repeat 3] [--endpoints chat,completion]
+        [--repeat 3] [--per-client 4] [--endpoints chat,completion]
 
 Prints, per endpoint and concurrency, tokens/s and TTFT p50 of mgr's Ollama API, mgr's OpenAI relay and
 direct vLLM, and the ratios; under each row, how busy the server process itself was (mgr's daemon, vLLM's API
@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--per-client", type=int, default=4, help="requests per stream in a cell")
     parser.add_argument("--endpoints", default="chat,completion", help="chat (/api/chat) and/or completion "
                                                                        "(/api/generate raw)")
     args = parser.parse_args()
@@ -93,18 +94,23 @@ def main() -> int:
             cells: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
             # the same -> the server process's own CPU over the cell, of one core (mgr's daemon; vLLM's API server)
             cpu: dict[tuple[str, str, int], list[float]] = {}
-            for repeat in range(args.repeat):
+            for repeat, streams in ((r, c) for r in range(args.repeat) for c in args.clients.split(",")):
+                # one mgr bench run per concurrency, each cell --per-client requests per stream (longer cells
+                # average out the engine's own swings: direct vLLM alone moved 12.9k-14.9k tokens/s between
+                # 2.5 s cells at 64 streams on the H200)
                 report = Path(tempfile.mkdtemp()) / "bench.json"
+                prompts = max(args.per_client * int(streams), 16)
                 run = daemon.mgr("bench", "smol", "--api", "ollama,openai", "--endpoint", endpoint,
-                                 "--concurrency", args.clients, "--output-len", str(args.tokens),
-                                 "--input-len", str(args.input_len), "--target", f"direct={direct}#{served}",
+                                 "--concurrency", streams, "--num-prompts", str(prompts),
+                                 "--output-len", str(args.tokens), "--input-len", str(args.input_len),
+                                 "--target", f"direct={direct}#{served}",
                                  "--target-key", secret, "--seed", str(repeat), "--json", str(report),
                                  # the same sampling through every path: Ollama's defaults, which the Ollama
                                  # API applies, sent to the OpenAI relay and to vLLM directly too
                                  "--temperature", "0.8", "-o", "top_k=40", "-o", "top_p=0.9",
                                  "-o", "repeat_penalty=1.1")
                 say(run.stderr.rstrip())
-                if not check(run.returncode == 0, f"mgr bench --endpoint {endpoint} (run {repeat + 1})"):
+                if not check(run.returncode == 0, f"mgr bench --endpoint {endpoint} c={streams} (run {repeat + 1})"):
                     continue
                 say(run.stdout.rstrip())
                 for cell in json.loads(report.read_text())["cells"]:
