@@ -113,6 +113,9 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     bench.set_defaults(handler=cmd_bench)
 
 
+WARM_UP_TOKENS = 16  # each answer of the warm-up round at the highest concurrency
+
+
 @dataclass(frozen=True)
 class Server:
     name: str
@@ -304,6 +307,21 @@ def _bench(args: argparse.Namespace, client: Client) -> int:
                         skipped.add((server.name, model, api))
                         continue
                     raise loadgen.BenchError(f"{server.name}: the warm-up request to {name} failed: {error}")
+                # then one round at the sweep's highest concurrency, sampled as the timed cells are: an engine
+                # compiles kernels the first time it sees a batch that size (vLLM stalled ~8 s in the first
+                # 16- or 64-stream cell on the H200, whichever path went first), and the servers open their
+                # connections; none of that belongs to the first cell measured
+                streams = max(args.concurrency)
+                if streams > 1:
+                    print(f"warming up {server.name} {name} ({api}) at {streams} streams...", file=sys.stderr,
+                          flush=True)
+                    bodies = [loadgen.request_body(api, args.endpoint, name, prompt, WARM_UP_TOKENS, not args.eos,
+                                                   sampling)
+                              for prompt in loadgen.random_prompts(streams, args.input_len, args.seed - 1)]
+                    warm = loadgen.run_cell(endpoint_of(server, api), bodies, streams, processes=args.processes)
+                    if warm.errors:
+                        print(f"  {server.name}: {warm.errors} of the {streams} warm-up requests failed: "
+                              f"{'; '.join(warm.first_errors)}", file=sys.stderr)
 
     cells = 0
     for concurrency in args.concurrency:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from conftest import Daemon
@@ -51,14 +52,18 @@ def two_slots(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> Iter
 def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemon, second: Daemon,
                                                                   tmp_path: Path) -> None:
     report, svg, page = tmp_path / "bench.json", tmp_path / "bench.svg", tmp_path / "bench.html"
+    answered = requests_answered(two_slots)
     run = two_slots.cli("bench", "smollm2", "--concurrency", "1,2", "--num-prompts", "2", "--input-len", "16",
                         "--output-len", "12", "--api", "ollama,openai", "--target", f"second={second.base_url}",
                         "--json", str(report), "--plot", str(svg), timeout=600)
     assert run.returncode == 0, run.stderr
     # the live lines name every cell; the table has vLLM's fields
     for needle in ("warming up mgr smollm2 (ollama)", "warming up second other:latest (openai)",
-                   "mgr smollm2 ollama c=1:", "second other:latest openai c=2:"):
+                   "warming up mgr smollm2 (ollama) at 2 streams", "warming up second other:latest (openai) at 2 "
+                   "streams", "mgr smollm2 ollama c=1:", "second other:latest openai c=2:"):
         assert needle in run.stderr, run.stderr
+    # per API: the warm-up request, the warm-up round at the highest concurrency (2), then 2 cells of 2
+    assert requests_answered(two_slots) - answered == 2 * (1 + 2 + 2 * 2)
     header = run.stdout.splitlines()[0].split()
     for column in ("SERVER", "MODEL", "API", "CONC", "REQ/S", "TTFT", "ITL", "P50", "P90", "P99", "ERR"):
         assert column in header, run.stdout
@@ -96,6 +101,14 @@ def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemo
     assert again.returncode == 0, again.stderr
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<table>" in html and "<script" not in html
+
+
+def requests_answered(daemon: Daemon) -> float:
+    """Generation requests the daemon answered with 200 (from its /metrics)."""
+    text = httpx.get(daemon.base_url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mgr_requests_total{") and 'status="200"' in line
+               and re.search(r'endpoint="/(api/chat|v1/chat/completions)"', line))
 
 
 def test_the_servers_cpu_time_is_the_daemon_process_own(two_slots: Daemon) -> None:

@@ -100,7 +100,9 @@ def main() -> int:
                 # 2.5 s cells at 64 streams on the H200)
                 report = Path(tempfile.mkdtemp()) / "bench.json"
                 prompts = max(args.per_client * int(streams), 16)
-                run = daemon.mgr("bench", "smol", "--api", "ollama,openai", "--endpoint", endpoint,
+                # the APIs' order alternates between repeats, so neither is always the cell furthest from direct's
+                apis = "ollama,openai" if repeat % 2 == 0 else "openai,ollama"
+                run = daemon.mgr("bench", "smol", "--api", apis, "--endpoint", endpoint,
                                  "--concurrency", streams, "--num-prompts", str(prompts),
                                  "--output-len", str(args.tokens), "--input-len", str(args.input_len),
                                  "--target", f"direct={direct}#{served}",
