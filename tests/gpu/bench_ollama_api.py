@@ -106,7 +106,10 @@ def main() -> int:
                                  "--concurrency", streams, "--num-prompts", str(prompts),
                                  "--output-len", str(args.tokens), "--input-len", str(args.input_len),
                                  "--target", f"direct={direct}#{served}",
-                                 "--target-key", secret, "--seed", str(repeat), "--json", str(report),
+                                 # a seed of each run's own: the same seed draws the same first prompts, which
+                                 # vLLM's prefix cache would serve the later run's first cell from
+                                 "--target-key", secret, "--seed", str(1000 * repeat + int(streams)),
+                                 "--json", str(report),
                                  # the same sampling through every path: Ollama's defaults, which the Ollama
                                  # API applies, sent to the OpenAI relay and to vLLM directly too
                                  "--temperature", "0.8", "-o", "top_k=40", "-o", "top_p=0.9",
