@@ -15,10 +15,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 from conftest import Daemon
+from test_metrics import scrape, value
 
 from mgr.cli.bench import server_cpu_seconds
 
@@ -104,11 +104,10 @@ def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemo
 
 
 def requests_answered(daemon: Daemon) -> float:
-    """Generation requests the daemon answered with 200 (from its /metrics)."""
-    text = httpx.get(daemon.base_url + "/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("mgr_requests_total{") and 'status="200"' in line
-               and re.search(r'endpoint="/(api/chat|v1/chat/completions)"', line))
+    """Chat requests the daemon answered with 200 (from its /metrics)."""
+    samples = scrape(daemon)
+    return sum(value(samples, "mgr_requests_total", model="smollm2:latest", endpoint=endpoint, status="200")
+               for endpoint in ("/api/chat", "/v1/chat/completions"))
 
 
 def test_the_servers_cpu_time_is_the_daemon_process_own(two_slots: Daemon) -> None:
