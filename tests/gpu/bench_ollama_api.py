@@ -10,7 +10,7 @@ which the chat rows measure; compared with a raw /v1/completions it did more wor
 on the H200, 2026-12-01).
 
     python3 tests/gpu/bench_ollama_api.py /tmp/smollm2-st [--clients 1,16,64,256] [--tokens 128]
-        [--repeat 3] [--per-client 4] [--endpoints chat,completion]
+        [--repeat 3] [--per-client 4] [--endpoints chat,completion] [--again]
 
 Prints, per endpoint and concurrency, tokens/s and TTFT p50 of mgr's Ollama API, mgr's OpenAI relay and
 direct vLLM, and the ratios; under each row, how busy the server process itself was (mgr's daemon, vLLM's API
@@ -73,6 +73,9 @@ def main() -> int:
     parser.add_argument("--per-client", type=int, default=4, help="requests per stream in a cell")
     parser.add_argument("--endpoints", default="chat,completion", help="chat (/api/chat) and/or completion "
                                                                        "(/api/generate raw)")
+    parser.add_argument("--again", action="store_true",
+                        help="measure direct vLLM a second time in every run (an A/A pair: the noise floor the "
+                             "ratios are judged against)")
     args = parser.parse_args()
     daemon = Daemon(ROOT, "", port=11500, MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
     daemon.start()
@@ -106,6 +109,7 @@ def main() -> int:
                                  "--concurrency", streams, "--num-prompts", str(prompts),
                                  "--output-len", str(args.tokens), "--input-len", str(args.input_len),
                                  "--target", f"direct={direct}#{served}",
+                                 *(("--target", f"again={direct}#{served}") if args.again else ()),
                                  # a seed of each run's own: the same seed draws the same first prompts, which
                                  # vLLM's prefix cache would serve the later run's first cell from
                                  "--target-key", secret, "--seed", str(1000 * repeat + int(streams)),
@@ -148,6 +152,14 @@ def main() -> int:
                     f"{statistics.median(c[0] for c in openai):,.0f} | {statistics.median(c[0] for c in base):,.0f} | "
                     f"{ratios['ollama']:.3f} | {ratios['openai']:.3f} | {added['ollama']:+.1f} | "
                     f"{added['openai']:+.1f} |")
+                again = cells.get(("again", "openai", clients))
+                if again:
+                    # direct vLLM against itself, paired alike: what a ratio of 1.0 looks like on this machine
+                    pairs = range(min(len(again), len(base)))
+                    say(f"|   | direct again | | | {statistics.median(c[0] for c in again):,.0f} | "
+                        f"{statistics.median(again[i][0] / base[i][0] for i in pairs):.3f} (again / direct) | "
+                        f"per run: {' '.join(f'{again[i][0] / base[i][0]:.3f}' for i in pairs)} | "
+                        f"{statistics.median(again[i][1] - base[i][1] for i in pairs):+.1f} | |")
                 say(f"|   | server CPU | {statistics.median(cpu[('mgr', 'ollama', clients)]):.0%} | "
                     f"{statistics.median(cpu[('mgr', 'openai', clients)]):.0%} | "
                     f"{statistics.median(cpu[('direct', 'openai', clients)]):.0%} | | | | |")
