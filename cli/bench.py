@@ -104,6 +104,10 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     bench.add_argument("--target-key", metavar="KEY", default="",
                        help="an API key the --target servers want (sent as Authorization: Bearer KEY)")
     bench.add_argument("--no-mgr", action="store_true", help="measure only the --target servers")
+    bench.add_argument("--together", action="store_true",
+                       help="run the cells of a concurrency (every server and API) at the same time, each with its "
+                            "own streams: for paths to one engine (mgr and its runner's own port), whose swings "
+                            "then fall on every path alike")
     bench.add_argument("--processes", type=int, default=0, metavar="N",
                        help="load-generator processes (default: one per 16 streams, at most half the cores)")
     bench.add_argument("--seed", type=int, default=0, help="for the prompts and the arrivals (default 0)")
@@ -327,6 +331,7 @@ def _bench(args: argparse.Namespace, client: Client) -> int:
     for concurrency in args.concurrency:
         count = args.num_prompts or max(4 * concurrency, 16)
         for model in args.models:
+            planned: list[tuple[Server, str, str, Endpoint, list[bytes]]] = []  # server, API, model name, ...
             for api in args.api:
                 for server in servers:  # mgr and the targets alternate, cell by cell
                     if (server.name, model, api) in skipped:
@@ -345,32 +350,44 @@ def _bench(args: argparse.Namespace, client: Client) -> int:
                     name = model_at(server, model, listed)
                     bodies = [loadgen.request_body(api, args.endpoint, name, prompt, n, not args.eos, sampling)
                               for prompt, n in zip(prompts, lengths, strict=True)]
-                    label = f"{server.name} {name} {api} c={concurrency}"
-                    endpoint = endpoint_of(server, api)
-                    cpu_before = server_cpu_seconds(server.url, endpoint.headers)
-                    cell = loadgen.run_cell(endpoint, bodies, concurrency, args.request_rate,
-                                            args.processes, args.seed, progress.update(label, count))
-                    cpu_after = server_cpu_seconds(server.url, endpoint.headers)
-                    progress.done(label, cell)
+                    planned.append((server, api, name, endpoint_of(server, api), bodies))
+            batches = [planned] if args.together else [[cell] for cell in planned]
+            for batch in batches:
+                labels = [f"{server.name} {name} {api} c={concurrency}" for server, api, name, _, _ in batch]
+                label = labels[0] if len(batch) == 1 else f"{len(batch)} cells together c={concurrency}"
+                # each server's CPU once over the batch (cells of one server together share it)
+                urls = {server.url: endpoint.headers for server, _, _, endpoint, _ in batch}
+                cpu_before = {url: server_cpu_seconds(url, headers) for url, headers in urls.items()}
+                results = loadgen.run_cells([loadgen.Load(endpoint, bodies, concurrency)
+                                             for _, _, _, endpoint, bodies in batch], args.request_rate,
+                                            args.processes, args.seed, progress.update(label, count * len(batch)))
+                cpu_after = {url: server_cpu_seconds(url, headers) for url, headers in urls.items()}
+                window = max(cell.duration for cell in results)
+                for (server, api, name, _, _), cell, cell_label in zip(batch, results, labels, strict=True):
+                    progress.done(cell_label, cell)
                     # the server process's CPU time over the cell, a share of one core (runners and engine
                     # processes apart): near 100 %, that one process is what limits the cell
-                    server_cpu = None if cpu_before is None or cpu_after is None else \
-                        (cpu_after - cpu_before) / cell.duration
+                    before, after = cpu_before[server.url], cpu_after[server.url]
+                    server_cpu = None if before is None or after is None else (after - before) / window
                     rows.append({"server": server.name, "url": server.url, "model": name, "api": api,
-                                 "endpoint": args.endpoint, **cell.as_dict(), "server_cpu": server_cpu})
+                                 "endpoint": args.endpoint, **cell.as_dict(), "server_cpu": server_cpu,
+                                 "together": len(batch) > 1})
 
     from .format import table
 
     print(table(HEADERS, [table_row(row) for row in rows]))
     print("TTFT and ITL in ms; tokens/s over each cell's whole duration; SRV CPU: the server process's own CPU "
           "time over the cell, of one core (from its /metrics; its engine processes apart)")
+    if args.together:
+        print("--together: the cells of a concurrency ran at the same time, each with its own streams (what is "
+              "behind them saw the streams summed); SRV CPU over their common run, shared by a server's cells")
     if any(row["saturated"] for row in rows):
         print("Note: the load generator saturated in some cells (see above); their numbers are the client's")
     if args.json_file:
         report = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": args.models, "apis": args.api,
                   "endpoint": args.endpoint, "input_len": None if args.dataset else args.input_len,
                   "output_len": output_len if not args.dataset else args.output_len, "dataset": args.dataset,
-                  "ignore_eos": not args.eos, "sampling": sampling, "cells": rows}
+                  "ignore_eos": not args.eos, "sampling": sampling, "together": args.together, "cells": rows}
         with open(args.json_file, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=1)
     if args.plot:

@@ -8,6 +8,8 @@ installed) with a minimal HTTP/1.1 reader over keep-alive connections it opens b
 of them start at one instant agreed through CLOCK_MONOTONIC, which every process on the machine shares. Each
 process measures its own CPU time and how late its loop wakes: a process busy >= 85 % of the cell, or a loop
 late by > 5 ms at the median, means the numbers are the client's, and the cell says so (`saturated`).
+Several cells can run at once (run_cells: `mgr bench --together`), each from its own processes, all starting
+at the same instant.
 
 A cell is `requests` requests at most `concurrency` at a time (vLLM's --max-concurrency): closed loop, or
 arriving as a Poisson process of `rate` requests/s (vLLM's --request-rate). Time to first token counts from
@@ -312,6 +314,7 @@ class _Plan:
     requests: list[tuple[float, bytes]]  # (arrival offset in seconds, or -1 for closed loop; whole request)
     concurrency: int
     slot: int  # this worker's place in the progress array
+    load: int  # which of run_cells' loads it sends
 
 
 @dataclass
@@ -320,6 +323,7 @@ class _WorkerResult:
     cpu_seconds: float
     lag_p50_ms: float
     started: float
+    load: int
 
 
 async def _worker(plan: _Plan, ready: Any, start_at: Any, progress: Any) -> _WorkerResult:
@@ -403,7 +407,7 @@ async def _worker(plan: _Plan, ready: Any, start_at: Any, progress: Any) -> _Wor
         if left is not None:
             left[1].close()
     lags.sort()
-    return _WorkerResult(outcomes, cpu, lags[len(lags) // 2] * 1000 if lags else 0.0, started)
+    return _WorkerResult(outcomes, cpu, lags[len(lags) // 2] * 1000 if lags else 0.0, started, plan.load)
 
 
 def _in_process(plan: _Plan, ready: Any, start_at: Any, progress: Any, results: Any) -> None:
@@ -460,6 +464,7 @@ class CellResult:
     client_lag_ms: float  # the worst of the client loops' median lateness
     saturated: bool
     first_errors: list[str]
+    started: float  # the start instant, seconds since the epoch (the cells run_cells ran together share it)
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -468,40 +473,63 @@ class CellResult:
         return values
 
 
+@dataclass(frozen=True)
+class Load:
+    """One cell's requests: every body sent to `endpoint`, at most `concurrency` at a time."""
+
+    endpoint: Endpoint
+    bodies: Sequence[bytes]
+    concurrency: int
+
+
 def run_cell(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, rate: float = math.inf,
              processes: int = 0, seed: int = 0,
              on_progress: Callable[[int, int, float], None] | None = None) -> CellResult:
     """Send every body in `bodies` (one request each), at most `concurrency` at a time, from `processes`
     worker processes (0: one per 16 streams, at most half the cores, at least one)."""
-    requests = len(bodies)
-    concurrency = max(1, min(concurrency, requests))
-    if processes <= 0:
-        processes = max(1, min(math.ceil(concurrency / 16), (os.cpu_count() or 2) // 2))
-    processes = max(1, min(processes, concurrency))
-    offsets = [-1.0] * requests
-    if not math.isinf(rate):
-        rng = random.Random(seed)
-        at = 0.0
-        for i in range(requests):
-            offsets[i] = at
-            at += rng.expovariate(rate)
-    plans = []
-    for p in range(processes):
-        mine = range(p, requests, processes)
-        share = concurrency // processes + (1 if p < concurrency % processes else 0)
-        plans.append(_Plan(endpoint, [(offsets[i], endpoint.request_head(len(bodies[i])) + bodies[i]) for i in mine],
-                           max(1, share), p))
+    return run_cells([Load(endpoint, bodies, concurrency)], rate, processes, seed, on_progress)[0]
+
+
+def run_cells(loads: Sequence[Load], rate: float = math.inf, processes: int = 0, seed: int = 0,
+              on_progress: Callable[[int, int, float], None] | None = None) -> list[CellResult]:
+    """Several cells at the same time, one per load, each from its own `processes` worker processes (0: as
+    run_cell picks them) and all starting at one instant: a CellResult per load, in order. Two paths to one
+    engine measured this way see the engine's same moments (its swings fall on both alike), where cells one
+    after the other see different ones. Arrivals at a `rate` are drawn from one seed: alike in every load."""
+    plans: list[_Plan] = []
+    counts: list[int] = []
+    for number, load in enumerate(loads):
+        requests = len(load.bodies)
+        concurrency = max(1, min(load.concurrency, requests))
+        mine_processes = processes if processes > 0 else \
+            max(1, min(math.ceil(concurrency / 16), (os.cpu_count() or 2) // 2))
+        mine_processes = max(1, min(mine_processes, concurrency))
+        counts.append(mine_processes)
+        offsets = [-1.0] * requests
+        if not math.isinf(rate):
+            rng = random.Random(seed)
+            at = 0.0
+            for i in range(requests):
+                offsets[i] = at
+                at += rng.expovariate(rate)
+        for p in range(mine_processes):
+            share = concurrency // mine_processes + (1 if p < concurrency % mine_processes else 0)
+            plans.append(_Plan(load.endpoint, [(offsets[i], load.endpoint.request_head(len(load.bodies[i]))
+                                                + load.bodies[i]) for i in range(p, requests, mine_processes)],
+                               max(1, share), len(plans), number))
     ready, results = FORK.Queue(), FORK.Queue()
     start_at = FORK.Value("d", 0.0)
-    progress = FORK.Array("q", 2 * processes, lock=False)
+    progress = FORK.Array("q", 2 * len(plans), lock=False)
     workers = [FORK.Process(target=_in_process, args=(plan, ready, start_at, progress, results), daemon=True)
                for plan in plans]
     for worker in workers:
         worker.start()
+    started_wall = 0.0
     try:
         for _ in workers:
             ready.get(timeout=120)
-        start_at.value = time.monotonic() + 0.1
+        monotonic, wall = time.monotonic(), time.time()
+        start_at.value, started_wall = monotonic + 0.1, wall + 0.1
         parts: list[_WorkerResult] = []
         while len(parts) < len(workers):
             try:
@@ -514,15 +542,23 @@ def run_cell(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, rate
                     raise BenchError(f"a load generator process failed: {part}")
                 parts.append(part)
             if on_progress is not None:
-                done = sum(progress[2 * p] for p in range(processes))
-                tokens = sum(progress[2 * p + 1] for p in range(processes))
+                done = sum(progress[2 * p] for p in range(len(plans)))
+                tokens = sum(progress[2 * p + 1] for p in range(len(plans)))
                 on_progress(done, tokens, max(0.0, time.monotonic() - start_at.value))
     finally:
         for worker in workers:
             worker.join(timeout=5)
             if worker.is_alive():
                 worker.kill()
-    started = start_at.value
+    return [_cell([part for part in parts if part.load == number], start_at.value, started_wall, len(load.bodies),
+                  max(1, min(load.concurrency, len(load.bodies))), rate, counts[number])
+            for number, load in enumerate(loads)]
+
+
+def _cell(parts: list[_WorkerResult], started: float, started_wall: float, requests: int, concurrency: int,
+          rate: float, processes: int) -> CellResult:
+    """One load's numbers from its workers' outcomes, over its own duration (the start instant to its last
+    answer)."""
     outcomes = [o for part in parts for o in part.outcomes]
     good = [o for o in outcomes if not o.error]
     bad = [o for o in outcomes if o.error]
@@ -542,4 +578,4 @@ def run_cell(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, rate
         e2el_ms=_summary([o.ended - o.sent for o in good]),
         client_processes=processes, client_cpu=client_cpu, client_lag_ms=lag,
         saturated=client_cpu >= SATURATED_CPU or lag > SATURATED_LAG_MS,
-        first_errors=sorted({o.error for o in bad})[:3])
+        first_errors=sorted({o.error for o in bad})[:3], started=started_wall)

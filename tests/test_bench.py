@@ -125,6 +125,47 @@ def test_the_servers_cpu_time_is_the_daemon_process_own(two_slots: Daemon) -> No
     assert server_cpu_seconds("http://127.0.0.1:9", ()) is None  # nothing there
 
 
+def queue_waits(daemon: Daemon) -> float:
+    """Requests that waited for a runner slot (from the daemon's /metrics)."""
+    return value(scrape(daemon), "mgr_queue_wait_seconds_count", model="smollm2:latest")
+
+
+def test_together_runs_a_concurrencys_cells_at_the_same_time(two_slots: Daemon, second: Daemon,
+                                                              tmp_path: Path) -> None:
+    """--together: both APIs' cells and the target's start at one instant. The daemon has 2 slots: its two cells
+    of 2 streams at once send it 4 requests at the start instant, and 2 of them wait for a slot."""
+    args = ("bench", "smollm2", "-c", "2", "-n", "4", "--input-len", "8", "--output-len", "8",
+            "--api", "ollama,openai", "--target", f"second={second.base_url}")
+    apart = two_slots.cli(*args, "--json", str(tmp_path / "apart.json"), timeout=300)
+    assert apart.returncode == 0, apart.stderr
+    cells = json.loads((tmp_path / "apart.json").read_text())["cells"]
+    # one after the other: each cell starts after the one before it ended
+    for before, after in zip(cells, cells[1:], strict=False):
+        assert after["started"] >= before["started"] + before["duration"], (before, after)
+
+    report = tmp_path / "together.json"
+    waits = queue_waits(two_slots)
+    run = two_slots.cli(*args, "--together", "--json", str(report), timeout=300)
+    assert run.returncode == 0, run.stderr
+    for needle in ("mgr smollm2 ollama c=2:", "second other:latest ollama c=2:", "mgr smollm2 openai c=2:",
+                   "second other:latest openai c=2:"):  # each cell's own line still
+        assert needle in run.stderr, run.stderr
+    assert "--together: the cells of a concurrency ran at the same time" in run.stdout, run.stdout
+    assert queue_waits(two_slots) - waits >= 2  # the daemon saw its two cells' 4 streams at once
+    written = json.loads(report.read_text())
+    assert written["together"] is True
+    cells = written["cells"]
+    assert [(c["server"], c["api"]) for c in cells] == [
+        (server, api) for api in ("ollama", "openai") for server in ("mgr", "second")]
+    assert len({c["started"] for c in cells}) == 1, cells
+    for cell in cells:
+        assert cell["together"] is True and cell["errors"] == 0 and cell["completed"] == 4, cell
+        assert cell["total_output_tokens"] == 4 * 8 and cell["concurrency"] == 2
+        assert cell["server_cpu"] is not None
+    # the daemon's CPU over the common run is one number, shared by its cells
+    assert cells[0]["server_cpu"] == cells[2]["server_cpu"]
+
+
 def test_a_completion_is_the_same_raw_prompt_through_both_apis(two_slots: Daemon, tmp_path: Path) -> None:
     """--endpoint completion sends /api/generate raw, as /v1/completions takes its prompt: both reach the engine
     as the same tokens (without raw, Ollama's API would wrap the prompt in the chat template, more work)."""

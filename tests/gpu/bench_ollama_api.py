@@ -10,7 +10,12 @@ which the chat rows measure; compared with a raw /v1/completions it did more wor
 on the H200, 2026-12-01).
 
     python3 tests/gpu/bench_ollama_api.py /tmp/smollm2-st [--clients 1,16,64,256] [--tokens 128]
-        [--repeat 3] [--per-client 4] [--endpoints chat,completion] [--again]
+        [--repeat 3] [--per-client 4] [--endpoints chat,completion] [--again] [--together]
+
+With `--together` a run's cells go at one instant (`mgr bench --together`), each with the run's streams, so the
+engine's swings fall on every path alike (one cell after another, direct vLLM against itself scattered
+0.76-1.23 at 64 streams on the H200: `--again` measures direct twice in every run, an A/A pair, and prints
+again / direct beside the ratios).
 
 Prints, per endpoint and concurrency, tokens/s and TTFT p50 of mgr's Ollama API, mgr's OpenAI relay and
 direct vLLM, and the ratios; under each row, how busy the server process itself was (mgr's daemon, vLLM's API
@@ -73,11 +78,17 @@ def main() -> int:
     parser.add_argument("--per-client", type=int, default=4, help="requests per stream in a cell")
     parser.add_argument("--endpoints", default="chat,completion", help="chat (/api/chat) and/or completion "
                                                                        "(/api/generate raw)")
+    parser.add_argument("--together", action="store_true",
+                        help="mgr bench --together: a run's cells (mgr's two APIs, direct vLLM) at the same time, "
+                             "each with the run's streams, so the engine's swings fall on every path alike (one "
+                             "after the other, direct vLLM against itself scattered 0.76-1.23 on the H200)")
     parser.add_argument("--again", action="store_true",
                         help="measure direct vLLM a second time in every run (an A/A pair: the noise floor the "
                              "ratios are judged against)")
     args = parser.parse_args()
-    daemon = Daemon(ROOT, "", port=11500, MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
+    # room in vLLM (--max-num-seqs) for every stream at once: --together sends each path's streams together
+    parallel = max(int(c) for c in args.clients.split(",")) * (3 + args.again if args.together else 1)
+    daemon = Daemon(ROOT, "", port=11500, MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL=str(max(512, parallel)))
     daemon.start()
     try:
         made = daemon.mgr("create", "smol", "--from", args.model)
@@ -110,6 +121,7 @@ def main() -> int:
                                  "--output-len", str(args.tokens), "--input-len", str(args.input_len),
                                  "--target", f"direct={direct}#{served}",
                                  *(("--target", f"again={direct}#{served}") if args.again else ()),
+                                 *(("--together",) if args.together else ()),
                                  # a seed of each run's own: the same seed draws the same first prompts, which
                                  # vLLM's prefix cache would serve the later run's first cell from
                                  "--target-key", secret, "--seed", str(1000 * repeat + int(streams)),
