@@ -105,9 +105,9 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
                        help="an API key the --target servers want (sent as Authorization: Bearer KEY)")
     bench.add_argument("--no-mgr", action="store_true", help="measure only the --target servers")
     bench.add_argument("--together", action="store_true",
-                       help="run the cells of a concurrency (every server and API) at the same time, each with its "
-                            "own streams: for paths to one engine (mgr and its runner's own port), whose swings "
-                            "then fall on every path alike")
+                       help="run the cells of a concurrency (every server and API) as one: their requests "
+                            "interleaved through the same streams, so paths to one engine (mgr and its runner's "
+                            "own port) meet its swings and its batches alike")
     bench.add_argument("--processes", type=int, default=0, metavar="N",
                        help="load-generator processes (default: one per 16 streams, at most half the cores)")
     bench.add_argument("--seed", type=int, default=0, help="for the prompts and the arrivals (default 0)")
@@ -199,7 +199,7 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 HEADERS = ["SERVER", "MODEL", "API", "CONC", "REQS", "ERR", "REQ/S", "OUT TOK/S", "TOTAL TOK/S",
-           "TTFT MEAN", "P50", "P90", "P99", "ITL MEAN", "P50", "P90", "P99", "SRV CPU"]
+           "TTFT MEAN", "P50", "P90", "P99", "ITL MEAN", "P50", "P90", "P99", "E2E P50", "SRV CPU"]
 
 
 def table_row(row: dict[str, Any]) -> list[str]:
@@ -209,7 +209,7 @@ def table_row(row: dict[str, Any]) -> list[str]:
             _fmt(row["total_token_throughput"]),
             *(_fmt(ttft[k]) for k in ("mean", "p50", "p90", "p99")), *(_fmt(itl[k]) for k in ("mean", "p50", "p90",
                                                                                                 "p99")),
-            "-" if row["server_cpu"] is None else f"{row['server_cpu']:.0%}"]
+            _fmt(row["e2el_ms"]["p50"]), "-" if row["server_cpu"] is None else f"{row['server_cpu']:.0%}"]
 
 
 def _check_plot(path: str) -> None:
@@ -355,20 +355,19 @@ def _bench(args: argparse.Namespace, client: Client) -> int:
             for batch in batches:
                 labels = [f"{server.name} {name} {api} c={concurrency}" for server, api, name, _, _ in batch]
                 label = labels[0] if len(batch) == 1 else f"{len(batch)} cells together c={concurrency}"
-                # each server's CPU once over the batch (cells of one server together share it)
+                # each server's CPU once over the batch (cells of one server run as one share it)
                 urls = {server.url: endpoint.headers for server, _, _, endpoint, _ in batch}
                 cpu_before = {url: server_cpu_seconds(url, headers) for url, headers in urls.items()}
-                results = loadgen.run_cells([loadgen.Load(endpoint, bodies, concurrency)
-                                             for _, _, _, endpoint, bodies in batch], args.request_rate,
-                                            args.processes, args.seed, progress.update(label, count * len(batch)))
+                results = loadgen.run_cells([loadgen.Load(endpoint, bodies) for _, _, _, endpoint, bodies in batch],
+                                            concurrency, args.request_rate, args.processes, args.seed,
+                                            progress.update(label, count * len(batch)))
                 cpu_after = {url: server_cpu_seconds(url, headers) for url, headers in urls.items()}
-                window = max(cell.duration for cell in results)
                 for (server, api, name, _, _), cell, cell_label in zip(batch, results, labels, strict=True):
                     progress.done(cell_label, cell)
                     # the server process's CPU time over the cell, a share of one core (runners and engine
                     # processes apart): near 100 %, that one process is what limits the cell
                     before, after = cpu_before[server.url], cpu_after[server.url]
-                    server_cpu = None if before is None or after is None else (after - before) / window
+                    server_cpu = None if before is None or after is None else (after - before) / cell.duration
                     rows.append({"server": server.name, "url": server.url, "model": name, "api": api,
                                  "endpoint": args.endpoint, **cell.as_dict(), "server_cpu": server_cpu,
                                  "together": len(batch) > 1})
@@ -376,11 +375,12 @@ def _bench(args: argparse.Namespace, client: Client) -> int:
     from .format import table
 
     print(table(HEADERS, [table_row(row) for row in rows]))
-    print("TTFT and ITL in ms; tokens/s over each cell's whole duration; SRV CPU: the server process's own CPU "
-          "time over the cell, of one core (from its /metrics; its engine processes apart)")
+    print("TTFT, ITL and E2E (a request's whole time) in ms; tokens/s over each cell's whole duration; SRV CPU: "
+          "the server process's own CPU time over the cell, of one core (from its /metrics; its engine processes "
+          "apart)")
     if args.together:
-        print("--together: the cells of a concurrency ran at the same time, each with its own streams (what is "
-              "behind them saw the streams summed); SRV CPU over their common run, shared by a server's cells")
+        print("--together: the cells of a concurrency ran as one, their requests interleaved through the same "
+              "streams (tokens/s then split evenly; compare TTFT, ITL and E2E); SRV CPU shared by a server's cells")
     if any(row["saturated"] for row in rows):
         print("Note: the load generator saturated in some cells (see above); their numbers are the client's")
     if args.json_file:

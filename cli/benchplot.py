@@ -90,7 +90,7 @@ def html_page(rows: Sequence[dict[str, Any]]) -> str:
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>mgr bench</title><style>"
             f"body{{font-family:sans-serif}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;"
             f"padding:2px 6px;text-align:right}}</style></head><body><h1>mgr bench</h1>\n{svg(rows)}\n"
-            f"<p>TTFT and ITL in ms.</p><table><tr>{head}</tr>{body}</table></body></html>\n")
+            f"<p>TTFT, ITL and E2E in ms.</p><table><tr>{head}</tr>{body}</table></body></html>\n")
 
 
 def png(rows: Sequence[dict[str, Any]], path: str) -> None:

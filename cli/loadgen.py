@@ -8,8 +8,8 @@ installed) with a minimal HTTP/1.1 reader over keep-alive connections it opens b
 of them start at one instant agreed through CLOCK_MONOTONIC, which every process on the machine shares. Each
 process measures its own CPU time and how late its loop wakes: a process busy >= 85 % of the cell, or a loop
 late by > 5 ms at the median, means the numbers are the client's, and the cell says so (`saturated`).
-Several cells can run at once (run_cells: `mgr bench --together`), each from its own processes, all starting
-at the same instant.
+Several cells can run as one (run_cells: `mgr bench --together`), their requests interleaved through the same
+streams.
 
 A cell is `requests` requests at most `concurrency` at a time (vLLM's --max-concurrency): closed loop, or
 arriving as a Poisson process of `rate` requests/s (vLLM's --request-rate). Time to first token counts from
@@ -178,6 +178,7 @@ class Outcome:
     prompt_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    load: int = 0  # which of run_cells' loads it belongs to
 
 
 class _Stream:
@@ -310,11 +311,11 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 # -- one worker process ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Plan:
-    endpoint: Endpoint
-    requests: list[tuple[float, bytes]]  # (arrival offset in seconds, or -1 for closed loop; whole request)
+    endpoints: tuple[Endpoint, ...]  # run_cells' loads' endpoints, by load index
+    # (arrival offset in seconds, or -1 for closed loop; load index; whole request)
+    requests: list[tuple[float, int, bytes]]
     concurrency: int
     slot: int  # this worker's place in the progress array
-    load: int  # which of run_cells' loads it sends
 
 
 @dataclass
@@ -322,23 +323,28 @@ class _WorkerResult:
     outcomes: list[Outcome]
     cpu_seconds: float
     lag_p50_ms: float
-    started: float
-    load: int
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 async def _worker(plan: _Plan, ready: Any, start_at: Any, progress: Any) -> _WorkerResult:
-    host, port = plan.endpoint.address()
-    api = plan.endpoint.api
+    addresses = [endpoint.address() for endpoint in plan.endpoints]
 
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect(load: int) -> Connection:
+        host, port = addresses[load]
         return await asyncio.open_connection(host, port, limit=1 << 20)
 
-    free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.Queue()
+    # a stream: its keep-alive connection to each load's server (None: connect when a request needs it)
+    free: asyncio.Queue[list[Connection | None]] = asyncio.Queue()
     for _ in range(plan.concurrency):
-        try:
-            free.put_nowait(await connect())
-        except OSError:
-            free.put_nowait(None)  # connect again when the request is sent; its error is its outcome
+        connections: list[Connection | None] = []
+        for load in range(len(plan.endpoints)):
+            try:
+                connections.append(await connect(load))
+            except OSError:
+                connections.append(None)  # connect again when the request is sent; its error is its outcome
+        free.put_nowait(connections)
     ready.put(plan.slot)
     while start_at.value == 0.0:
         await asyncio.sleep(0.002)
@@ -359,16 +365,17 @@ async def _worker(plan: _Plan, ready: Any, start_at: Any, progress: Any) -> _Wor
     ticker = asyncio.ensure_future(measure_lag())
     outcomes: list[Outcome] = []
 
-    async def one(request: bytes, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> None:
-        outcome = Outcome(sent=0.0)
+    async def one(load: int, request: bytes, connections: list[Connection | None]) -> None:
+        connection = connections[load]
+        outcome = Outcome(sent=0.0, load=load)
         try:
             for attempt in range(2):
                 if connection is None:
-                    connection = await connect()
+                    connection = await connect(load)
                 reader, writer = connection
-                outcome = Outcome(sent=time.monotonic())
+                outcome = Outcome(sent=time.monotonic(), load=load)
                 try:
-                    if not await _exchange(reader, writer, request, outcome, api):
+                    if not await _exchange(reader, writer, request, outcome, plan.endpoints[load].api):
                         writer.close()
                         connection = None
                     break
@@ -388,26 +395,27 @@ async def _worker(plan: _Plan, ready: Any, start_at: Any, progress: Any) -> _Wor
         outcomes.append(outcome)
         progress[2 * plan.slot] += 1
         progress[2 * plan.slot + 1] += outcome.output_tokens if not outcome.error else 0
-        free.put_nowait(connection)
+        connections[load] = connection
+        free.put_nowait(connections)
 
     tasks = []
-    for offset, request in plan.requests:
+    for offset, load, request in plan.requests:
         if offset >= 0:
             wait = started + offset - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-        connection = await free.get()
-        tasks.append(asyncio.ensure_future(one(request, connection)))
+        stream = await free.get()
+        tasks.append(asyncio.ensure_future(one(load, request, stream)))
     await asyncio.gather(*tasks)
     running = False
     cpu = time.process_time() - cpu_before
     await ticker
     while not free.empty():
-        left = free.get_nowait()
-        if left is not None:
-            left[1].close()
+        for left in free.get_nowait():
+            if left is not None:
+                left[1].close()
     lags.sort()
-    return _WorkerResult(outcomes, cpu, lags[len(lags) // 2] * 1000 if lags else 0.0, started, plan.load)
+    return _WorkerResult(outcomes, cpu, lags[len(lags) // 2] * 1000 if lags else 0.0)
 
 
 def _in_process(plan: _Plan, ready: Any, start_at: Any, progress: Any, results: Any) -> None:
@@ -464,7 +472,7 @@ class CellResult:
     client_lag_ms: float  # the worst of the client loops' median lateness
     saturated: bool
     first_errors: list[str]
-    started: float  # the start instant, seconds since the epoch (the cells run_cells ran together share it)
+    started: float  # the start instant, seconds since the epoch (the cells run_cells ran as one share it)
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -475,11 +483,10 @@ class CellResult:
 
 @dataclass(frozen=True)
 class Load:
-    """One cell's requests: every body sent to `endpoint`, at most `concurrency` at a time."""
+    """One cell's requests: every body sent to `endpoint`."""
 
     endpoint: Endpoint
     bodies: Sequence[bytes]
-    concurrency: int
 
 
 def run_cell(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, rate: float = math.inf,
@@ -487,39 +494,46 @@ def run_cell(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, rate
              on_progress: Callable[[int, int, float], None] | None = None) -> CellResult:
     """Send every body in `bodies` (one request each), at most `concurrency` at a time, from `processes`
     worker processes (0: one per 16 streams, at most half the cores, at least one)."""
-    return run_cells([Load(endpoint, bodies, concurrency)], rate, processes, seed, on_progress)[0]
+    return run_cells([Load(endpoint, bodies)], concurrency, rate, processes, seed, on_progress)[0]
 
 
-def run_cells(loads: Sequence[Load], rate: float = math.inf, processes: int = 0, seed: int = 0,
+def run_cells(loads: Sequence[Load], concurrency: int, rate: float = math.inf, processes: int = 0, seed: int = 0,
               on_progress: Callable[[int, int, float], None] | None = None) -> list[CellResult]:
-    """Several cells at the same time, one per load, each from its own `processes` worker processes (0: as
-    run_cell picks them) and all starting at one instant: a CellResult per load, in order. Two paths to one
-    engine measured this way see the engine's same moments (its swings fall on both alike), where cells one
-    after the other see different ones. Arrivals at a `rate` are drawn from one seed: alike in every load."""
-    plans: list[_Plan] = []
-    counts: list[int] = []
-    for number, load in enumerate(loads):
-        requests = len(load.bodies)
-        concurrency = max(1, min(load.concurrency, requests))
-        mine_processes = processes if processes > 0 else \
-            max(1, min(math.ceil(concurrency / 16), (os.cpu_count() or 2) // 2))
-        mine_processes = max(1, min(mine_processes, concurrency))
-        counts.append(mine_processes)
-        offsets = [-1.0] * requests
-        if not math.isinf(rate):
-            rng = random.Random(seed)
-            at = 0.0
-            for i in range(requests):
-                offsets[i] = at
-                at += rng.expovariate(rate)
-        for p in range(mine_processes):
-            share = concurrency // mine_processes + (1 if p < concurrency % mine_processes else 0)
-            plans.append(_Plan(load.endpoint, [(offsets[i], load.endpoint.request_head(len(load.bodies[i]))
-                                                + load.bodies[i]) for i in range(p, requests, mine_processes)],
-                               max(1, share), len(plans), number))
+    """Several cells as one: the loads' requests interleaved (the first of each load, then the second of each,
+    ...) through the same `concurrency` streams, each stream sending every request to its own load's server.
+    A CellResult per load, in order, over the common duration. Every load then meets the servers behind them
+    at the same moments and in every place of their batches, so for paths to one engine the engine's swings
+    and a batch's order (which stream is prefilled first, which finishes first) fall on all of them alike:
+    cells one after the other saw vLLM against itself scatter 0.76-1.23, and separate streams at once gave the
+    streams that happened to go first the lower time to first token for the rest of the cell. With one load
+    this is a plain cell."""
+    order = sorted(((i, number) for number, load in enumerate(loads) for i in range(len(load.bodies))))
+    requests = len(order)
+    concurrency = max(1, min(concurrency, requests))
+    if processes <= 0:
+        processes = max(1, min(math.ceil(concurrency / 16), (os.cpu_count() or 2) // 2))
+    processes = max(1, min(processes, concurrency))
+    offsets = [-1.0] * requests
+    if not math.isinf(rate):
+        rng = random.Random(seed)
+        at = 0.0
+        for i in range(requests):
+            offsets[i] = at
+            at += rng.expovariate(rate)
+    def planned(k: int) -> tuple[float, int, bytes]:
+        i, number = order[k]
+        load = loads[number]
+        return offsets[k], number, load.endpoint.request_head(len(load.bodies[i])) + load.bodies[i]
+
+    plans = []
+    for p in range(processes):
+        # whole rounds (one request of each load) per process, so that every process sends every load's
+        mine = [k for k in range(requests) if k // len(loads) % processes == p]
+        share = concurrency // processes + (1 if p < concurrency % processes else 0)
+        plans.append(_Plan(tuple(load.endpoint for load in loads), [planned(k) for k in mine], max(1, share), p))
     ready, results = FORK.Queue(), FORK.Queue()
     start_at = FORK.Value("d", 0.0)
-    progress = FORK.Array("q", 2 * len(plans), lock=False)
+    progress = FORK.Array("q", 2 * processes, lock=False)
     workers = [FORK.Process(target=_in_process, args=(plan, ready, start_at, progress, results), daemon=True)
                for plan in plans]
     for worker in workers:
@@ -542,32 +556,31 @@ def run_cells(loads: Sequence[Load], rate: float = math.inf, processes: int = 0,
                     raise BenchError(f"a load generator process failed: {part}")
                 parts.append(part)
             if on_progress is not None:
-                done = sum(progress[2 * p] for p in range(len(plans)))
-                tokens = sum(progress[2 * p + 1] for p in range(len(plans)))
+                done = sum(progress[2 * p] for p in range(processes))
+                tokens = sum(progress[2 * p + 1] for p in range(processes))
                 on_progress(done, tokens, max(0.0, time.monotonic() - start_at.value))
     finally:
         for worker in workers:
             worker.join(timeout=5)
             if worker.is_alive():
                 worker.kill()
-    return [_cell([part for part in parts if part.load == number], start_at.value, started_wall, len(load.bodies),
-                  max(1, min(load.concurrency, len(load.bodies))), rate, counts[number])
+    started = start_at.value
+    outcomes = [o for part in parts for o in part.outcomes]
+    duration = max(max((o.ended for o in outcomes), default=started) - started, 1e-9)
+    client_cpu = max(part.cpu_seconds for part in parts) / duration
+    lag = max(part.lag_p50_ms for part in parts)
+    return [_cell([o for o in outcomes if o.load == number], duration, started_wall, len(load.bodies),
+                  concurrency, rate, processes, client_cpu, lag)
             for number, load in enumerate(loads)]
 
 
-def _cell(parts: list[_WorkerResult], started: float, started_wall: float, requests: int, concurrency: int,
-          rate: float, processes: int) -> CellResult:
-    """One load's numbers from its workers' outcomes, over its own duration (the start instant to its last
-    answer)."""
-    outcomes = [o for part in parts for o in part.outcomes]
+def _cell(outcomes: list[Outcome], duration: float, started_wall: float, requests: int, concurrency: int,
+          rate: float, processes: int, client_cpu: float, lag: float) -> CellResult:
+    """One load's numbers from its outcomes, over the cell's duration (the start instant to its last answer)."""
     good = [o for o in outcomes if not o.error]
     bad = [o for o in outcomes if o.error]
-    duration = max((o.ended for o in outcomes), default=started) - started
-    duration = max(duration, 1e-9)
     output = sum(o.output_tokens for o in good)
     prompt = sum(o.prompt_tokens for o in good)
-    client_cpu = max(part.cpu_seconds for part in parts) / duration
-    lag = max(part.lag_p50_ms for part in parts)
     return CellResult(
         concurrency=concurrency, request_rate=rate, num_prompts=requests, completed=len(good), errors=len(bad),
         duration=duration, request_throughput=len(good) / duration, output_throughput=output / duration,

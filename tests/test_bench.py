@@ -125,45 +125,51 @@ def test_the_servers_cpu_time_is_the_daemon_process_own(two_slots: Daemon) -> No
     assert server_cpu_seconds("http://127.0.0.1:9", ()) is None  # nothing there
 
 
-def queue_waits(daemon: Daemon) -> float:
-    """Requests that waited for a runner slot (from the daemon's /metrics)."""
-    return value(scrape(daemon), "mgr_queue_wait_seconds_count", model="smollm2:latest")
+def access_apis(daemon: Daemon, since: int) -> list[str]:
+    """The API of every chat request the daemon answered, in the order they ended (its access log, from byte
+    `since`)."""
+    log = daemon.log_path.read_bytes()[since:].decode(errors="replace")
+    return re.findall(r"mgr\.access: POST (?:/api/chat|/v1/chat/completions) 200 api=(\w+)", log)
 
 
-def test_together_runs_a_concurrencys_cells_at_the_same_time(two_slots: Daemon, second: Daemon,
-                                                              tmp_path: Path) -> None:
-    """--together: both APIs' cells and the target's start at one instant. The daemon has 2 slots: its two cells
-    of 2 streams at once send it 4 requests at the start instant, and 2 of them wait for a slot."""
+def test_together_interleaves_a_concurrencys_cells_through_the_same_streams(two_slots: Daemon, second: Daemon,
+                                                                             tmp_path: Path) -> None:
+    """--together: both APIs' cells and the target's run as one, their requests taking turns through the same 2
+    streams (what the daemon's access log shows: its two APIs' requests mixed, where cells one after the other
+    end every /api/chat request before the first /v1/chat/completions one)."""
     args = ("bench", "smollm2", "-c", "2", "-n", "4", "--input-len", "8", "--output-len", "8",
             "--api", "ollama,openai", "--target", f"second={second.base_url}")
+    since = two_slots.log_path.stat().st_size
     apart = two_slots.cli(*args, "--json", str(tmp_path / "apart.json"), timeout=300)
     assert apart.returncode == 0, apart.stderr
+    timed = access_apis(two_slots, since)[-8:]  # after the warm-ups: the two cells of 4
+    assert timed == ["ollama"] * 4 + ["openai"] * 4, timed
     cells = json.loads((tmp_path / "apart.json").read_text())["cells"]
-    # one after the other: each cell starts after the one before it ended
-    for before, after in zip(cells, cells[1:], strict=False):
+    for before, after in zip(cells, cells[1:], strict=False):  # each cell starts after the one before it ended
         assert after["started"] >= before["started"] + before["duration"], (before, after)
 
     report = tmp_path / "together.json"
-    waits = queue_waits(two_slots)
+    since = two_slots.log_path.stat().st_size
     run = two_slots.cli(*args, "--together", "--json", str(report), timeout=300)
     assert run.returncode == 0, run.stderr
+    timed = access_apis(two_slots, since)[-8:]
+    assert sorted(timed) == ["ollama"] * 4 + ["openai"] * 4 and timed.index("openai") < 4, timed
     for needle in ("mgr smollm2 ollama c=2:", "second other:latest ollama c=2:", "mgr smollm2 openai c=2:",
                    "second other:latest openai c=2:"):  # each cell's own line still
         assert needle in run.stderr, run.stderr
-    assert "--together: the cells of a concurrency ran at the same time" in run.stdout, run.stdout
-    assert queue_waits(two_slots) - waits >= 2  # the daemon saw its two cells' 4 streams at once
+    assert "--together: the cells of a concurrency ran as one" in run.stdout, run.stdout
     written = json.loads(report.read_text())
     assert written["together"] is True
     cells = written["cells"]
     assert [(c["server"], c["api"]) for c in cells] == [
         (server, api) for api in ("ollama", "openai") for server in ("mgr", "second")]
-    assert len({c["started"] for c in cells}) == 1, cells
+    assert len({c["started"] for c in cells}) == 1 and len({c["duration"] for c in cells}) == 1, cells
     for cell in cells:
         assert cell["together"] is True and cell["errors"] == 0 and cell["completed"] == 4, cell
         assert cell["total_output_tokens"] == 4 * 8 and cell["concurrency"] == 2
-        assert cell["server_cpu"] is not None
+        assert 0 < cell["ttft_ms"]["p50"] < cell["e2el_ms"]["p50"] < cell["duration"] * 1000
     # the daemon's CPU over the common run is one number, shared by its cells
-    assert cells[0]["server_cpu"] == cells[2]["server_cpu"]
+    assert cells[0]["server_cpu"] is not None and cells[0]["server_cpu"] == cells[2]["server_cpu"]
 
 
 def test_a_completion_is_the_same_raw_prompt_through_both_apis(two_slots: Daemon, tmp_path: Path) -> None:

@@ -12,10 +12,12 @@ on the H200, 2026-12-01).
     python3 tests/gpu/bench_ollama_api.py /tmp/smollm2-st [--clients 1,16,64,256] [--tokens 128]
         [--repeat 3] [--per-client 4] [--endpoints chat,completion] [--again] [--together]
 
-With `--together` a run's cells go at one instant (`mgr bench --together`), each with the run's streams, so the
-engine's swings fall on every path alike (one cell after another, direct vLLM against itself scattered
-0.76-1.23 at 64 streams on the H200: `--again` measures direct twice in every run, an A/A pair, and prints
-again / direct beside the ratios).
+With `--together` a run's cells go as one (`mgr bench --together`): their requests take turns through the same
+streams, so every path meets the engine's swings and every place in its batches alike (one cell after another,
+direct vLLM against itself scattered 0.76-1.23 at 64 streams on the H200). Each path then gets the same share of
+tokens/s by construction, so a path's throughput against direct is judged as direct's mean end-to-end request
+time over the path's (in a closed loop each stream's throughput is its tokens over that time). `--again`
+measures direct twice in every run, an A/A pair, and prints again / direct beside the ratios.
 
 Prints, per endpoint and concurrency, tokens/s and TTFT p50 of mgr's Ollama API, mgr's OpenAI relay and
 direct vLLM, and the ratios; under each row, how busy the server process itself was (mgr's daemon, vLLM's API
@@ -71,11 +73,13 @@ def fast_path_takes_vllms_token_events(direct: str, served: str, secret: str) ->
 Cells = dict[tuple[str, str, int], list[tuple[float, float]]]
 
 
-def report(endpoint: str, clients_list: list[int], cells: Cells, cpu: dict[tuple[str, str, int], list[float]]) -> None:
+def report(endpoint: str, clients_list: list[int], cells: Cells, cpu: dict[tuple[str, str, int], list[float]],
+           unit: str = "tok/s") -> None:
     """The endpoint's table (medians of paired runs) and its checks: (server, api, concurrency) -> per run
-    (tokens/s, TTFT p50 ms) in `cells`, the server's CPU share in `cpu`."""
+    (tokens/s, TTFT p50 ms) in `cells` (with --together a stream's tokens/s over its requests' mean end-to-end
+    time: `unit`), the server's CPU share in `cpu`."""
     path = "/api/chat" if endpoint == "chat" else "/api/generate raw"
-    say(f"\n| {endpoint} | streams | mgr {path} tok/s | mgr OpenAI tok/s | direct vLLM tok/s | "
+    say(f"\n| {endpoint} | streams | mgr {path} {unit} | mgr OpenAI {unit} | direct vLLM {unit} | "
         f"Ollama / direct | OpenAI / direct | Ollama TTFT +ms | OpenAI TTFT +ms |")
     say("|---|---|---|---|---|---|---|---|---|")
     for clients in clients_list:
@@ -127,16 +131,15 @@ def main() -> int:
     parser.add_argument("--endpoints", default="chat,completion", help="chat (/api/chat) and/or completion "
                                                                        "(/api/generate raw)")
     parser.add_argument("--together", action="store_true",
-                        help="mgr bench --together: a run's cells (mgr's two APIs, direct vLLM) at the same time, "
-                             "each with the run's streams, so the engine's swings fall on every path alike (one "
-                             "after the other, direct vLLM against itself scattered 0.76-1.23 on the H200)")
+                        help="mgr bench --together: a run's cells (mgr's two APIs, direct vLLM) as one, their "
+                             "requests interleaved through the same streams, judged by their requests' mean "
+                             "end-to-end time (one after the other, direct vLLM against itself scattered 0.76-1.23 "
+                             "on the H200)")
     parser.add_argument("--again", action="store_true",
                         help="measure direct vLLM a second time in every run (an A/A pair: the noise floor the "
                              "ratios are judged against)")
     args = parser.parse_args()
-    # room in vLLM (--max-num-seqs) for every stream at once: --together sends each path's streams together
-    parallel = max(int(c) for c in args.clients.split(",")) * (3 + args.again if args.together else 1)
-    daemon = Daemon(ROOT, "", port=11500, MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL=str(max(512, parallel)))
+    daemon = Daemon(ROOT, "", port=11500, MGR_KEEP_ALIVE="-1", MGR_NUM_PARALLEL="512")
     daemon.start()
     try:
         made = daemon.mgr("create", "smol", "--from", args.model)
@@ -188,11 +191,16 @@ def main() -> int:
                     if cell["saturated"]:
                         say(f"     note: the load generator saturated in {cell['server']} {cell['api']} "
                             f"c={cell['concurrency']} (CPU {cell['client_cpu']:.0%})")
+                    # run as one, the paths share tokens/s evenly: each one's speed is a stream's tokens/s over
+                    # its requests' mean time
+                    speed = (cell["total_output_tokens"] / max(cell["completed"], 1) / cell["e2el_ms"]["mean"] * 1000
+                             if args.together else cell["output_throughput"])
                     cells.setdefault((cell["server"], cell["api"], cell["concurrency"]), []).append(
-                        (cell["output_throughput"], cell["ttft_ms"]["p50"]))
+                        (speed, cell["ttft_ms"]["p50"]))
                     cpu.setdefault((cell["server"], cell["api"], cell["concurrency"]), []).append(
                         cell["server_cpu"] if cell["server_cpu"] is not None else float("nan"))
-            report(endpoint, [int(c) for c in args.clients.split(",")], cells, cpu)
+            report(endpoint, [int(c) for c in args.clients.split(",")], cells, cpu,
+                   "stream tok/s" if args.together else "tok/s")
     finally:
         daemon.stop()
     say(f"\n{len(FAILED)} checks failed" if FAILED else "\nall checks passed")
