@@ -351,7 +351,7 @@ def _bench(args: argparse.Namespace, client: Client) -> int:
                     bodies = [loadgen.request_body(api, args.endpoint, name, prompt, n, not args.eos, sampling)
                               for prompt, n in zip(prompts, lengths, strict=True)]
                     planned.append((server, api, name, endpoint_of(server, api), bodies))
-            batches = [planned] if args.together else [[cell] for cell in planned]
+            batches = [planned] if args.together else [[one] for one in planned]
             for batch in batches:
                 labels = [f"{server.name} {name} {api} c={concurrency}" for server, api, name, _, _ in batch]
                 label = labels[0] if len(batch) == 1 else f"{len(batch)} cells together c={concurrency}"

@@ -520,6 +520,7 @@ def run_cells(loads: Sequence[Load], concurrency: int, rate: float = math.inf, p
         for i in range(requests):
             offsets[i] = at
             at += rng.expovariate(rate)
+
     def planned(k: int) -> tuple[float, int, bytes]:
         i, number = order[k]
         load = loads[number]
@@ -527,7 +528,8 @@ def run_cells(loads: Sequence[Load], concurrency: int, rate: float = math.inf, p
 
     plans = []
     for p in range(processes):
-        # whole rounds (one request of each load) per process, so that every process sends every load's
+        # whole rounds (one request of each load) per process, so that every process sends every load's requests
+        # (a process per load would give each load streams of its own again)
         mine = [k for k in range(requests) if k // len(loads) % processes == p]
         share = concurrency // processes + (1 if p < concurrency % processes else 0)
         plans.append(_Plan(tuple(load.endpoint for load in loads), [planned(k) for k in mine], max(1, share), p))
