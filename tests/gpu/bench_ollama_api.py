@@ -12,6 +12,9 @@ on the H200, 2026-12-01).
     python3 tests/gpu/bench_ollama_api.py /tmp/smollm2-st [--clients 1,16,64,256] [--tokens 128]
         [--repeat 3] [--per-client 4] [--endpoints chat,completion] [--again] [--together]
 
+Item 4 was decided (and passed, 2026-12-01) with `--clients 1,16,64,256 --repeat 3 --per-client 8 --together
+--again`; its numbers are in tests/gpu/README.md.
+
 With `--together` a run's cells go as one (`mgr bench --together`): their requests take turns through the same
 streams, so every path meets the engine's swings and every place in its batches alike (one cell after another,
 direct vLLM against itself scattered 0.76-1.23 at 64 streams on the H200). Each path then gets the same share of
