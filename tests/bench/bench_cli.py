@@ -10,7 +10,8 @@ For each server (mgr's llama.cpp runner through the daemon; llama.cpp's own llam
 package, when installed) and client count N: bench_gguf.py's measurement (N concurrent httpx streams of
 one request each from /v1/chat/completions) and `mgr bench --no-mgr --target URL --api openai -c N -n N`
 (the same N requests at once, the same output length with ignore_eos, prompts of about the same length),
-alternating `--runs` times. It prints the medians of both and their ratio. Both sample greedily; both
+alternating `--runs` times. It prints the medians of both, each run's ratio (mgr bench's cell against
+bench_gguf's beside it) and their median. Both sample greedily; both
 leave llama-server's prompt cache on (its default, which bench_gguf.py turns off unless --cache-prompt).
 """
 
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -41,7 +43,7 @@ def mgr_bench(url: str, model: str, clients: int, tokens: int, input_len: int, r
         raise RuntimeError(f"mgr bench failed: {run.stderr}")
     [cell] = json.loads(report.read_text())["cells"]
     return {"tok_s": cell["output_throughput"], "ttft": cell["ttft_ms"]["p50"],
-            "tokens": cell["total_output_tokens"]}
+            "tokens": cell["total_output_tokens"], "prompt": cell["total_input_tokens"] / max(cell["completed"], 1)}
 
 
 async def gguf_cell(server: bench_gguf.Server, args: argparse.Namespace, clients: int,
@@ -50,7 +52,8 @@ async def gguf_cell(server: bench_gguf.Server, args: argparse.Namespace, clients
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         cell = await bench_gguf.measure_cell(server, client, args, eos_ids, prompts)
-    return {"tok_s": cell.tok_s, "ttft": cell.ttft_p50_ms, "tokens": cell.tokens}
+    prompt = statistics.mean(r.prompt_tokens or 0 for r in cell.results)
+    return {"tok_s": cell.tok_s, "ttft": cell.ttft_p50_ms, "tokens": cell.tokens, "prompt": prompt}
 
 
 def main() -> int:
@@ -67,9 +70,10 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--idle-wait", type=float, default=10.0,
                         help="bench_gguf's wait for a quiet machine before each of its cells")
+    parser.add_argument("--cache-prompt", action=argparse.BooleanOptionalAction, default=True,
+                        help="bench_gguf's requests keep llama-server's prompt cache on (its default, which mgr bench "
+                             "leaves alone): its slots then reuse the cached prefix the prompts share")
     args = parser.parse_args()
-    # llama-server's default, which mgr bench leaves alone: its slots reuse the chat template's cached prefix
-    args.cache_prompt = True
     eos_ids = bench_gguf.gguf_eos_ids(args.model)
     workdir = Path(tempfile.mkdtemp(prefix="mgr-bench-cli-"))
     rows = []
@@ -94,22 +98,48 @@ def main() -> int:
                         else:
                             ours.append(mgr_bench(server.base_url, server.model, clients, args.tokens,
                                                   args.input_len, workdir / "cell.json"))
-                row = (name, clients, *(statistics.median(c[k] for c in cells)
-                                        for cells in (theirs, ours) for k in ("tok_s", "ttft")))
+                # paired: each run's mgr bench cell against the bench_gguf cell right beside it, so a swing of
+                # the shared cores between runs falls on both sides of a ratio
+                ratios = [m["tok_s"] / g["tok_s"] for g, m in zip(theirs, ours)]
+                gguf, bench = ({k: statistics.median(c[k] for c in cells) for k in ("tok_s", "ttft", "prompt")}
+                               for cells in (theirs, ours))
+                row = Row(name, clients, gguf["tok_s"], gguf["ttft"], gguf["prompt"], bench["tok_s"], bench["ttft"],
+                          bench["prompt"], ratios)
                 rows.append(row)
-                print(f"  {name} {clients} clients: bench_gguf {row[2]:.1f} tok/s (TTFT p50 {row[3]:.0f} ms), "
-                      f"mgr bench {row[4]:.1f} tok/s (TTFT p50 {row[5]:.0f} ms), ratio {row[4] / row[2]:.3f}",
+                print(f"  {name} {clients} clients: bench_gguf {row.gguf_tok_s:.1f} tok/s (TTFT p50 "
+                      f"{row.gguf_ttft:.0f} ms), mgr bench {row.bench_tok_s:.1f} tok/s (TTFT p50 {row.bench_ttft:.0f}"
+                      f" ms), ratio per run {' '.join(f'{r:.3f}' for r in ratios)}, median {row.ratio:.3f}",
                       flush=True)
         finally:
             server.stop()
-    print("\n| server | clients | bench_gguf tok/s | mgr bench tok/s | ratio | bench_gguf TTFT p50 ms | "
-          "mgr bench TTFT p50 ms |")
-    print("|---|---|---|---|---|---|---|")
-    for name, clients, g_tok, g_ttft, m_tok, m_ttft in rows:
-        flag = "" if abs(m_tok / g_tok - 1) <= 0.10 else " (outside 10 %)"
-        print(f"| {name} | {clients} | {g_tok:.1f} | {m_tok:.1f} | {m_tok / g_tok:.3f}{flag} | {g_ttft:.0f} | "
-              f"{m_ttft:.0f} |")
+    print("\n| server | clients | bench_gguf tok/s | mgr bench tok/s | ratio (median of paired runs) | per run | "
+          "bench_gguf TTFT p50 ms | mgr bench TTFT p50 ms | bench_gguf prompt tokens | mgr bench prompt tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        flag = "" if abs(row.ratio - 1) <= 0.10 else " (outside 10 %)"
+        print(f"| {row.server} | {row.clients} | {row.gguf_tok_s:.1f} | {row.bench_tok_s:.1f} | "
+              f"{row.ratio:.3f}{flag} | {' '.join(f'{r:.3f}' for r in row.ratios)} | {row.gguf_ttft:.0f} | "
+              f"{row.bench_ttft:.0f} | {row.gguf_prompt:.0f} | {row.bench_prompt:.0f} |")
     return 0
+
+
+@dataclass
+class Row:
+    """One server and client count: the medians of both measurements over the runs, and each run's ratio."""
+
+    server: str
+    clients: int
+    gguf_tok_s: float
+    gguf_ttft: float
+    gguf_prompt: float  # prompt tokens per request, as the server counted them
+    bench_tok_s: float
+    bench_ttft: float
+    bench_prompt: float
+    ratios: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ the script reports aggregate generated tokens per second (sum of generated token
 send to the last finish), the median time to first token (first non-empty content chunk) and the tokens
 actually generated, then the ratios the issue targets.
 
-Generating the full --tokens everywhere: llama-server honours `ignore_eos`; llama_cpp.server has no
-ignore_eos, so its EOS token is banned with `logit_bias`; mgr's runner honours neither, so the prompts ask
-for long stories, which this model answers with well over 128 tokens greedily. Both fields are sent to
-every server (servers ignore fields they do not know); the table shows the tokens each one generated.
+Generating the full --tokens everywhere: mgr's runner and llama-server honour `ignore_eos`; llama_cpp.server
+has none, so its EOS tokens are banned with `logit_bias`, sent to it alone (a logit_bias would take mgr's runner
+off its greedy argmax onto llama.cpp's sampler chain, work the other two servers' requests do not ask for). The
+prompts ask for long stories besides, and the table shows the tokens each one generated.
 
 The machine may be shared: ggml's worker threads spin at barriers, so on 2 cores even 10% of CPU taken by
 another process can cut a server's throughput by a third. Before each cell the script waits for the machine to be
@@ -88,6 +88,8 @@ class Server:
     """A server in its own process group, so that stop() can always take the whole group down."""
 
     name = ""
+    # whether the server takes `ignore_eos`; one that does not gets the end tokens banned with logit_bias
+    takes_ignore_eos = True
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -246,6 +248,7 @@ class XLlamaCppServer(Server):
 
 class LlamaCppPythonServer(Server):
     name = "llama_cpp.server"
+    takes_ignore_eos = False
 
     def start(self) -> None:
         a = self.args
@@ -293,7 +296,8 @@ def request_body(model: str, prompt: str, max_tokens: int, eos_ids: list[int],
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,  # llama-server
-        "logit_bias": {str(t): -100.0 for t in eos_ids},  # llama_cpp.server (no ignore_eos there)
+        # for llama_cpp.server (no ignore_eos there; the caller passes no ids for the others)
+        **({"logit_bias": {str(t): -100.0 for t in eos_ids}} if eos_ids else {}),
         # llama-server reuses a slot's cached prompt prefix (the system prompt, "Write a long story
         # about"); mgr has no prompt cache, so by default every server reads the whole prompt.
         "cache_prompt": cache_prompt,
@@ -403,6 +407,7 @@ def cpu_times(pids: list[int]) -> dict[int, tuple[str, float]]:
 async def measure_cell(server: Server, client: httpx.AsyncClient, args: argparse.Namespace,
                        eos_ids: list[int], prompts: list[str]) -> Cell:
     url = server.base_url + "/v1/chat/completions"
+    eos_ids = [] if server.takes_ignore_eos else eos_ids
     # Warm-up: one request with a prompt no measured request uses.
     warm = await one_request(client, url, request_body(
         server.model, "Write a short poem about the sea.", 16, eos_ids, args.cache_prompt))
