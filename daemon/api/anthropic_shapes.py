@@ -45,7 +45,7 @@ ContentBlock = TextBlock | ThinkingBlock | ToolUseBlock
 class Usage(TypedDict):
     input_tokens: int
     output_tokens: int
-    cache_creation_input_tokens: int  # mgr keeps no prompt cache: always 0
+    cache_creation_input_tokens: int  # no Anthropic prompt caching (cache_control) here: always 0
     cache_read_input_tokens: int
 
 

@@ -295,11 +295,12 @@ def request_body(model: str, prompt: str, max_tokens: int, eos_ids: list[int],
         "seed": 1,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "ignore_eos": True,  # llama-server
+        "ignore_eos": True,  # llama-server, mgr's runner
         # for llama_cpp.server (no ignore_eos there; the caller passes no ids for the others)
         **({"logit_bias": {str(t): -100.0 for t in eos_ids}} if eos_ids else {}),
         # llama-server reuses a slot's cached prompt prefix (the system prompt, "Write a long story
-        # about"); mgr has no prompt cache, so by default every server reads the whole prompt.
+        # about"); mgr's runner reuses only prompt parts decoded in 64-token pieces, which these short
+        # prompts never are, so by default every server reads the whole prompt.
         "cache_prompt": cache_prompt,
     }
 
@@ -541,7 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure a cell again when other processes took more than this share of the CPUs")
     p.add_argument("--retries", type=int, default=5, help="at most this many re-measurements per cell")
     p.add_argument("--cache-prompt", action="store_true",
-                   help="let llama-server reuse cached prompt prefixes (its default; mgr has no prompt cache)")
+                   help="let llama-server reuse cached prompt prefixes (its default; mgr's runner reuses no part "
+                        "of these short prompts)")
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
     args = p.parse_args(argv)
     args.clients = [int(x) for x in args.clients.split(",") if x.strip()]
