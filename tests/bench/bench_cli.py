@@ -4,15 +4,17 @@ issue asks for within 10 %). Not a pytest test (on 2 shared cores the same cell 
 from one minute to the next); it prints what one run measured.
 
     .venv/bin/python tests/bench/bench_cli.py [--servers mgr,xllamacpp] [--clients 1,4,8] [--tokens 128]
-        [--runs 3] [--model PATH]
+        [--runs 3] [--model PATH] [--no-cache-prompt]
 
 For each server (mgr's llama.cpp runner through the daemon; llama.cpp's own llama-server from the xllamacpp
 package, when installed) and client count N: bench_gguf.py's measurement (N concurrent httpx streams of
 one request each from /v1/chat/completions) and `mgr bench --no-mgr --target URL --api openai -c N -n N`
 (the same N requests at once, the same output length with ignore_eos, prompts of about the same length),
 alternating `--runs` times. It prints the medians of both, each run's ratio (mgr bench's cell against
-bench_gguf's beside it) and their median. Both sample greedily; both
-leave llama-server's prompt cache on (its default, which bench_gguf.py turns off unless --cache-prompt).
+bench_gguf's beside it) and their median, and both sides' prompt tokens per request. Both sample greedily;
+both leave llama-server's prompt cache on (its default, which bench_gguf.py alone turns off unless --cache-prompt;
+`--no-cache-prompt` here turns it off for bench_gguf's side: its prompts share a prefix after the template,
+mgr bench's random words do not, so with the cache on the two read different TTFTs from llama-server).
 """
 
 from __future__ import annotations
