@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +103,33 @@ def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemo
     assert again.returncode == 0, again.stderr
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<table>" in html and "<script" not in html
+
+
+def test_a_png_plot_draws_a_line_per_server_and_api(two_slots: Daemon, second: Daemon, tmp_path: Path) -> None:
+    from PIL import Image  # matplotlib's own dependency
+
+    image = tmp_path / "bench.png"
+    run = two_slots.cli("bench", "smollm2", "-c", "1,2", "-n", "2", "--output-len", "4", "--api", "ollama,openai",
+                        "--target", f"second={second.base_url}", "--plot", str(image), timeout=600)
+    assert run.returncode == 0, run.stderr
+    with Image.open(image) as png:
+        assert png.format == "PNG" and png.size == (1100, 400)  # two panels, 11 x 4 inches at 100 dpi
+        colours = {colour for _, colour in png.convert("RGB").getcolors(maxcolors=1 << 20) or []}
+    # four lines (mgr and second, each through both APIs): matplotlib's first four colours, C0-C3, are drawn
+    for line in ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)):
+        assert line in colours, line
+
+
+def test_a_png_plot_without_matplotlib_is_one_error_line(two_slots: Daemon, tmp_path: Path) -> None:
+    # a matplotlib that cannot be imported, ahead of the installed one on the path
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    path = os.pathsep.join(filter(None, (str(tmp_path), two_slots.env.get("PYTHONPATH"))))
+    run = subprocess.run([sys.executable, "-m", "mgr.cli", "bench", "smollm2", "--plot", str(tmp_path / "b.png")],
+                         env={**two_slots.env, "PYTHONPATH": path}, capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 1 and "--plot FILE.png needs matplotlib" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "b.png").exists()
 
 
 def requests_answered(daemon: Daemon) -> float:
