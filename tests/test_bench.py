@@ -105,6 +105,25 @@ def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemo
     assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<table>" in html and "<script" not in html
 
 
+def test_on_a_terminal_a_cell_shows_live_progress_then_its_summary(two_slots: Daemon) -> None:
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "mgr.cli", "bench", "smollm2", "-c", "2", "-n", "12",
+                                           "--output-len", "48", "--api", "ollama"],
+                          env=two_slots.env, encoding="utf-8", timeout=300, dimensions=(24, 120))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    output = child.before
+    # the line is rewritten in place (carriage return, erase line) while the cell runs, counting its requests
+    counts = [int(done) for done in re.findall(r"\r\x1b\[Kmgr smollm2 ollama c=2: (\d+)/12 requests, [\d,]+ tok/s, "
+                                                r"[\d.]+ s", output)]
+    assert len(set(counts)) >= 2 and counts == sorted(counts), output
+    # then the same line becomes the cell's summary, and the table follows on stdout
+    assert re.search(r"\r\x1b\[Kmgr smollm2 ollama c=2: [\d,.]+ tok/s, [\d.]+ req/s, TTFT p50", output), output
+    assert re.search(r"^mgr\s+smollm2\s+ollama\s+2\s+12\s+0\s", output, re.MULTILINE), output
+
+
 def test_a_png_plot_draws_a_line_per_server_and_api(two_slots: Daemon, second: Daemon, tmp_path: Path) -> None:
     from PIL import Image  # matplotlib's own dependency
 
