@@ -1,16 +1,19 @@
-"""`mgr bench` against the real llama.cpp runner through a real daemon: a small sweep through both APIs (the
-table's fields, the JSON, the plots, the server's own CPU time), `--target` against a second `mgr serve`, and the
-errors a user can make. Also the Ollama API's byte-level fast path (api/ollama.py), which must render exactly what
-the parsed path renders. Not a timed test: the numbers are checked for being consistent, not fast
+"""`mgr bench` against the real llama.cpp runner through a real daemon: a small sweep through both APIs (the table's
+fields, the JSON, the plots (SVG, HTML, PNG), the server's own CPU time), `--target` against a second `mgr serve`,
+the live progress on a terminal, a load generator that cannot keep up saying so (against a server that answers at
+once), and the errors a user can make. Also the Ollama API's byte-level fast path (api/ollama.py), which must render
+exactly what the parsed path renders. Not a timed test: the numbers are checked for being consistent, not fast
 (tests/bench/bench_cli.py compares them with tests/bench/bench_gguf.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +125,48 @@ def test_on_a_terminal_a_cell_shows_live_progress_then_its_summary(two_slots: Da
     # then the same line becomes the cell's summary, and the table follows on stdout
     assert re.search(r"\r\x1b\[Kmgr smollm2 ollama c=2: [\d,.]+ tok/s, [\d.]+ req/s, TTFT p50", output), output
     assert re.search(r"^mgr\s+smollm2\s+ollama\s+2\s+12\s+0\s", output, re.MULTILINE), output
+
+
+@pytest.fixture
+def firehose() -> Iterator[str]:
+    """An OpenAI-API server that answers every chat request at once with 2,000 token events in one write: only
+    the client has work to do, so a load generator of one process cannot keep up with it."""
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":8,"completion_tokens":2000}}\n\ndata: [DONE]\n\n'
+    body = event * 2000 + usage
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+    missing = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                writer.write(answer if head.startswith(b"POST ") else missing)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(serve, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+
+
+def test_a_load_generator_that_cannot_keep_up_says_so(two_slots: Daemon, firehose: str, tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    run = two_slots.cli("bench", "x", "--no-mgr", "--target", f"{firehose}#m", "--api", "openai", "-c", "16",
+                        "-n", "64", "--processes", "1", "--json", str(report), timeout=300)
+    assert run.returncode == 0, run.stderr
+    [cell] = json.loads(report.read_text())["cells"]
+    assert cell["errors"] == 0 and cell["total_output_tokens"] == 64 * 2000, cell
+    assert cell["saturated"] and (cell["client_cpu"] >= 0.85 or cell["client_lag_ms"] > 5), cell
+    assert "the load generator saturated (busiest process" in run.stderr and "use --processes 2" in run.stderr, \
+        run.stderr
 
 
 def test_a_png_plot_draws_a_line_per_server_and_api(two_slots: Daemon, second: Daemon, tmp_path: Path) -> None:
