@@ -169,6 +169,27 @@ def test_a_load_generator_that_cannot_keep_up_says_so(two_slots: Daemon, firehos
         run.stderr
 
 
+def test_several_models_side_by_side(two_slots: Daemon, gguf_path: Path, tmp_path: Path) -> None:
+    created = two_slots.cli("create", "smollm2-copy", "--from", str(gguf_path))
+    assert created.returncode == 0, created.stderr
+    report, svg = tmp_path / "bench.json", tmp_path / "bench.svg"
+    try:
+        run = two_slots.cli("bench", "smollm2", "smollm2-copy", "-c", "1,2", "-n", "2", "--output-len", "4",
+                            "--api", "ollama", "--json", str(report), "--plot", str(svg), timeout=600)
+    finally:
+        two_slots.cli("rm", "smollm2-copy")
+    assert run.returncode == 0, run.stderr
+    cells = json.loads(report.read_text())["cells"]
+    assert sorted((c["model"], c["concurrency"]) for c in cells) == [
+        ("smollm2", 1), ("smollm2", 2), ("smollm2-copy", 1), ("smollm2-copy", 2)]
+    assert all(c["errors"] == 0 and c["total_output_tokens"] == 2 * 4 for c in cells), cells
+    rows = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("mgr ")]
+    assert sorted(rows) == ["smollm2", "smollm2", "smollm2-copy", "smollm2-copy"], run.stdout
+    drawn = ET.fromstring(svg.read_text())
+    assert len(drawn.findall(".//{http://www.w3.org/2000/svg}polyline")) == 2 * 2  # two panels, a line per model
+    assert "mgr smollm2 ollama" in svg.read_text() and "mgr smollm2-copy ollama" in svg.read_text()
+
+
 def test_a_png_plot_draws_a_line_per_server_and_api(two_slots: Daemon, second: Daemon, tmp_path: Path) -> None:
     from PIL import Image  # matplotlib's own dependency
 
