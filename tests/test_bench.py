@@ -20,10 +20,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pexpect
 import psutil
 import pytest
 from conftest import Daemon
 from test_metrics import scrape, value
+from test_terminal import spawn
 
 from mgr.cli.bench import server_cpu_seconds
 
@@ -109,11 +111,8 @@ def test_a_sweep_through_both_apis_with_a_target_json_and_plots(two_slots: Daemo
 
 
 def test_on_a_terminal_a_cell_shows_live_progress_then_its_summary(two_slots: Daemon) -> None:
-    import pexpect
-
-    child = pexpect.spawn(sys.executable, ["-m", "mgr.cli", "bench", "smollm2", "-c", "2", "-n", "12",
-                                           "--output-len", "48", "--api", "ollama"],
-                          env=two_slots.env, encoding="utf-8", timeout=300, dimensions=(24, 120))
+    child = spawn(two_slots, "bench", "smollm2", "-c", "2", "-n", "12", "--output-len", "48", "--api", "ollama",
+                  columns=120)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.before
@@ -153,6 +152,7 @@ def firehose() -> Iterator[str]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(server.close)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
 
