@@ -578,7 +578,8 @@ def run_cells(loads: Sequence[Load], concurrency: int, rate: float = math.inf, p
 
 def _cell(outcomes: list[Outcome], duration: float, started_wall: float, requests: int, concurrency: int,
           rate: float, processes: int, client_cpu: float, lag: float) -> CellResult:
-    """One load's numbers from its outcomes, over the cell's duration (the start instant to its last answer)."""
+    """One load's numbers from its outcomes, over `duration`: from the start instant to the last answer of any
+    load run with it (a plain cell's own last answer)."""
     good = [o for o in outcomes if not o.error]
     bad = [o for o in outcomes if o.error]
     output = sum(o.output_tokens for o in good)
